@@ -1,0 +1,147 @@
+"""zeda's experts backends: zero slots (sentinel index ``E``) do no expert work.
+
+Registered through transformers' `ExpertsInterface` (no class patches) under two names:
+
+- ``"zeda"``: picks the fastest correct strategy per device. On CPU, a loop over the experts
+  that received kept slots (like stock ``eager``, which already skips the sentinel well); on
+  CUDA, compaction of the kept slots followed by grouped GEMMs, so sentinel slots cost nothing.
+- ``"zeda_grouped"``: always the compaction + grouped-GEMM strategy (on CPU it runs through
+  transformers' grouped_mm CPU fallback; used to test the GPU path on CPU).
+
+Both read the layout flags that ``@use_experts_implementation`` puts on every experts module
+(``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``), so one function
+serves every family, gpt-oss's transposed biased experts included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+try:  # private helper of transformers; the loop strategy below does not need it
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # pragma: no cover
+    _grouped_linear = None
+
+
+def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    # Read each (possibly PEFT-parametrised) fused parameter once per forward, not per expert.
+    up = module.gate_up_proj if module.has_gate else module.up_proj
+    up_b = (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias) if module.has_bias else None
+    down = module.down_proj
+    down_b = module.down_proj_bias if module.has_bias else None
+    return up, up_b, down, down_b
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if transposed:
+        out = x @ w
+        return out + b if b is not None else out
+    return F.linear(x, w, b)
+
+
+def _activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+
+def _kept_slots(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept (non-sentinel) slots sorted by expert.
+
+    Returns:
+        ``slots (S,)`` flat slot ids sorted by expert, ``experts (S,)`` their expert ids, and
+        ``counts (E,)`` slots per expert.
+    """
+    t, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    slots = torch.nonzero(flat < num_experts, as_tuple=False).squeeze(1)
+    experts = flat[slots]
+    # Within an expert, order rows by (top-k position, token) as stock eager's torch.where does,
+    # so GEMM rows, and therefore results, are bit-identical to eager.
+    key = experts * (t * k) + (slots % k) * t + slots // k
+    order = torch.argsort(key)
+    experts = experts[order]
+    return slots[order], experts, torch.bincount(experts, minlength=num_experts)
+
+
+def zeda_loop_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert loop over kept rows only (the CPU strategy).
+
+    Args:
+        module: A fused experts module (``num_experts`` = E).
+        hidden_states: ``(T, H)`` tokens.
+        top_k_index: ``(T, k)`` expert ids; ``>= E`` are zero slots and are skipped.
+        top_k_weights: ``(T, k)`` routing weights.
+
+    Returns:
+        ``(T, H)`` weighted sum of the kept experts' outputs.
+    """
+    k = top_k_index.shape[-1]
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        slots, _, counts = _kept_slots(top_k_index, module.num_experts)
+        counts_list = counts.tolist()
+    up, up_b, down, down_b = _weights(module)
+    start = 0
+    # Ascending expert order with one index_add_ per expert mirrors stock eager's accumulation.
+    for e, n in enumerate(counts_list):
+        if n == 0:
+            continue
+        sl = slots[start : start + n]
+        start += n
+        tok = sl // k
+        h = _linear(hidden_states[tok], up[e], up_b[e] if up_b is not None else None, module.is_transposed)
+        h = _activate(module, h)
+        h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
+        if module.has_post_expert_norm:
+            h = module.post_expert_norm(h)
+        h = h * top_k_weights[tok, sl % k, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
+def zeda_grouped_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Compact the kept slots, then two grouped GEMMs over them (the GPU strategy).
+
+    Shapes as in `zeda_loop_forward`. Sentinel slots never enter a GEMM: the grouped inputs hold
+    only the ``S`` kept rows, sorted by expert, with per-expert offsets.
+    """
+    if _grouped_linear is None:  # pragma: no cover
+        return zeda_loop_forward(module, hidden_states, top_k_index, top_k_weights)
+    k = top_k_index.shape[-1]
+    slots, experts, counts = _kept_slots(top_k_index, module.num_experts)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    tok = slots // k
+    x = hidden_states[tok]
+    up, up_b, down, down_b = _weights(module)
+    h = _grouped_linear(x, up, offsets, bias=up_b[experts] if up_b is not None else None, is_transposed=module.is_transposed)
+    h = _activate(module, h)
+    h = _grouped_linear(
+        h, down, offsets, bias=down_b[experts] if down_b is not None else None, is_transposed=module.is_transposed
+    )
+    if module.has_post_expert_norm:
+        h = module.post_expert_norm(h)
+    h = h * top_k_weights.reshape(-1)[slots, None]
+    out = torch.zeros(hidden_states.shape, dtype=h.dtype, device=h.device)
+    out.index_add_(0, tok, h)
+    return out.to(hidden_states.dtype)
+
+
+def zeda_experts_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The ``"zeda"`` backend: grouped GEMMs over compacted slots on CUDA, the kept-row loop elsewhere."""
+    if hidden_states.is_cuda:
+        return zeda_grouped_forward(module, hidden_states, top_k_index, top_k_weights)
+    return zeda_loop_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+BACKENDS = {"zeda": zeda_experts_forward, "zeda_grouped": zeda_grouped_forward}
+for _name, _fn in BACKENDS.items():
+    if _name not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(_name, _fn)

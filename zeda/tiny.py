@@ -1,0 +1,89 @@
+"""Tiny in-process configs of every supported family (tests, benchmarks, examples; no network).
+
+Every config has 8 routed experts, top-2, hidden size 32 and a vocabulary of 128, and keeps the
+family's distinctive features: shared experts, dense first layers, group-limited sigmoid
+routing (``n_group > 1``), MLA attention, gpt-oss's biased router and experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .arch import get_spec
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)
+
+_MLA = dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+
+TINY: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=16, intermediate_size=48, head_dim=8, norm_topk_prob=True),
+    "qwen2_moe": dict(
+        num_experts=8, moe_intermediate_size=16, intermediate_size=48, shared_expert_intermediate_size=24,
+        norm_topk_prob=False,
+    ),
+    "olmoe": dict(num_experts=8, intermediate_size=16, norm_topk_prob=False),
+    "mixtral": dict(num_local_experts=8, intermediate_size=16),
+    "deepseek_v3": dict(
+        n_routed_experts=8, moe_intermediate_size=16, intermediate_size=48, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5,
+        norm_topk_prob=True, **_MLA,
+    ),
+    "glm4_moe": dict(
+        n_routed_experts=8, moe_intermediate_size=16, intermediate_size=48, n_shared_experts=1, n_group=1,
+        topk_group=1, first_k_dense_replace=1, num_hidden_layers=3, head_dim=8, routed_scaling_factor=1.8,
+        norm_topk_prob=True,
+    ),
+    "glm4_moe_lite": dict(
+        n_routed_experts=8, moe_intermediate_size=16, intermediate_size=48, n_shared_experts=1, n_group=1,
+        topk_group=1, num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+        routed_scaling_factor=1.8, norm_topk_prob=True, **_MLA,
+    ),
+    "gpt_oss": dict(
+        num_local_experts=8, intermediate_size=16, head_dim=8, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+
+
+def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
+    """A tiny config of ``model_type`` (eager attention, fp32).
+
+    Args:
+        model_type: A supported family, e.g. ``"qwen3_moe"``.
+        **overrides: Config fields to change.
+    """
+    spec = get_spec(model_type)
+    kwargs = {**_COMMON, **TINY[spec.model_type], **overrides}
+    config = spec.config_class(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A randomly initialised tiny causal LM of ``model_type`` in eval mode.
+
+    Sigmoid routers also get a random ``e_score_correction_bias`` so the bias path is exercised.
+    """
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for m in model.modules():
+            bias = getattr(m, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.rand_like(bias) * 0.1)
+            gate_bias = getattr(m, "bias", None)
+            if isinstance(gate_bias, torch.nn.Parameter) and type(m).__name__.endswith("Router"):
+                gate_bias.normal_(0, 0.1)
+    return model.eval()
