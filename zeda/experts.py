@@ -26,7 +26,9 @@ except ImportError:  # pragma: no cover
     _grouped_linear = None
 
 
-def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+def _weights(
+    module: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     # Read each (possibly PEFT-parametrised) fused parameter once per forward, not per expert.
     up = module.gate_up_proj if module.has_gate else module.up_proj
     up_b = (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias) if module.has_bias else None
@@ -46,7 +48,9 @@ def _activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module._apply_gate(h) if module.has_gate else module.act_fn(h)
 
 
-def _kept_slots(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kept_slots(
+    top_k_index: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kept (non-sentinel) slots sorted by expert.
 
     Returns:
@@ -119,10 +123,16 @@ def zeda_grouped_forward(
     tok = slots // k
     x = hidden_states[tok]
     up, up_b, down, down_b = _weights(module)
-    h = _grouped_linear(x, up, offsets, bias=up_b[experts] if up_b is not None else None, is_transposed=module.is_transposed)
+    h = _grouped_linear(
+        x, up, offsets, bias=up_b[experts] if up_b is not None else None, is_transposed=module.is_transposed
+    )
     h = _activate(module, h)
     h = _grouped_linear(
-        h, down, offsets, bias=down_b[experts] if down_b is not None else None, is_transposed=module.is_transposed
+        h,
+        down,
+        offsets,
+        bias=down_b[experts] if down_b is not None else None,
+        is_transposed=module.is_transposed,
     )
     if module.has_post_expert_norm:
         h = module.post_expert_norm(h)

@@ -119,13 +119,17 @@ def _grow(t: torch.Tensor, z: int, gen: torch.Generator | None) -> torch.Tensor:
     return torch.cat([t.detach(), new], dim=0)
 
 
-def _convert_router(router: nn.Module, spec: MoESpec, z: int, index: int, gen: torch.Generator | None) -> None:
+def _convert_router(
+    router: nn.Module, spec: MoESpec, z: int, index: int, gen: torch.Generator | None
+) -> None:
     e = router.num_experts
     for name in PER_EXPERT_TENSORS:
         if name in router._parameters and router._parameters[name] is not None:
             old = router._parameters[name]
             if old.shape[0] != e:
-                raise ZedaError(f"router {name} has {old.shape[0]} rows, expected E={e}; is the model already injected?")
+                raise ZedaError(
+                    f"router {name} has {old.shape[0]} rows, expected E={e}; is the model already injected?"
+                )
             router._parameters[name] = nn.Parameter(_grow(old, z, gen), requires_grad=old.requires_grad)
         elif name in router._buffers and router._buffers[name] is not None:
             router._buffers[name] = _grow(router._buffers[name], z, gen)
@@ -136,7 +140,9 @@ def _convert_router(router: nn.Module, spec: MoESpec, z: int, index: int, gen: t
         router.register_forward_hook(telemetry_hook)
 
 
-def apply_zero_structure(model: nn.Module, num_zero_experts: int, gen: torch.Generator | None = None) -> list[MoELayer]:
+def apply_zero_structure(
+    model: nn.Module, num_zero_experts: int, gen: torch.Generator | None = None
+) -> list[MoELayer]:
     """Give ``model`` the structure of an injected model (routers grown, classes swapped).
 
     With ``gen=None`` the new rows are left uninitialised for a checkpoint to fill; with a
@@ -194,7 +200,9 @@ def inject_zero_experts(
     e = layers[0].router.num_experts
     z = e // 2 if num_zero_experts is None else int(num_zero_experts)
     if not 1 <= z <= 4 * e:
-        raise ZedaError(f"num_zero_experts={z} is out of range; use 1 ≤ Z ≤ 4·E = {4 * e} (default E/2 = {e // 2})")
+        raise ZedaError(
+            f"num_zero_experts={z} is out of range; use 1 ≤ Z ≤ 4·E = {4 * e} (default E/2 = {e // 2})"
+        )
     gen = torch.Generator().manual_seed(seed)
     apply_zero_structure(model, z, gen)
     from .modeling import mark_as_zeda_model  # local import: modeling imports this module
@@ -225,7 +233,9 @@ def set_experts_backend(model: nn.Module, name: str) -> None:
 
     spec = spec_for_model(model)
     if name == "eager" and not spec.eager_skips_sentinel and is_injected(model):
-        logger.warning("%s's stock eager experts cannot skip zero slots; using zeda's loop backend", spec.model_type)
+        logger.warning(
+            "%s's stock eager experts cannot skip zero slots; using zeda's loop backend", spec.model_type
+        )
         name = "zeda"
     base = getattr(model, "get_base_model", lambda: model)()
     base.set_experts_implementation(name)

@@ -32,11 +32,14 @@ class ZedaModelMixin:
     zeda_spec: MoESpec
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        requested_backend = getattr(config, "_experts_implementation_internal", None)
         super().__init__(config, *args, **kwargs)
         zeda = getattr(config, "zeda", None) or {}
         z = int(zeda.get("num_zero_experts", 0))
         if z < 1:
-            raise ZedaError(f"config of model_type {config.model_type!r} lacks zeda.num_zero_experts; re-inject the original")
+            raise ZedaError(
+                f"config of model_type {config.model_type!r} lacks zeda.num_zero_experts; re-inject the original"
+            )
         apply_zero_structure(self, z)
         # Fresh (non-checkpoint) construction: give the uninitialised rows a defined value.
         std = getattr(config, "initializer_range", 0.02)
@@ -52,8 +55,10 @@ class ZedaModelMixin:
         for experts in self.modules():
             if isinstance(experts, self.zeda_spec.experts_class):
                 experts._is_expert_parallel = True
-        if self.config._experts_implementation in (None, "grouped_mm", "eager") and not (
-            self.zeda_spec.eager_skips_sentinel or self.config._experts_implementation == "grouped_mm"
+        # zeda's backend skips zero slots on every device; an explicit request is respected,
+        # except stock eager on families whose eager loop cannot skip the sentinel.
+        if requested_backend is None or (
+            requested_backend == "eager" and not self.zeda_spec.eager_skips_sentinel
         ):
             self.config._experts_implementation_internal = "zeda"
 

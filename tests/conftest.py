@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny in-process models of every supported family (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import zeda  # noqa: E402,F401  (registers families and backends)
+from zeda.tiny import TINY  # noqa: E402
+
+FAMILIES = sorted(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def token_batch(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    """Deterministic ``(batch, seq)`` token ids."""
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
