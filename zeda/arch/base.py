@@ -28,9 +28,22 @@ RouterKind = Literal["softmax", "sigmoid_bias", "topk_softmax"]
 
 AttentionKind = Literal["gqa", "mla"]
 
+QkNorm = Literal["none", "per_head", "full"]
+"""Where a GQA family normalises queries and keys: not at all, per head (``head_dim`` weights,
+Qwen3/GLM), or over the full projection (``heads * head_dim`` weights, OLMoE)."""
+
 
 def _zero(_config: Any) -> int:
     return 0
+
+
+def _attention_bias_from_config(config: Any) -> tuple[bool, bool]:
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+def _no_qk_norm(_config: Any) -> QkNorm:
+    return "none"
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,11 @@ class MoESpec:
         router_bias: Whether the router linear has a bias (gpt-oss).
         eager_skips_sentinel: Whether the family's stock eager experts loop skips the sentinel
             index ``E`` (gpt-oss's loop does not, so zeda routes it to its own backend).
+        attention_biases: ``config -> (qkv_bias, o_bias)``: whether the GQA q/k/v projections and
+            the output projection carry biases (default: both follow ``config.attention_bias``).
+            Used by `zeda.flops`; MLA's bias layout is fixed by the MLA attention itself.
+        qk_norm: ``config -> QkNorm``: the GQA query/key norm layout (used by `zeda.flops`).
+        attention_sinks: Whether attention has one learned sink logit per head (gpt-oss).
         lora_target_parameters: Names (relative to the MoE block's experts module) of the fused
             3-D expert parameters that PEFT's ``target_parameters`` should wrap.
     """
@@ -90,6 +108,9 @@ class MoESpec:
     router_bias: bool = False
     eager_skips_sentinel: bool = True
     lora_target_parameters: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    attention_biases: Callable[[Any], tuple[bool, bool]] = _attention_bias_from_config
+    qk_norm: Callable[[Any], QkNorm] = _no_qk_norm
+    attention_sinks: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def num_experts(self, config: Any) -> int:

@@ -28,5 +28,7 @@ SPEC = register(
         dense_intermediate=lambda c: c.intermediate_size,
         shared_expert_intermediate=lambda c: c.moe_intermediate_size * (c.n_shared_experts or 0),
         shared_expert_attrs=("shared_experts",),
+        attention_biases=lambda c: (bool(c.attention_bias), False),
+        qk_norm=lambda c: "per_head" if c.use_qk_norm else "none",
     )
 )

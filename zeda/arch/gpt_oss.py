@@ -30,5 +30,6 @@ SPEC = register(
         router_bias=True,
         # The stock gpt-oss eager loop one-hots with E classes, so the sentinel E would crash it.
         eager_skips_sentinel=False,
+        attention_sinks=True,
     )
 )

@@ -27,5 +27,6 @@ SPEC = register(
         num_experts_key="num_local_experts",
         expert_intermediate_key="intermediate_size",
         moe_layer_indices=lambda c: list(range(c.num_hidden_layers)),
+        attention_biases=lambda c: (False, False),
     )
 )

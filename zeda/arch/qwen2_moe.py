@@ -37,5 +37,6 @@ SPEC = register(
         shared_expert_intermediate=lambda c: c.shared_expert_intermediate_size,
         shared_expert_gated=True,
         shared_expert_attrs=("shared_expert", "shared_expert_gate"),
+        attention_biases=lambda c: (bool(c.qkv_bias), False),
     )
 )

@@ -34,5 +34,6 @@ SPEC = register(
         expert_intermediate_key="moe_intermediate_size",
         moe_layer_indices=_moe_layers,
         dense_intermediate=lambda c: c.intermediate_size,
+        qk_norm=lambda c: "per_head",
     )
 )
