@@ -126,3 +126,42 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Mod
             if isinstance(gate_bias, torch.nn.Parameter) and type(m).__name__.endswith("Router"):
                 gate_bias.normal_(0, 0.1)
     return model.eval()
+
+
+_TINY_TEXT = (
+    "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
+    "all that glitters is not gold. to be or not to be, that is the question. "
+    "we hold these truths to be self evident, that all men are created equal. "
+    "in the beginning was the word, and the word was with god. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 128) -> Any:
+    """A small BPE tokenizer trained in-process (no network), for tiny models.
+
+    Returns:
+        A `PreTrainedTokenizerFast` with ``<eos>`` (also used as pad) and ``<unk>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<unk>"], show_progress=False)
+    tok.train_from_iterator([_TINY_TEXT] * 4, trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.BPEDecoder()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+
+
+def tiny_corpus(n_docs: int = 64) -> list[str]:
+    """Deterministic short documents in the tiny tokenizer's alphabet."""
+    g = torch.Generator().manual_seed(0)
+    words = _TINY_TEXT.replace(",", "").replace(".", "").split()
+    docs = []
+    for _ in range(n_docs):
+        n = int(torch.randint(20, 60, (1,), generator=g))
+        idx = torch.randint(0, len(words), (n,), generator=g).tolist()
+        docs.append(" ".join(words[i] for i in idx) + ".")
+    return docs
