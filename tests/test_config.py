@@ -1,0 +1,349 @@
+"""Tests for zeda.config: schema, YAML recipes, overrides, validation and the shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zeda.config import (
+    RunConfig,
+    apply_overrides,
+    field_docs,
+    from_dict,
+    load_recipe,
+    parse_overrides,
+    save_recipe,
+    to_dict,
+    valid_keys,
+    validate_recipe,
+)
+from zeda.errors import ZedaError
+from zeda.losses import equilibrium_zero_share, w_for_target
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _err(fn, *args) -> str:
+    with pytest.raises(ZedaError) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert "\n" not in msg, f"error message is not one line: {msg!r}"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------
+# Schema
+# ------------------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    cfg = RunConfig().validate()
+    assert from_dict({}) == cfg
+    assert cfg.model.name_or_path == "evals/reference/model" and cfg.model.dtype == "float32"
+    assert cfg.inject.num_zero_experts is None and cfg.inject.resolve_num_zero(64) == 32
+    assert cfg.lora.r == 8 and cfg.lora.alpha == 16 and cfg.lora.train_router
+    assert cfg.balance.alpha == 0.1 and cfg.balance.w is None and cfg.balance.target_zero_share is None
+    assert cfg.balance.resolve_w(64, 32) == 2.0
+    assert cfg.stage1.mode == "text" and cfg.stage1.kd == "forward_kl" and cfg.stage1.lr == 2e-4
+    assert not cfg.stage2.enabled and cfg.stage2.loss == "pg"
+    assert cfg.eval.tasks == ["ref_perplexity"] and cfg.eval.zero_bias_sweep == []
+    assert cfg.eval.baselines == ["keep_top_m", "top_p", "threshold"]
+    # list defaults are not shared between instances
+    a, b = RunConfig(), RunConfig()
+    a.eval.tasks.append("x")
+    assert b.eval.tasks == ["ref_perplexity"]
+
+
+def test_every_field_has_a_docstring() -> None:
+    docs = field_docs()
+    missing = [k for k in valid_keys() if not docs.get(k)]
+    assert not missing, f"fields without a docstring: {missing}"
+    assert len(valid_keys()) == len(set(valid_keys()))
+
+
+def test_dict_and_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            "balance.target_zero_share=0.3",
+            "eval.zero_bias_sweep=[-1, 0.5]",
+            "stage1.lr=3e-5",
+            "data.prompt_file=p.jsonl",
+        ],
+    )
+    assert from_dict(to_dict(cfg)) == cfg
+    path = save_recipe(cfg, tmp_path / "sub" / "run.yaml")
+    assert load_recipe(path) == cfg
+    assert yaml.safe_load(path.read_text()) == to_dict(cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# Overrides and coercion
+# ------------------------------------------------------------------------------------------
+
+
+def test_overrides_coerce_types() -> None:
+    base = RunConfig()
+    cfg = apply_overrides(
+        base,
+        [
+            "stage1.lr=2e-4",  # PyYAML reads this as a string; must become a float
+            "train.batch_size=16",
+            "lora.enabled=false",
+            "lora.full_experts=true",
+            "eval.tasks=[ref_perplexity, gsm8k]",
+            "eval.zero_bias_sweep=[-1, 0.5]",
+            "inject.num_zero_experts=4",
+            "data.max_prompts=null",
+            "model.dtype=bfloat16",
+            "model.name_or_path=123",
+            "balance.alpha=1",
+        ],
+    )
+    assert cfg.stage1.lr == 2e-4 and isinstance(cfg.stage1.lr, float)
+    assert cfg.train.batch_size == 16 and cfg.lora.enabled is False and cfg.lora.full_experts is True
+    assert cfg.eval.tasks == ["ref_perplexity", "gsm8k"]
+    assert cfg.eval.zero_bias_sweep == [-1.0, 0.5] and all(
+        isinstance(x, float) for x in cfg.eval.zero_bias_sweep
+    )
+    assert cfg.inject.num_zero_experts == 4 and cfg.data.max_prompts is None
+    assert cfg.model.dtype == "bfloat16" and cfg.model.name_or_path == "123"
+    assert isinstance(cfg.balance.alpha, float)
+    # the input config is untouched
+    assert base == RunConfig()
+    # later overrides win; a scalar for a list field is a one-element list
+    cfg = apply_overrides(base, ["lora.r=4", "lora.r=32", "eval.tasks=gsm8k", "inject.num_zero_experts=null"])
+    assert cfg.lora.r == 32 and cfg.eval.tasks == ["gsm8k"] and cfg.inject.num_zero_experts is None
+    # a whole section as a flow mapping merges into it
+    cfg = apply_overrides(base, ["lora={r: 16, alpha: 32}"])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.enabled) == (16, 32, True)
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        (
+            "balance.targt_zero_share=0.5",
+            ["balance.targt_zero_share", "did you mean 'balance.target_zero_share'"],
+        ),
+        ("lora.rank=4", ["lora.rank", "'lora.r'"]),
+        ("trian.seed=1", ["trian.seed", "'train.seed'"]),
+        ("train.max_steps=200", ["train.max_steps", "stage1.steps"]),
+        ("xyz=1", ["xyz", "model, inject"]),
+    ],
+)
+def test_unknown_key_names_key_and_suggests(override: str, needles: list[str]) -> None:
+    msg = _err(apply_overrides, RunConfig(), [override])
+    for needle in needles:
+        assert needle in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        (
+            "stage1.kd=forward-kl",
+            ["stage1.kd", "'forward_kl', 'reverse_kl', 'nll'", "did you mean 'forward_kl'"],
+        ),
+        ("model.dtype=bf16", ["model.dtype", "'bfloat16'"]),
+        ("lora.r=abc", ["lora.r", "integer"]),
+        ("lora.r=1.5", ["lora.r", "integer"]),
+        ("lora.r=true", ["lora.r", "integer"]),
+        ("lora.enabled=maybe", ["lora.enabled", "true or false"]),
+        ("stage1.lr=fast", ["stage1.lr", "number"]),
+        ("eval.zero_bias_sweep=[1, x]", ["eval.zero_bias_sweep[1]"]),
+        ("lora=3", ["lora", "section"]),
+        ("model.name_or_path=[a]", ["model.name_or_path", "string"]),
+        ("eval.tasks={a: 1}", ["eval.tasks", "mapping"]),
+    ],
+)
+def test_bad_values_are_one_line_errors(override: str, needles: list[str]) -> None:
+    msg = _err(apply_overrides, RunConfig(), [override])
+    for needle in needles:
+        assert needle in msg
+
+
+def test_malformed_overrides() -> None:
+    assert "key=value" in _err(parse_overrides, ["lora.r"])
+    assert "empty key" in _err(parse_overrides, ["lora..r=1"])
+    assert "not valid YAML" in _err(parse_overrides, ["eval.tasks=[a"])
+    assert parse_overrides(["a.b=1", "a.c=[x]", "d=e=f"]) == {"a": {"b": 1, "c": ["x"]}, "d": "e=f"}
+
+
+# ------------------------------------------------------------------------------------------
+# Cross-field validation
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("balance.target_zero_share=0", "balance.target_zero_share"),
+        ("balance.target_zero_share=1.0", "balance.target_zero_share"),
+        ("balance.w=0", "balance.w"),
+        ("balance.alpha=-1", "balance.alpha"),
+        ("lora.r=0", "lora.r"),
+        ("stage1.lr=0", "stage1.lr"),
+        ("stage2.lr=-1e-5", "stage2.lr"),
+        ("stage1.steps=0", "stage1.steps"),
+        ("stage1.temperature=0", "stage1.temperature"),
+        ("train.warmup_ratio=1.0", "train.warmup_ratio"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("inject.num_zero_experts=0", "inject.num_zero_experts"),
+        ("data.seq_len=0", "data.seq_len"),
+        ("eval.tasks=[a, a]", "eval.tasks"),
+        ("lora.full_experts=true", "lora.full_experts"),  # with lora.enabled=true
+    ],
+)
+def test_constraints(override: str, key: str) -> None:
+    assert repr(key) in _err(apply_overrides, RunConfig(), [override])
+
+
+def test_cross_section_constraints() -> None:
+    msg = _err(apply_overrides, RunConfig(), ["train.resume=true", "train.overwrite=true"])
+    assert "train.resume" in msg
+    msg = _err(apply_overrides, RunConfig(), ["lora.enabled=false", "lora.train_router=false"])
+    assert "nothing to train" in msg
+    # ...which is fine when no stage trains
+    apply_overrides(RunConfig(), ["lora.enabled=false", "lora.train_router=false", "stage1.enabled=false"])
+    # a disabled stage may have 0 steps
+    assert apply_overrides(RunConfig(), ["stage1.enabled=false", "stage1.steps=0"]).stage1.steps == 0
+
+
+def test_w_and_target_are_exclusive(tmp_path: Path) -> None:
+    msg = _err(apply_overrides, RunConfig(), ["balance.w=3", "balance.target_zero_share=0.5"])
+    assert "balance.w" in msg and "target_zero_share" in msg
+    both = _write(tmp_path / "both.yaml", {"balance": {"w": 3.0, "target_zero_share": 0.5}})
+    assert "not both" in _err(load_recipe, both)
+    # an override of one clears the other inherited from the recipe
+    target = _write(tmp_path / "target.yaml", {"balance": {"target_zero_share": 0.4}})
+    cfg = load_recipe(target, ["balance.w=3"])
+    assert (cfg.balance.w, cfg.balance.target_zero_share) == (3.0, None)
+    cfg = load_recipe(target, ["balance.target_zero_share=0.2"])
+    assert (cfg.balance.w, cfg.balance.target_zero_share) == (None, 0.2)
+    # nulling one does not clear the other
+    cfg = load_recipe(target, ["balance.w=null"])
+    assert cfg.balance.target_zero_share == 0.4
+
+
+def test_resolve_w_matches_losses() -> None:
+    cfg = apply_overrides(RunConfig(), ["balance.target_zero_share=0.3"])
+    assert cfg.balance.resolve_w(16, 4) == pytest.approx(w_for_target(0.3, 16, 4))
+    assert cfg.balance.resolve_target_share(16, 4) == pytest.approx(0.3)
+    cfg = apply_overrides(RunConfig(), ["balance.w=3"])
+    assert cfg.balance.resolve_w(16, 4) == 3.0
+    assert cfg.balance.resolve_target_share(16, 4) == pytest.approx(equilibrium_zero_share(16, 4, 3.0))
+
+
+# ------------------------------------------------------------------------------------------
+# Files, inheritance
+# ------------------------------------------------------------------------------------------
+
+
+def test_base_inheritance(tmp_path: Path) -> None:
+    (tmp_path / "common").mkdir()
+    _write(
+        tmp_path / "common" / "base.yaml",
+        {"lora": {"r": 4, "alpha": 8}, "balance": {"w": 3.0}, "eval": {"tasks": ["a", "b"]}},
+    )
+    child = _write(
+        tmp_path / "child.yaml",
+        {
+            "base": "common/base.yaml",
+            "lora": {"r": 16},
+            "balance": {"target_zero_share": 0.4},
+            "eval": {"tasks": ["c"]},
+        },
+    )
+    cfg = load_recipe(child, ["train.seed=5"])
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 8)  # mappings merge key by key
+    assert cfg.eval.tasks == ["c"]  # lists replace
+    assert (cfg.balance.w, cfg.balance.target_zero_share) == (None, 0.4)  # child's target clears base's w
+    assert cfg.train.seed == 5
+
+
+def test_base_cycle_and_missing(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    assert "cycle" in _err(load_recipe, tmp_path / "a.yaml")
+    _write(tmp_path / "c.yaml", {"base": "nope.yaml"})
+    assert "not found" in _err(load_recipe, tmp_path / "c.yaml")
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    assert "not found" in _err(validate_recipe, tmp_path / "missing.yaml")
+    bad = _write(tmp_path / "bad.yaml", "lora:\n  r: [1,\n")
+    assert "line" in _err(validate_recipe, bad)
+    lst = _write(tmp_path / "list.yaml", "- a\n- b\n")
+    assert "mapping" in _err(validate_recipe, lst)
+    typo = _write(tmp_path / "typo.yaml", {"lora": {"rr": 4}})
+    msg = _err(validate_recipe, typo)
+    assert "typo.yaml" in msg and "lora.rr" in msg and "'lora.r'" in msg
+    # an empty recipe is the default config
+    assert validate_recipe(_write(tmp_path / "empty.yaml", "")) == RunConfig()
+
+
+# ------------------------------------------------------------------------------------------
+# Shipped recipes
+# ------------------------------------------------------------------------------------------
+
+
+def test_recipes_exist() -> None:
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    for expected in (
+        "reference/quickstart.yaml",
+        "qwen3/30b_a3b_zeda.yaml",
+        "glm/4.7_flash_zeda.yaml",
+        "mixtral/8x7b_zeda.yaml",
+        "olmoe/1b_7b_zeda.yaml",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_every_recipe_validates_and_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = validate_recipe(path)
+    raw = yaml.safe_load(path.read_text())
+    # every recipe spells out every key, so the file alone says what runs
+    assert set(raw) - {"base"} == set(to_dict(cfg))
+    for section, values in raw.items():
+        if section != "base":
+            assert set(values) == set(to_dict(cfg)[section]), f"{path}: section {section} is incomplete"
+    assert load_recipe(save_recipe(cfg, tmp_path / "saved.yaml")) == cfg
+
+
+def test_quickstart_recipe() -> None:
+    cfg = load_recipe(REPO / "recipes/reference/quickstart.yaml")
+    assert cfg.model.name_or_path == "evals/reference/model"
+    assert cfg.stage1.enabled and cfg.stage1.mode == "text"
+    assert cfg.balance.target_zero_share == 0.5 and cfg.balance.w is None
+    tokens = cfg.stage1.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    # <= ~3 minutes of training at ~1k tokens/s on 2 CPU cores, leaving time for evaluation
+    assert tokens <= 200_000
+    assert cfg.model.dtype == "float32" and cfg.lora.enabled
+
+
+def test_paper_recipes() -> None:
+    qwen = load_recipe(REPO / "recipes/qwen3/30b_a3b_zeda.yaml")
+    assert qwen.model.name_or_path == "Qwen/Qwen3-30B-A3B" and qwen.model.dtype == "bfloat16"
+    assert qwen.inject.num_zero_experts == 64
+    assert qwen.balance.resolve_w(128, 64) == 2.0 and qwen.balance.alpha == 0.1
+    assert qwen.balance.resolve_target_share(128, 64) == pytest.approx(0.5)
+    assert qwen.stage1.mode == "rollout" and qwen.stage1.lr == 2e-5
+    assert qwen.train.lr_schedule == "cosine" and qwen.train.warmup_ratio == 0.1
+    assert qwen.stage2.enabled and qwen.stage2.lr == 5e-6 and qwen.stage2.steps == 320
+    assert qwen.stage2.num_prompts_per_step == 32
+    assert qwen.lora.full_experts and not qwen.lora.enabled
+
+    glm = load_recipe(REPO / "recipes/glm/4.7_flash_zeda.yaml")
+    assert glm.model.name_or_path == "zai-org/GLM-4.7-Flash"
+    assert glm.inject.num_zero_experts == 32 and glm.stage2.lr == 1e-6
+    assert glm.balance.resolve_w(64, 32) == 2.0
