@@ -38,7 +38,9 @@ def read_jsonl(path: str | os.PathLike, field: str = "text", limit: int | None =
             except json.JSONDecodeError as exc:
                 raise ZedaError(f"{p}:{n} is not valid JSON ({exc.msg}); fix or regenerate the file") from exc
             if field not in row:
-                raise ZedaError(f"{p}:{n} has no field {field!r}; set data.text_field to one of {sorted(row)}")
+                raise ZedaError(
+                    f"{p}:{n} has no field {field!r}; set data.text_field to one of {sorted(row)}"
+                )
             out.append(str(row[field]))
             if limit is not None and len(out) >= limit:
                 break
@@ -89,7 +91,9 @@ class BlockSampler:
     def batch(self, step: int) -> torch.Tensor:
         """``(batch_size, seq_len)`` block ids of optimisation micro-step ``step``."""
         epoch, i = divmod(step, self.per_epoch)
-        perm = torch.randperm(self.blocks.shape[0], generator=torch.Generator().manual_seed(self.seed + epoch))
+        perm = torch.randperm(
+            self.blocks.shape[0], generator=torch.Generator().manual_seed(self.seed + epoch)
+        )
         return self.blocks[perm[i * self.batch_size : (i + 1) * self.batch_size]]
 
 

@@ -36,7 +36,7 @@ from . import data as zdata
 from .config import RunConfig
 from .errors import ZedaError
 from .inject import inject_zero_experts, is_injected, teacher_mode
-from .lora import make_student
+from .lora import is_student, make_student
 from .losses import (
     GroupStats,
     all_reduce_counts,
@@ -129,8 +129,16 @@ class BalanceTracker:
             self.slots += float(st.count_E + st.count_Z)
             if self.global_batch:
                 prev = self.window.get(i)
-                counted = st if prev is None else GroupStats(
-                    prev.count_E + st.count_E, prev.count_Z + st.count_Z, st.prob_sum_E, st.prob_sum_Z, st.n_tokens
+                counted = (
+                    st
+                    if prev is None
+                    else GroupStats(
+                        prev.count_E + st.count_E,
+                        prev.count_Z + st.count_Z,
+                        st.prob_sum_E,
+                        st.prob_sum_Z,
+                        st.n_tokens,
+                    )
                 )
                 self.window[i] = counted.detach()
                 st = all_reduce_counts(counted)
@@ -159,7 +167,10 @@ def save_checkpoint(out: Path, model: nn.Module, state: dict, optimizer: Any, sc
     tmp = out / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()}, tmp / "trainable.safetensors")
+    save_file(
+        {n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()},
+        tmp / "trainable.safetensors",
+    )
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     final = out / CHECKPOINT
@@ -233,7 +244,10 @@ def _pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
 def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     return model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
     ).logits
 
 
@@ -335,7 +349,9 @@ def _run_stage(
         start = int(resume_state["step"])
     model_p, optimizer_p = accelerator.prepare(model, optimizer)
     metrics_path = out / "metrics.jsonl"
-    bar = tqdm(range(start, steps), desc=name, disable=not accelerator.is_main_process, initial=start, total=steps)
+    bar = tqdm(
+        range(start, steps), desc=name, disable=not accelerator.is_main_process, initial=start, total=steps
+    )
     window: dict[str, float] = {}
     t0, tokens = time.perf_counter(), 0
     model_p.train()
@@ -361,11 +377,20 @@ def _run_stage(
                 window[k] = window.get(k, 0.0) + float(v) / cfg.train.grad_accum
         done = step + 1
         if done % cfg.train.log_every == 0 or done == steps:
-            n = cfg.train.log_every if done % cfg.train.log_every == 0 else (done - start) % cfg.train.log_every or 1
+            n = (
+                cfg.train.log_every
+                if done % cfg.train.log_every == 0
+                else (done - start) % cfg.train.log_every or 1
+            )
             dt = time.perf_counter() - t0
             row = {k: v / n for k, v in window.items()}
-            row.update(stage=name, step=done, lr=scheduler.get_last_lr()[0], zero_share=tracker.pop_share(),
-                       tokens_per_s=tokens / dt if dt > 0 else 0.0)
+            row.update(
+                stage=name,
+                step=done,
+                lr=scheduler.get_last_lr()[0],
+                zero_share=tracker.pop_share(),
+                tokens_per_s=tokens / dt if dt > 0 else 0.0,
+            )
             window = {}
             result.tokens_seen += tokens
             t0, tokens = time.perf_counter(), 0
@@ -374,14 +399,23 @@ def _run_stage(
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{row.get('loss', 0):.4f}", kd=f"{row.get('kd', 0):.4f}",
-                                bal=f"{row.get('balance', 0):.4f}", zero=f"{row['zero_share']:.3f}",
-                                tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{row.get('loss', 0):.4f}",
+                    kd=f"{row.get('kd', 0):.4f}",
+                    bal=f"{row.get('balance', 0):.4f}",
+                    zero=f"{row['zero_share']:.3f}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                )
         if done % cfg.train.save_every == 0 or done == steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(out, accelerator.unwrap_model(model_p),
-                                {"stage": name, "step": done}, optimizer, scheduler)
+                save_checkpoint(
+                    out,
+                    accelerator.unwrap_model(model_p),
+                    {"stage": name, "step": done},
+                    optimizer,
+                    scheduler,
+                )
     result.tokens_seen += tokens
     return steps
 
@@ -392,7 +426,9 @@ def _prepare_output(cfg: RunConfig) -> tuple[Path, bool]:
     if out.exists() and any(out.iterdir()):
         if cfg.train.resume:
             if not has_ckpt:
-                raise ZedaError(f"train.resume=true but {out} holds no checkpoint; start a new run without resume")
+                raise ZedaError(
+                    f"train.resume=true but {out} holds no checkpoint; start a new run without resume"
+                )
         elif cfg.train.overwrite:
             shutil.rmtree(out)
         else:
@@ -432,7 +468,7 @@ def distill(
             seed=config.inject.seed,
             experts_implementation=config.model.experts_implementation or "zeda",
         )
-    student = model if hasattr(model, "disable_adapter") else make_student(model, config.lora)
+    student = model if is_student(model) else make_student(model, config.lora)
     student.to(accelerator.device)
     resume_state = load_checkpoint(out, student) if resuming else None
     if resume_state:
@@ -497,8 +533,17 @@ def distill(
                 return student_loss(batch, s1.kd, s1.nll_weight)
 
         result.stage1_steps = _run_stage(
-            "stage1", s1.steps, s1.lr, s1_loss, model=student, accelerator=accelerator, cfg=config, out=out,
-            tracker=tracker, resume_state=resume_state, result=result,
+            "stage1",
+            s1.steps,
+            s1.lr,
+            s1_loss,
+            model=student,
+            accelerator=accelerator,
+            cfg=config,
+            out=out,
+            tracker=tracker,
+            resume_state=resume_state,
+            result=result,
         )
     elif "stage1" in done_stages:
         result.stage1_steps = s1.steps
@@ -511,10 +556,23 @@ def distill(
         def s2_loss(step: int, micro: int) -> tuple[torch.Tensor, dict, int]:
             g = torch.Generator().manual_seed(config.train.seed * 7919 + step * ga + micro)
             pick = torch.randperm(len(prompts), generator=g)[: s2.num_prompts_per_step * world]
-            mine = [prompts[int(i)] for i in pick[rank * s2.num_prompts_per_step : (rank + 1) * s2.num_prompts_per_step]]
-            samples = generate(base(student), tokenizer, mine, s2.max_new_tokens, s2.temperature,
-                               seed=config.train.seed + 1 + step * ga + micro, batch_size=len(mine), desc="student samples")
-            batch = _pad_sequences([s[0] for s in samples], [s[1] for s in samples], tokenizer.pad_token_id).to(device)
+            mine = [
+                prompts[int(i)]
+                for i in pick[rank * s2.num_prompts_per_step : (rank + 1) * s2.num_prompts_per_step]
+            ]
+            samples = generate(
+                base(student),
+                tokenizer,
+                mine,
+                s2.max_new_tokens,
+                s2.temperature,
+                seed=config.train.seed + 1 + step * ga + micro,
+                batch_size=len(mine),
+                desc="student samples",
+            )
+            batch = _pad_sequences(
+                [s[0] for s in samples], [s[1] for s in samples], tokenizer.pad_token_id
+            ).to(device)
             with torch.no_grad(), teacher_mode(base(student)):
                 t_logits = _forward(base(student), batch)
             with RouterCapture() as cap:
@@ -522,21 +580,33 @@ def distill(
                 bal = tracker.loss(cap.records, batch.attention_mask.reshape(-1))
             if s2.loss == "pg":
                 ids = batch.input_ids
-                pg = policy_gradient_reverse_kl(_next_token_logprobs(s_logits, ids),
-                                                _next_token_logprobs(t_logits, ids), batch.loss_mask)
+                pg = policy_gradient_reverse_kl(
+                    _next_token_logprobs(s_logits, ids), _next_token_logprobs(t_logits, ids), batch.loss_mask
+                )
                 kd, rkl = pg.loss, pg.reverse_kl
             else:
                 kd = reverse_kl(s_logits, t_logits, batch.loss_mask, s2.temperature)
                 rkl = kd
             loss = kd + bal.to(kd.device)
-            return loss, {"loss": float(loss), "kd": float(kd), "reverse_kl": float(rkl), "balance": float(bal)}, int(
-                batch.attention_mask.sum()
+            return (
+                loss,
+                {"loss": float(loss), "kd": float(kd), "reverse_kl": float(rkl), "balance": float(bal)},
+                int(batch.attention_mask.sum()),
             )
 
         state2 = resume_state if resume_state and resume_state["stage"] == "stage2" else None
         result.stage2_steps = _run_stage(
-            "stage2", s2.steps, s2.lr, s2_loss, model=student, accelerator=accelerator, cfg=config, out=out,
-            tracker=tracker, resume_state=state2, result=result,
+            "stage2",
+            s2.steps,
+            s2.lr,
+            s2_loss,
+            model=student,
+            accelerator=accelerator,
+            cfg=config,
+            out=out,
+            tracker=tracker,
+            resume_state=state2,
+            result=result,
         )
     result.wall_seconds = time.perf_counter() - t_start
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
@@ -553,7 +623,9 @@ def _prompts(cfg: RunConfig, tokenizer: Any) -> list[str]:
         raw = zdata.read_jsonl(cfg.data.prompt_file, cfg.data.text_field, limit)
     else:
         texts = zdata.read_jsonl(cfg.data.train_file, cfg.data.text_field)
-        raw = zdata.prompts_from_texts(texts, tokenizer, prompt_tokens=min(64, cfg.data.seq_len // 2), limit=limit)
+        raw = zdata.prompts_from_texts(
+            texts, tokenizer, prompt_tokens=min(64, cfg.data.seq_len // 2), limit=limit
+        )
     return [zdata.format_prompt(tokenizer, p, cfg.data.chat_template) for p in raw]
 
 
@@ -562,8 +634,11 @@ def _teacher_rollouts(
 ) -> list[tuple[list[int], list[int]]]:
     """Teacher samples on the prompt set, cached as JSONL and reused on re-runs."""
     prompts = _prompts(cfg, tokenizer)
-    gen_cfg = {"max_new_tokens": cfg.stage1.max_new_tokens, "temperature": cfg.stage1.temperature,
-               "seed": cfg.train.seed}
+    gen_cfg = {
+        "max_new_tokens": cfg.stage1.max_new_tokens,
+        "temperature": cfg.stage1.temperature,
+        "seed": cfg.train.seed,
+    }
     model_id = str(cfg.model.name_or_path)
     cache_dir = Path(cfg.data.rollout_cache) if cfg.data.rollout_cache else out
     path = zdata.rollout_cache_path(cache_dir, model_id, prompts, gen_cfg)
@@ -573,8 +648,16 @@ def _teacher_rollouts(
     else:
         base = accelerator.unwrap_model(student)
         with teacher_mode(base):
-            samples = generate(base, tokenizer, prompts, cfg.stage1.max_new_tokens, cfg.stage1.temperature,
-                               seed=cfg.train.seed, batch_size=cfg.stage1.rollout_batch_size, desc="teacher rollouts")
+            samples = generate(
+                base,
+                tokenizer,
+                prompts,
+                cfg.stage1.max_new_tokens,
+                cfg.stage1.temperature,
+                seed=cfg.train.seed,
+                batch_size=cfg.stage1.rollout_batch_size,
+                desc="teacher rollouts",
+            )
         rows = [{"prompt_ids": p, "response_ids": r} for p, r in samples]
         if accelerator.is_main_process:
             zdata.write_jsonl_atomic(path, rows)

@@ -91,6 +91,9 @@ def find_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[MoELa
         router = getattr(block, spec.router_attr, None)
         experts = getattr(block, spec.experts_attr, None)
         router = getattr(router, "original_module", router)  # PEFT ModulesToSaveWrapper
+        experts = getattr(experts, "original_module", experts)
+        while hasattr(experts, "base_layer"):  # PEFT LoRA wrappers of fused parameters
+            experts = experts.base_layer
         if isinstance(router, spec.router_class) and isinstance(experts, spec.experts_class):
             layers.append(MoELayer(_layer_index(name), block, router, experts))
     return sorted(layers, key=lambda layer: layer.index)
@@ -252,11 +255,21 @@ def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
     routers = list(zero_routers(model))
     saved = [r.__dict__.get("zero_experts_enabled") for r in routers]
     adapter_ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    # Trainable copies made without a PeftModel (full expert fine-tuning) switch back too.
+    wrappers = [
+        m for m in model.modules() if type(m).__name__ == "ModulesToSaveWrapper" and not m.disable_adapters
+    ]
     try:
         for r in routers:
             r.zero_experts_enabled = False
         with adapter_ctx:
-            yield model
+            for w in wrappers:
+                w.enable_adapters(False)
+            try:
+                yield model
+            finally:
+                for w in wrappers:
+                    w.enable_adapters(True)
     finally:
         for r, old in zip(routers, saved, strict=True):
             if old is None:

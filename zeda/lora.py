@@ -53,7 +53,7 @@ def peft_config_for(model: nn.Module, cfg: LoraConfig) -> PeftLoraConfig:
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=0.0,
-        target_modules=r"^$" if target_parameters else r"^$",
+        target_modules=r"^$",
         target_parameters=target_parameters or None,
         modules_to_save=save or None,
         bias="none",
@@ -75,15 +75,30 @@ def make_student(model: nn.Module, cfg: LoraConfig) -> PeftModel:
     if not cfg.enabled and not cfg.full_experts and not cfg.train_router:
         raise ZedaError("nothing to train: enable lora, lora.full_experts or lora.train_router")
     peft_cfg = peft_config_for(model, cfg)
-    if not cfg.enabled and not cfg.full_experts:
-        peft_cfg.target_parameters = None
     for p in model.parameters():
         p.requires_grad_(False)
-    student = get_peft_model(model, peft_cfg)
+    if cfg.enabled and not cfg.full_experts:
+        student = get_peft_model(model, peft_cfg)
+    else:
+        # No LoRA at all: PEFT's ModulesToSaveWrapper alone gives each trained module (experts
+        # and/or routers) a trainable copy while keeping the frozen original for the teacher.
+        from peft.utils.other import _set_trainable
+
+        _set_trainable(
+            model, "default", module_names=list(peft_cfg.modules_to_save or []), inference_mode=False
+        )
+        student = model
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in student.parameters())
     logger.info("trainable parameters: %d of %d (%.3f%%)", n_train, n_total, 100 * n_train / max(n_total, 1))
     return student
+
+
+def is_student(model: nn.Module) -> bool:
+    """Whether ``model`` was already prepared by `make_student` (LoRA or trainable copies)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return isinstance(model, PeftModel) or any(isinstance(m, ModulesToSaveWrapper) for m in model.modules())
 
 
 def trainable_state_dict(model: nn.Module) -> dict:

@@ -147,12 +147,16 @@ def tiny_tokenizer(vocab_size: int = 128) -> Any:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<unk>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>", "<unk>"], show_progress=False
+    )
     tok.train_from_iterator([_TINY_TEXT] * 4, trainer)
     from tokenizers import decoders
 
     tok.decoder = decoders.BPEDecoder()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>"
+    )
 
 
 def tiny_corpus(n_docs: int = 64) -> list[str]:
