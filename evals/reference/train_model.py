@@ -98,7 +98,7 @@ def evaluate(model, data: torch.Tensor, seq: int, max_tokens: int) -> tuple[floa
         for logits in out.router_logits:
             idx = logits.topk(model.config.num_experts_per_tok, -1).indices
             layer_counts.append(torch.bincount(idx.reshape(-1), minlength=e).float())
-        loads = layer_counts if loads is None else [a + b for a, b in zip(loads, layer_counts)]
+        loads = layer_counts if loads is None else [a + b for a, b in zip(loads, layer_counts, strict=True)]
     stats = []
     for layer, c in enumerate(loads):
         p = c / c.sum()
