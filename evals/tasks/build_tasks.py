@@ -100,7 +100,7 @@ def build_bigbench() -> None:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SystemExit(
             f"build_tasks: source 'pypi:bigbench==1.0.0' is corrupt ({exc}); delete {sdist} and re-run"
-        )
+        ) from exc
     with tf:
         for name, sub in BIGBENCH.items():
             member = f"bigbench-1.0.0/bigbench/benchmark_tasks/{sub}/task.json"
