@@ -166,7 +166,8 @@ def calibrate(
     Args:
         model: The model to calibrate on.
         policy_kind: ``keep_top_m``, ``top_p`` or ``threshold``.
-        target_share: Skipped-slot share in [0, 1) to match.
+        target_share: Skipped-slot share in [0, 1] to match (beyond ``(k-1)/k`` the closest
+            reachable share is returned).
         batches: Calibration token ids, ``(B, T)`` tensors.
         tol: Stop when the measured share is within this of the target.
         max_iter: Bisection steps at most.
@@ -175,12 +176,12 @@ def calibrate(
         A `Calibration` with the value and the achieved share.
 
     Raises:
-        ZedaError: for an unknown kind, a target outside [0, 1) or a model without zeda routers.
+        ZedaError: for an unknown kind, a target outside [0, 1] or a model without zeda routers.
     """
     if policy_kind not in POLICY_KINDS:
         raise ZedaError(f"unknown baseline {policy_kind!r}; use one of {', '.join(POLICY_KINDS)}")
-    if not (0.0 <= target_share < 1.0) or math.isnan(target_share):
-        raise ZedaError(f"target share {target_share} must be in [0, 1)")
+    if not (0.0 <= target_share <= 1.0) or math.isnan(target_share):
+        raise ZedaError(f"target share {target_share} must be in [0, 1]")
     routers = list(zero_routers(model))
     if not routers:
         raise ZedaError("model has no zeda routers; call zeda.baselines.attach_router_policy(model) first")
