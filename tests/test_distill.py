@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -76,7 +77,7 @@ def test_balance_loss_raises_zero_share_and_teacher_stays_exact(family, corpus, 
 def test_killed_run_resumes_to_the_same_result(corpus, tmp_path, monkeypatch):
     tok = tiny_tokenizer()
     full, _ = distill(tiny_model("olmoe"), _cfg(corpus, tmp_path / "full"), tok)
-    from zeda import distill as zd
+    zd = importlib.import_module("zeda.distill")
 
     calls = {"n": 0}
     real = zd.save_checkpoint
@@ -102,7 +103,7 @@ def test_killed_run_resumes_to_the_same_result(corpus, tmp_path, monkeypatch):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, monkeypatch):
     tok = tiny_tokenizer()
-    from zeda import distill as zd
+    zd = importlib.import_module("zeda.distill")
 
     real = zd.distill_loss
     calls = {"n": 0}

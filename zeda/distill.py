@@ -353,6 +353,7 @@ def _run_stage(
         range(start, steps), desc=name, disable=not accelerator.is_main_process, initial=start, total=steps
     )
     window: dict[str, float] = {}
+    window_steps = 0
     t0, tokens = time.perf_counter(), 0
     model_p.train()
     for step in bar:
@@ -376,12 +377,9 @@ def _run_stage(
             for k, v in parts.items():
                 window[k] = window.get(k, 0.0) + float(v) / cfg.train.grad_accum
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == steps:
-            n = (
-                cfg.train.log_every
-                if done % cfg.train.log_every == 0
-                else (done - start) % cfg.train.log_every or 1
-            )
+        window_steps += 1
+        if (cfg.train.log_every > 0 and done % cfg.train.log_every == 0) or done == steps:
+            n = max(window_steps, 1)
             dt = time.perf_counter() - t0
             row = {k: v / n for k, v in window.items()}
             row.update(
@@ -391,7 +389,7 @@ def _run_stage(
                 zero_share=tracker.pop_share(),
                 tokens_per_s=tokens / dt if dt > 0 else 0.0,
             )
-            window = {}
+            window, window_steps = {}, 0
             result.tokens_seen += tokens
             t0, tokens = time.perf_counter(), 0
             result.final_zero_share = row["zero_share"]
@@ -406,7 +404,7 @@ def _run_stage(
                     zero=f"{row['zero_share']:.3f}",
                     tok_s=f"{row['tokens_per_s']:.0f}",
                 )
-        if done % cfg.train.save_every == 0 or done == steps:
+        if (cfg.train.save_every > 0 and done % cfg.train.save_every == 0) or done == steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(
