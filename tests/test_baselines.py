@@ -12,6 +12,15 @@ from zeda.routing import SlotPolicy, router_settings, zero_routers
 from zeda.tiny import tiny_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # 2 shared CPU cores: intra-op threads only add contention for these tiny models.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_attach_without_policy_is_bit_identical(family: str) -> None:
     ref = tiny_model(family)

@@ -396,7 +396,11 @@ def task_include_paths(extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
 
 
 def _task_manager(tasks: Sequence[str], include_paths: Sequence[Path]) -> Any:
-    """A TaskManager that knows every task in ``tasks``; only index lm-eval's registry if needed."""
+    """A TaskManager that knows every task in ``tasks``; only index lm-eval's registry if needed.
+
+    lm-eval's own registry (thousands of YAMLs, seconds to index) is searched only when a task is
+    not in ``include_paths``, and not at all with ``ZEDA_LM_EVAL_REGISTRY=0``.
+    """
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in include_paths]
@@ -404,13 +408,24 @@ def _task_manager(tasks: Sequence[str], include_paths: Sequence[Path]) -> Any:
         tm = TaskManager(include_path=paths, include_defaults=False)
         if all(t in tm.all_tasks or Path(t).is_file() for t in tasks):
             return tm
-    tm = TaskManager(include_path=paths or None)
-    missing = [t for t in tasks if t not in tm.all_tasks and not Path(t).is_file()]
+    use_registry = os.environ.get("ZEDA_LM_EVAL_REGISTRY", "1").strip().lower() not in ("0", "false", "no")
+    if use_registry:
+        tm = TaskManager(include_path=paths or None)
+    elif paths:
+        tm = TaskManager(include_path=paths, include_defaults=False)
+    else:
+        tm = None
+    missing = [t for t in tasks if (tm is None or t not in tm.all_tasks) and not Path(t).is_file()]
     if missing:
         where = ", ".join(str(p) for p in include_paths) or "(no project task directory found)"
+        registry = (
+            "lm-eval's built-in registry"
+            if use_registry
+            else "not lm-eval's registry (ZEDA_LM_EVAL_REGISTRY=0)"
+        )
         raise ZedaError(
-            f"unknown task(s) {', '.join(missing)}; looked in {where}, $ZEDA_TASK_PATHS and lm-eval's "
-            "built-in registry (hub tasks also need network to download their data)"
+            f"unknown task(s) {', '.join(missing)}; looked in {where}, $ZEDA_TASK_PATHS and {registry}; "
+            "hub tasks also need network to download their data"
         )
     return tm
 
@@ -497,6 +512,22 @@ def _make_lm(
     return _ZedaLM(**kwargs)
 
 
+@contextlib.contextmanager
+def _no_env_info() -> Iterator[None]:
+    """Skip lm-eval's ``add_env_info`` (it shells out to collect pip/CUDA versions: seconds per call)."""
+    import lm_eval.evaluator as ev
+
+    original = getattr(ev, "add_env_info", None)
+    if original is None:  # pragma: no cover - other lm-eval versions
+        yield
+        return
+    ev.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        ev.add_env_info = original
+
+
 def _parse_results(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, bool]]]:
     metrics: dict[str, dict[str, float]] = {}
     hib: dict[str, dict[str, bool]] = {}
@@ -533,7 +564,7 @@ def _run_lm_eval(
 
     pad = _PaddingAwareTelemetry(collectors) if collectors else None
     lm = _make_lm(model, tokenizer, batch_size, max_length, pad)
-    with pad.patched() if pad is not None else contextlib.nullcontext():
+    with pad.patched() if pad is not None else contextlib.nullcontext(), _no_env_info():
         results = simple_evaluate(
             model=lm,
             tasks=list(tasks),
