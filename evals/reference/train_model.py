@@ -314,6 +314,8 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
         f"python evals/reference/train_model.py --steps {planned} --batch-size {args.batch_size} "
         f"--warmup {args.warmup} --finalize",
     }
+    if args.rebuild_command:
+        results["command"] = args.rebuild_command
     out = Path(args.out)
     tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out.parent))
     tmp.chmod(0o755)
@@ -361,6 +363,11 @@ def main() -> None:
         "--finalize", action="store_true", help="evaluate the last checkpoint and write evals/reference/model"
     )
     ap.add_argument("--eval-tokens", type=int, default=200_000)
+    ap.add_argument(
+        "--rebuild-command",
+        default=None,
+        help="with --finalize: the training commands as actually run (recorded in the model card)",
+    )
     ap.add_argument("--out", default=str(HERE / "model"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
