@@ -69,10 +69,16 @@ def _kept_slots(
     return slots[order], experts, torch.bincount(experts, minlength=num_experts)
 
 
+@torch.compiler.disable(recursive=True)
 def zeda_loop_forward(
     module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """Per-expert loop over kept rows only (the CPU strategy).
+
+    One host sync (the per-expert counts) per call, routing bookkeeping done once for all slots,
+    then one pair of GEMMs per expert that received kept slots. Under ``torch.compile`` this
+    function runs eagerly (``torch.compiler.disable``): its loop bounds are data-dependent, so
+    tracing it would recompile for every new routing.
 
     Args:
         module: A fused experts module (``num_experts`` = E).
@@ -87,23 +93,25 @@ def zeda_loop_forward(
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():
         slots, _, counts = _kept_slots(top_k_index, module.num_experts)
+        tok_all = slots // k
         counts_list = counts.tolist()
+    weights_all = top_k_weights.reshape(-1)[slots]
     up, up_b, down, down_b = _weights(module)
     start = 0
     # Ascending expert order with one index_add_ per expert mirrors stock eager's accumulation.
     for e, n in enumerate(counts_list):
         if n == 0:
             continue
-        sl = slots[start : start + n]
-        start += n
-        tok = sl // k
+        end = start + n
+        tok = tok_all[start:end]
         h = _linear(hidden_states[tok], up[e], up_b[e] if up_b is not None else None, module.is_transposed)
         h = _activate(module, h)
         h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
         if module.has_post_expert_norm:
             h = module.post_expert_norm(h)
-        h = h * top_k_weights[tok, sl % k, None]
+        h = h * weights_all[start:end, None]
         out.index_add_(0, tok, h.to(out.dtype))
+        start = end
     return out
 
 
