@@ -363,7 +363,7 @@ def _run_stage(
                 loss, parts, ntok = micro_loss(step, micro)
                 if not torch.isfinite(loss):
                     raise ZedaError(
-                        f"non-finite loss ({float(loss)}) at {name} step {step}; the last good checkpoint is kept "
+                        f"non-finite loss ({float(loss.detach())}) at {name} step {step}; the last good checkpoint is kept "
                         f"in {out / CHECKPOINT}; lower the learning rate and resume"
                     )
                 accelerator.backward(loss)
@@ -500,12 +500,12 @@ def distill(
         labels = _labels(batch.input_ids)
         kd = distill_loss(kd_kind, s_logits, t_logits, labels, batch.loss_mask, config.stage1.temperature)
         loss = kd + bal.to(kd.device)
-        parts = {"kd": float(kd), "balance": float(bal)}
+        parts = {"kd": float(kd.detach()), "balance": float(bal.detach())}
         if nll_weight > 0 and kd_kind != "nll":
             nll = token_nll(s_logits, labels, batch.loss_mask)
             loss = loss + nll_weight * nll
-            parts["nll"] = float(nll)
-        parts["loss"] = float(loss)
+            parts["nll"] = float(nll.detach())
+        parts["loss"] = float(loss.detach())
         return loss, parts, int(batch.attention_mask.sum())
 
     # ---- stage 1 ----
@@ -588,7 +588,12 @@ def distill(
             loss = kd + bal.to(kd.device)
             return (
                 loss,
-                {"loss": float(loss), "kd": float(kd), "reverse_kl": float(rkl), "balance": float(bal)},
+                {
+                    "loss": float(loss.detach()),
+                    "kd": float(kd.detach()),
+                    "reverse_kl": float(rkl.detach()),
+                    "balance": float(bal.detach()),
+                },
                 int(batch.attention_mask.sum()),
             )
 

@@ -1,0 +1,167 @@
+"""Accuracy/FLOPs trade-off on the reference MoE: zeda versus training-free baselines.
+
+For each target zero share (default 25/50/75%) this distills the reference model with the
+quickstart recipe (LoRA on experts, routers in full, group balance loss with that target),
+then measures on held-out test text, against the original model:
+
+- the measured share of routed top-k slots skipped (router telemetry; = routed-expert FLOPs saved),
+- perplexity ratio (student / original) and top-1 agreement with the original.
+
+The training-free baselines (keep-top-m, top-p over the chosen weights, a weight threshold;
+`zeda.baselines`) are applied to the original model and calibrated to the *measured* share of
+each zeda model, so every row compares at matched routed-expert FLOPs.
+
+    python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
+
+Writes ``evals/tradeoff/results.json`` and ``evals/tradeoff/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import zeda
+from zeda.baselines import attach_router_policy, calibrate
+from zeda.config import load_recipe
+from zeda.data import pack_texts, read_jsonl
+from zeda.routing import RouterTelemetry, router_settings
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+@torch.no_grad()
+def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, bs: int = 8) -> dict:
+    """Perplexity, top-1 agreement and KL(original‖model) on ``blocks`` ``(N, T)``, plus skipped share."""
+    nll = agree = kl = n = 0.0
+    with RouterTelemetry() as tel:
+        for i, ref in zip(range(0, len(blocks), bs), reference_logits, strict=True):
+            ids = blocks[i : i + bs]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1)
+            ref_logp = torch.log_softmax(ref, -1)
+            tgt = ids[:, 1:]
+            nll += float(-logp.gather(-1, tgt[..., None]).sum())
+            agree += float((logits.argmax(-1) == ref.argmax(-1)).sum())
+            kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            n += tgt.numel()
+    return {
+        "ppl": math.exp(nll / n),
+        "top1_agreement": agree / n,
+        "kl": kl / n,
+        "skipped_share": tel.zero_share,
+        "tokens": int(n),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "evals/reference/model"))
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/reference/quickstart.yaml"))
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--runs", default=str(ROOT / "runs/tradeoff"))
+    ap.add_argument("--out", default=str(HERE))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. lora.r=16")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    test = pack_texts(read_jsonl(ROOT / "evals/reference/data/test.jsonl"), tok, 256, args.eval_tokens)
+    calib = pack_texts(read_jsonl(ROOT / "evals/reference/data/validation.jsonl"), tok, 256, 8192)
+    original = zeda.load(args.model)
+    with torch.no_grad():
+        ref_logits = [
+            original(input_ids=test[i : i + 8]).logits[:, :-1].float() for i in range(0, len(test), 8)
+        ]
+    orig_q = quality(original, ref_logits, test)
+    rows: list[dict] = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for target in args.targets:
+        run_dir = Path(args.runs) / f"target_{target:.2f}"
+        result_file = run_dir / "tradeoff_row.json"
+        if result_file.exists():
+            rows.append(json.loads(result_file.read_text()))
+            continue
+        cfg = load_recipe(
+            args.recipe,
+            [
+                f"model.name_or_path={args.model}",
+                f"balance.target_zero_share={target}",
+                f"stage1.steps={args.steps}",
+                f"train.output_dir={run_dir}",
+                "train.save_every=50",
+                f"train.resume={'true' if (run_dir / 'checkpoint').exists() else 'false'}",
+                *args.overrides,
+            ],
+        )
+        model = zeda.load(args.model)
+        t0 = time.perf_counter()
+        student, res = zeda.distill(model, cfg, tok)
+        student.eval()
+        q = quality(student, ref_logits, test)
+        row = {
+            "method": "zeda",
+            "target": target,
+            "steps": args.steps,
+            "train_seconds": round(time.perf_counter() - t0),
+            **q,
+            "ppl_ratio": q["ppl"] / orig_q["ppl"],
+        }
+        result_file.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+    attach_router_policy(original)
+    for zrow in [r for r in rows if r["method"] == "zeda"]:
+        for kind in ("keep_top_m", "top_p", "threshold"):
+            cal = calibrate(
+                original, kind, zrow["skipped_share"], [calib[i : i + 8] for i in range(0, len(calib), 8)]
+            )
+            with router_settings(original, slot_policy=cal.policy):
+                q = quality(original, ref_logits, test)
+            rows.append(
+                {
+                    "method": kind,
+                    "target": zrow["target"],
+                    "policy_value": cal.value,
+                    "calibrated_share": cal.achieved_share,
+                    **q,
+                    "ppl_ratio": q["ppl"] / orig_q["ppl"],
+                }
+            )
+    result = {
+        "original": orig_q,
+        "rows": rows,
+        "model": args.model,
+        "steps": args.steps,
+        "command": f"python evals/tradeoff/run_tradeoff.py --steps {args.steps}"
+        + (" " + " ".join(args.overrides) if args.overrides else ""),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"Original model: test perplexity {orig_q['ppl']:.3f} on {orig_q['tokens']} held-out tokens.",
+        "",
+        "| target | method | skipped routed slots | ppl ratio | top-1 agreement | KL |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["target"], r["method"] != "zeda", r["method"])):
+        lines.append(
+            f"| {r['target']:.2f} | {r['method']} | {r['skipped_share']:.3f} | {r['ppl_ratio']:.4f} | "
+            f"{r['top1_agreement']:.4f} | {r['kl']:.4f} |"
+        )
+    lines += ["", f"Command: `{result['command']}`"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
