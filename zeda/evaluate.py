@@ -31,7 +31,9 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1062,3 +1064,14 @@ def evaluate_cli(args: Any) -> int:
     print(result._repr_markdown_())
     print(f"\nwrote {out}/results.json, report.md, zero_share_per_layer.png, frontier.png")
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``zeda.evaluate`` binds the package attribute ``zeda.evaluate`` to this module, shadowing
+    the function ``zeda.evaluate(...)``; calling the module calls the function, so both spellings work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
