@@ -190,3 +190,21 @@ def test_cli_refuses_existing_out_dir(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "out").mkdir()
     rc = cli_main(["eval", "--model", str(tmp_path / "m"), "--tasks", "x", "--out", str(tmp_path / "out")])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_eval_end_to_end(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _injected()
+    zeda.atomic_save(model, tmp_path / "m", tokenizer=tiny_tokenizer())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"data: {{eval_file: {workdir / 'heldout.jsonl'}, seq_len: 32}}\n"
+        "eval: {max_eval_tokens: 128, baselines: [keep_top_m]}\n"
+    )
+    monkeypatch.setenv("ZEDA_TASK_PATHS", str(workdir / "tasks"))
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "tiny_ppl", "--limit", "2"]
+    assert cli_main([*args, "--recipe", str(recipe), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["tasks"]["tiny_ppl"] and data["routed_flop_reduction"] > 0
+    assert (out / "frontier.png").exists()
+    assert cli_main([*args, "--out", str(out)]) == 2  # exists, no --overwrite
