@@ -208,3 +208,42 @@ def test_cli_eval_end_to_end(workdir: Path, tmp_path: Path, monkeypatch: pytest.
     assert data["tasks"]["tiny_ppl"] and data["routed_flop_reduction"] > 0
     assert (out / "frontier.png").exists()
     assert cli_main([*args, "--out", str(out)]) == 2  # exists, no --overwrite
+
+
+def _regression_runner():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "evals" / "regression" / "run.py"
+    spec = importlib.util.spec_from_file_location("zeda_regression_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_regression_checks_catch_misses(full_result: EvalResult, tmp_path: Path) -> None:
+    run = _regression_runner()
+    r = full_result
+    ok = run.check(r, {"min_routed_flop_reduction": r.routed_flop_reduction - 0.01, "recovery_min": 0.0})
+    assert ok and all(passed for *_, passed in ok)
+    rows = run.check(
+        r,
+        {
+            "min_routed_flop_reduction": r.routed_flop_reduction + 0.01,
+            "ppl_ratio_max": r.intrinsic["ppl_ratio"] - 1e-3,
+            "recovery_min_per_metric": {"tiny_ppl/word_perplexity": 0.0, "no_task/acc": 0.5},
+            "beat_baselines": ["top_p", "threshold"],
+        },
+    )
+    result = {name: passed for name, _, _, passed in rows}
+    assert not result["routed-expert FLOP reduction"] and not result["held-out ppl_ratio"]
+    assert result["recovery tiny_ppl/word_perplexity"] and not result["recovery no_task/acc"]
+    assert not result["mean_kl vs threshold at matched FLOPs"]  # not evaluated: a miss, not a pass
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nrecipe: y\nthresholds: {ppl_ratio_maxx: 1}\n")
+    with pytest.raises(run.SuiteError, match="ppl_ratio_maxx"):
+        run.load_suite(bad, quick=False)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        "model: /nonexistent\nrecipe: recipes/reference/quickstart.yaml\nthresholds: {ppl_ratio_max: 2}\n"
+    )
+    assert run.main([str(missing)]) == 1
