@@ -909,6 +909,10 @@ def evaluate(
         result.flops = _flop_dict(model, result.zero_share_per_layer, num_zero if injected else 0)
         if not main_tel.layers:
             result.zero_share_per_layer = {layer.index: 0.0 for layer in layers}
+            if injected:
+                result.notes.append(
+                    "no forward pass was measured (no tasks, no held-out text): FLOP figures are not measurements"
+                )
 
         if held is not None:
             _curve(
@@ -1008,7 +1012,7 @@ def _curve(
         bctx = teacher_ctx
     else:
         bmodel, bctx = teacher_model, teacher_ctx
-    cal_batches = held.batches()[:2]
+    cal_batches = held.batches()[:1]  # the share is then measured on all of the text
     for kind in ecfg.baselines:
         for target in sorted({round(s, 6) for s in targets if s >= 1e-3}):
             with bctx():
