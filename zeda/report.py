@@ -122,8 +122,10 @@ def frontier_figure(points: Sequence[dict], title: str = "") -> Any:
     methods: dict[str, list[dict]] = {}
     for p in points:
         methods.setdefault(p["method"], []).append(p)
+    origin = methods.get("original", [])[:1]
     for method, pts in methods.items():
-        pts = sorted(pts, key=lambda p: p["routed_flop_reduction"])
+        # Every method reaches the original at 0% saved: start each curve there.
+        pts = sorted((origin if method != "original" else []) + pts, key=lambda p: p["routed_flop_reduction"])
         color, marker = _METHOD_STYLE.get(method, ("tab:orange", "x"))
         label = {"zeda": "zeda (distilled, bias sweep)"}.get(method, method)
         xs = [100 * p["routed_flop_reduction"] for p in pts]
