@@ -135,7 +135,9 @@ def unigram_ppl(train: torch.Tensor, test: torch.Tensor, vocab: int) -> float:
     return math.exp(float(-logp[test.long()].mean()))
 
 
-def save_ckpt(run: Path, model, opt, sched, step: int, tokens: int, wall: float, total_steps: int) -> None:
+def save_ckpt(
+    run: Path, model, opt, sched, step: int, tokens: int, wall: float, total_steps: int, threads: int
+) -> None:
     """Write the training state atomically (temp file + rename)."""
     tmp = run / "ckpt.pt.tmp"
     torch.save(
@@ -147,6 +149,7 @@ def save_ckpt(run: Path, model, opt, sched, step: int, tokens: int, wall: float,
             "tokens": tokens,
             "wall": wall,
             "total_steps": total_steps,
+            "threads": threads,
         },
         tmp,
     )
@@ -199,7 +202,7 @@ def train(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, run:
                 logf.flush()
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}")
             if (step + 1) % args.save_every == 0 or done:
-                save_ckpt(run, model, opt, sched, step + 1, tokens, wall, args.steps)
+                save_ckpt(run, model, opt, sched, step + 1, tokens, wall, args.steps, args.threads)
             if done:
                 break
     log.info("stopped at step %d of %d (%d tokens, %.0f s of training)", step + 1, args.steps, tokens, wall)
@@ -288,6 +291,7 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
     val_ppl, _ = evaluate(model, val, args.seq_len, args.eval_tokens)
     test_ppl, load = evaluate(model, test, args.seq_len, args.eval_tokens)
     planned = ck.get("total_steps", args.steps)
+    train_threads = ck.get("threads", args.train_threads or args.threads)
     results = {
         "steps": ck["step"],
         "planned_steps": planned,
@@ -295,7 +299,7 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
         "lr": args.lr,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
-        "threads": args.threads,
+        "threads": train_threads,
         "tokens_seen": ck["tokens"],
         "train_wall_seconds": round(ck["wall"], 1),
         "validation_ppl": val_ppl,
@@ -310,7 +314,7 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
         "params": sum(p.numel() for p in model.parameters()),
         "command": "python evals/reference/build_corpus.py && python evals/reference/train_tokenizer.py && "
         f"python evals/reference/train_model.py --steps {planned} --batch-size {args.batch_size} "
-        f"--warmup {args.warmup} --threads {args.threads} --stop-at-step {ck['step']} && "
+        f"--warmup {args.warmup} --threads {train_threads} --stop-at-step {ck['step']} && "
         f"python evals/reference/train_model.py --steps {planned} --batch-size {args.batch_size} "
         f"--warmup {args.warmup} --finalize",
     }
