@@ -643,8 +643,10 @@ def load_models(args: argparse.Namespace) -> Models:
     return make_models(original, None, args.num_zero_experts, desc)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every setting; returns the JSON-able report."""
+def run(
+    args: argparse.Namespace, on_progress: Callable[[list[dict[str, Any]]], None] | None = None
+) -> dict[str, Any]:
+    """Run every setting; returns the JSON-able report (``on_progress`` sees partial rows)."""
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     bg_start = background_jobs()
@@ -659,12 +661,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         variants = variants_for(models, shares, not args.no_anchor, not args.no_real)
         burn_in(models, variants, args)
-        for n in [int(x) for x in args.prefill.split(",") if x]:
-            rows += bench_prefill(models, variants, n, args.prefill_layers, args, dname)
-            print(f"done prefill 1x{n} {dname}", file=sys.stderr, flush=True)
+        # Decode first, then prefill (cheapest first); results are written after every setting.
         for b in [int(x) for x in args.decode.split(",") if x]:
             rows += bench_decode(models, variants, b, args.decode_layers, args, dname)
             print(f"done decode B={b} {dname}", file=sys.stderr, flush=True)
+            if on_progress:
+                on_progress(rows)
+        for n in [int(x) for x in args.prefill.split(",") if x]:
+            rows += bench_prefill(models, variants, n, args.prefill_layers, args, dname)
+            print(f"done prefill 1x{n} {dname}", file=sys.stderr, flush=True)
+            if on_progress:
+                on_progress(rows)
     cfg = models.original.config
     meta = {
         "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + sys.argv[1:]),
@@ -700,7 +707,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    report = run(args)
+
+    def partial(rows: list[dict[str, Any]]) -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            doc = {"meta": {"partial": True, "loadavg": os.getloadavg(), "argv": sys.argv[1:]}, "rows": rows}
+            Path(args.out).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+    report = run(args, partial)
     table = markdown_table(report["rows"])
     meta = report["meta"]
     header = (
