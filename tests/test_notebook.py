@@ -20,6 +20,8 @@ def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.Monkey
         "ZEDA_QUICKSTART_STEPS": "2",
         "ZEDA_QUICKSTART_LIMIT": "2",
         "ZEDA_QUICKSTART_EVAL_TOKENS": "512",
+        "ZEDA_QUICKSTART_BATCH": "2",
+        "ZEDA_QUICKSTART_SWEEP": "[1.0]",
         "ZEDA_QUICKSTART_OUT": str(tmp_path / "out"),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
