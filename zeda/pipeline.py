@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from transformers import AutoTokenizer
 
 from .config import RunConfig, load_recipe, save_recipe
@@ -108,6 +109,10 @@ def run(
     # 3. Stage 1 and stage 2 self-distillation (LoRA experts, routers in full).
     student, result = distill(model, cfg, tokenizer)
     out = Path(cfg.train.output_dir)
+    state = PartialState()
+    state.wait_for_everyone()
+    if not state.is_main_process:  # evaluation and export run once, on the main process
+        return RunResult(injection, result, None, None, str(out))
     save_recipe(cfg, out / "recipe.yaml")
 
     # 4. Evaluation against the teacher (the same weights in teacher mode).
