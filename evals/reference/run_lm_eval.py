@@ -47,6 +47,12 @@ def main() -> None:
     ap.add_argument("--tasks", default="ref_perplexity,ref_cloze")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="context for lm-eval (default: the model's 1024; trained at 256)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results_lm_eval.json"))
     args = ap.parse_args()
@@ -64,7 +70,13 @@ def main() -> None:
     model_dir = Path(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=args.batch_size)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tok,
+        backend="causal",
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=lm,
