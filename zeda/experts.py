@@ -161,14 +161,16 @@ def zeda_experts_forward(
     """The ``"zeda"`` backend: the fastest correct strategy for the device and dtype.
 
     - CUDA: compaction of the kept slots + grouped GEMMs (`zeda_grouped_forward`).
-    - CPU, bf16/fp16, no autograd, torch with a native ``grouped_mm`` CPU kernel: the same
-      compaction + grouped GEMMs; measured faster than the per-expert loop at every prefill and
-      decode shape of ``evals/speed`` (2 cores, Qwen3-30B-A3B layer shapes).
-    - Otherwise (fp32, training): the per-expert loop over kept rows (`zeda_loop_forward`), which
-      keeps fp32 results bit-identical to stock eager (exact teacher comparisons).
+    - CPU, bf16/fp16, no autograd, more than one token, torch with a native ``grouped_mm`` CPU
+      kernel: the same compaction + grouped GEMMs; measured faster than the per-expert loop from
+      2 tokens up (2 cores, Qwen3-30B-A3B layer shapes, 50% zero slots).
+    - Otherwise (fp32, training, single-token decode): the per-expert loop over kept rows
+      (`zeda_loop_forward`), which keeps fp32 results bit-identical to stock eager (exact teacher
+      comparisons) and has less fixed cost than compaction for one token's k slots.
     """
     if hidden_states.is_cuda or (
-        hidden_states.dtype in (torch.bfloat16, torch.float16)
+        hidden_states.shape[0] > 1
+        and hidden_states.dtype in (torch.bfloat16, torch.float16)
         and not torch.is_grad_enabled()
         and _native_grouped_mm_on_cpu()
         and not torch.compiler.is_compiling()
