@@ -13,7 +13,8 @@ each zeda model, so every row compares at matched routed-expert FLOPs.
 
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
-Writes ``evals/tradeoff/results.json`` and ``evals/tradeoff/results.md``.
+Writes ``evals/tradeoff/results.json`` and ``evals/tradeoff/results.md``; each converted model is
+exported (LoRA merged, reload verified) to ``runs/tradeoff/target_<s>/model``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs/tradeoff"))
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="only train/evaluate zeda rows (parallel runs per target)",
+    )
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. lora.r=16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,6 +115,8 @@ def main() -> None:
         t0 = time.perf_counter()
         student, res = zeda.distill(model, cfg, tok)
         student.eval()
+        # The merged, reloadable converted checkpoint (input of evals/speed --converted).
+        zeda.export(student, run_dir / "model", tokenizer=tok, overwrite=True)
         q = quality(student, ref_logits, test)
         row = {
             "method": "zeda",
@@ -120,6 +128,8 @@ def main() -> None:
         }
         result_file.write_text(json.dumps(row, indent=1))
         rows.append(row)
+    if args.skip_baselines:
+        return
     attach_router_policy(original)
     for zrow in [r for r in rows if r["method"] == "zeda"]:
         for kind in ("keep_top_m", "top_p", "threshold"):
