@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 import zeda
 import zeda.export as zexport
 from zeda.cli import main as cli_main
-from zeda.config import LoraConfig
+from zeda.config import LoraConfig, RunConfig, apply_overrides
 from zeda.lora import make_student
-from zeda.tiny import tiny_model, tiny_tokenizer
+from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,3 +126,32 @@ def test_cli_export_of_model_dir(tmp_path: Path) -> None:
         b = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # tiny config uses eager attention, reload sdpa
     assert cli_main(["export", "--model", str(tmp_path / "injected"), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_cli_export_of_run_dir(tmp_path: Path) -> None:
+    """`zeda export --model RUN_DIR` rebuilds the student from a `zeda run` directory."""
+    zeda.atomic_save(tiny_model("qwen3_moe"), tmp_path / "model", tokenizer=tiny_tokenizer())
+    with (tmp_path / "train.jsonl").open("w") as f:
+        for t in tiny_corpus(32):
+            f.write(json.dumps({"text": t}) + "\n")
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            f"model.name_or_path={tmp_path / 'model'}",
+            f"data.train_file={tmp_path / 'train.jsonl'}",
+            "data.seq_len=16",
+            "train.batch_size=2",
+            "stage1.steps=2",
+            "stage1.lr=1e-2",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    zeda.run(cfg, evaluate=False)  # trains, writes recipe.yaml + checkpoint/, exports to run/export
+    assert cli_main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    ids = token_batch(2, 8)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=ids).logits
+        orig = AutoModelForCausalLM.from_pretrained(tmp_path / "model")(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a, orig)  # the trained student, not the original
