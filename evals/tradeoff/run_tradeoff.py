@@ -13,6 +13,9 @@ each zeda model, so every row compares at matched routed-expert FLOPs.
 
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
+Targets can be trained in parallel processes (``--targets 0.5 --skip-baselines``), then one run
+without ``--skip-baselines`` reuses the finished rows, evaluates the baselines and writes the table.
+
 Writes ``evals/tradeoff/results.json`` and ``evals/tradeoff/results.md``; each converted model is
 exported (LoRA merged, reload verified) to ``runs/tradeoff/target_<s>/model``.
 """
@@ -61,6 +64,12 @@ def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, b
     }
 
 
+def _train_command(target: float, steps: int, overrides: list[str]) -> str:
+    """The command that trains one target's zeda row."""
+    extra = "".join(f" {o}" for o in overrides)
+    return f"python evals/tradeoff/run_tradeoff.py --targets {target} --steps {steps} --skip-baselines{extra}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "evals/reference/model"))
@@ -97,7 +106,14 @@ def main() -> None:
         run_dir = Path(args.runs) / f"target_{target:.2f}"
         result_file = run_dir / "tradeoff_row.json"
         if result_file.exists():
-            rows.append(json.loads(result_file.read_text()))
+            row = json.loads(result_file.read_text())
+            if row.setdefault("overrides", args.overrides) != args.overrides:
+                raise SystemExit(
+                    f"{result_file} was trained with overrides {row['overrides']}, not {args.overrides}; "
+                    "pass the same overrides or another --runs directory"
+                )
+            row.setdefault("command", _train_command(target, row["steps"], args.overrides))
+            rows.append(row)
             continue
         cfg = load_recipe(
             args.recipe,
@@ -122,6 +138,8 @@ def main() -> None:
             "method": "zeda",
             "target": target,
             "steps": args.steps,
+            "overrides": args.overrides,
+            "command": _train_command(target, args.steps, args.overrides),
             "train_seconds": round(time.perf_counter() - t0),
             **q,
             "ppl_ratio": q["ppl"] / orig_q["ppl"],
@@ -148,27 +166,59 @@ def main() -> None:
                     "ppl_ratio": q["ppl"] / orig_q["ppl"],
                 }
             )
+    summary = []
+    for target in sorted({r["target"] for r in rows}):
+        z = next(r for r in rows if r["target"] == target and r["method"] == "zeda")
+        best = min(
+            (r for r in rows if r["target"] == target and r["method"] != "zeda"), key=lambda r: r["ppl_ratio"]
+        )
+        summary.append(
+            {
+                "target": target,
+                "zeda_ppl_increase": z["ppl_ratio"] - 1,
+                "best_baseline": best["method"],
+                "best_baseline_ppl_increase": best["ppl_ratio"] - 1,
+                "increase_ratio": (z["ppl_ratio"] - 1) / (best["ppl_ratio"] - 1),
+                "zeda_dominates": all(
+                    z["ppl_ratio"] <= r["ppl_ratio"] and z["top1_agreement"] >= r["top1_agreement"]
+                    for r in rows
+                    if r["target"] == target and r["method"] != "zeda"
+                ),
+            }
+        )
     result = {
         "original": orig_q,
         "rows": rows,
+        "summary": summary,
         "model": args.model,
-        "steps": args.steps,
-        "command": f"python evals/tradeoff/run_tradeoff.py --steps {args.steps}"
-        + (" " + " ".join(args.overrides) if args.overrides else ""),
+        "command": "python evals/tradeoff/run_tradeoff.py" + "".join(f" {o}" for o in args.overrides),
     }
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"Original model: test perplexity {orig_q['ppl']:.3f} on {orig_q['tokens']} held-out tokens.",
         "",
-        "| target | method | skipped routed slots | ppl ratio | top-1 agreement | KL |",
-        "|---|---|---|---|---|---|",
+        "| target | method | steps | skipped routed slots | ppl ratio | top-1 agreement | KL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["target"], r["method"] != "zeda", r["method"])):
         lines.append(
-            f"| {r['target']:.2f} | {r['method']} | {r['skipped_share']:.3f} | {r['ppl_ratio']:.4f} | "
-            f"{r['top1_agreement']:.4f} | {r['kl']:.4f} |"
+            f"| {r['target']:.2f} | {r['method']} | {r.get('steps', '–')} | {r['skipped_share']:.3f} | "
+            f"{r['ppl_ratio']:.4f} | {r['top1_agreement']:.4f} | {r['kl']:.4f} |"
         )
-    lines += ["", f"Command: `{result['command']}`"]
+    lines += [
+        "",
+        "| target | zeda ppl increase | best baseline | its ppl increase | zeda / best | zeda dominates (ppl and agreement) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for sm in summary:
+        lines.append(
+            f"| {sm['target']:.2f} | {sm['zeda_ppl_increase']:.2%} | {sm['best_baseline']} | "
+            f"{sm['best_baseline_ppl_increase']:.2%} | {sm['increase_ratio']:.2f} | "
+            f"{'yes' if sm['zeda_dominates'] else 'no'} |"
+        )
+    lines += ["", "Commands (zeda rows; each target may run in its own process):", ""]
+    lines += [f"    {c}" for c in dict.fromkeys(r["command"] for r in rows if r["method"] == "zeda")]
+    lines += ["", "Baselines and this table (reuses the finished zeda rows):", "", f"    {result['command']}"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
