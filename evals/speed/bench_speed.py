@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import platform
@@ -422,10 +423,13 @@ def bench_decode(
     ctx_ids = torch.randint(0, vocab, (batch, args.context), generator=gen).to(args.device)
     new_ids = torch.randint(0, vocab, (batch, 1), generator=gen).to(args.device)
     with torch.inference_mode(), first_layers(models, layers):
-        cache = models.noop(input_ids=ctx_ids, use_cache=True, logits_to_keep=1).past_key_values
+        first = models.noop(input_ids=ctx_ids, use_cache=True, logits_to_keep=1)
+        # transformers 5.24 renamed the KV-cache argument and output field to ``cache``.
+        cache_kw = "cache" if "cache" in inspect.signature(models.original.forward).parameters else "past_key_values"
+        cache = getattr(first, cache_kw)
 
         def step(model: nn.Module) -> Any:
-            out = model(input_ids=new_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=new_ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
             cache.crop(-1)
             return out
 
