@@ -425,7 +425,9 @@ def bench_decode(
     with torch.inference_mode(), first_layers(models, layers):
         first = models.noop(input_ids=ctx_ids, use_cache=True, logits_to_keep=1)
         # transformers 5.24 renamed the KV-cache argument and output field to ``cache``.
-        cache_kw = "cache" if "cache" in inspect.signature(models.original.forward).parameters else "past_key_values"
+        cache_kw = (
+            "cache" if "cache" in inspect.signature(models.original.forward).parameters else "past_key_values"
+        )
         cache = getattr(first, cache_kw)
 
         def step(model: nn.Module) -> Any:
