@@ -92,3 +92,50 @@ def test_gpt_oss_eager_request_is_redirected():
     zeda.inject_zero_experts(model)
     set_experts_backend(model, "eager")
     assert model.config._experts_implementation == "zeda"
+
+
+def test_cpu_autotune_picks_a_strategy_and_caches_it():
+    """bf16 inference on CPU: "zeda" times both strategies once per shape and kept-row bucket,
+    caches the faster and returns that strategy's exact output; forced strategies and bad names
+    behave."""
+    from zeda import experts as zx
+    from zeda.errors import ZedaError
+
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    zeda.inject_zero_experts(model)
+    layer = zeda.find_moe_layers(model)[0]
+    x = torch.randn(24, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad(), router_settings(model, forced_zero_share=0.5):
+        _, w, idx = layer.router(x)
+    kept = int((idx < layer.router.num_experts).sum())
+    assert 0 < kept < idx.numel()
+    try:
+        zx.set_cpu_strategy("auto")
+        with torch.no_grad():
+            ref = {
+                "loop": zx.zeda_loop_forward(layer.experts, x, idx, w),
+                "grouped": zx.zeda_grouped_forward(layer.experts, x, idx, w),
+            }
+            out = zx.zeda_experts_forward(layer.experts, x, idx, w)
+            (key, choice), *rest = zx.cpu_strategy_choices().items()
+            assert not rest and choice in ref and key[-1] == zx._bucket(kept) >= kept
+            assert torch.equal(out, ref[choice])
+            assert torch.equal(zx.zeda_experts_forward(layer.experts, x, idx, w), ref[choice])
+            assert len(zx.cpu_strategy_choices()) == 1  # cached: no second tuning
+            # fp32 and training never autotune: the loop keeps teacher comparisons bit-exact.
+            xf, wf = x.float(), w.float()
+            layer.experts.float()
+            assert torch.equal(
+                zx.zeda_experts_forward(layer.experts, xf, idx, wf),
+                zx.zeda_loop_forward(layer.experts, xf, idx, wf),
+            )
+            layer.experts.to(torch.bfloat16)
+            assert len(zx.cpu_strategy_choices()) == 1
+            for forced in ("loop", "grouped"):
+                zx.set_cpu_strategy(forced)
+                assert torch.equal(zx.zeda_experts_forward(layer.experts, x, idx, w), ref[forced])
+                assert zx.cpu_strategy_choices() == {}
+        with pytest.raises(ZedaError, match="unknown CPU experts strategy"):
+            zx.set_cpu_strategy("fast")
+    finally:
+        zx.set_cpu_strategy("auto")

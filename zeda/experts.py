@@ -2,10 +2,13 @@
 
 Registered through transformers' `ExpertsInterface` (no class patches) under two names:
 
-- ``"zeda"``: picks the fastest correct strategy per device. On CUDA, and on CPU for bf16/fp16
-  inference where torch has a native ``grouped_mm`` CPU kernel, compaction of the kept slots
-  followed by grouped GEMMs, so sentinel slots cost nothing; otherwise (fp32, training) a loop
-  over the experts that received kept slots, bit-identical to stock ``eager`` in fp32.
+- ``"zeda"``: picks the fastest correct strategy per device. On CUDA, compaction of the kept
+  slots followed by grouped GEMMs, so sentinel slots cost nothing. On CPU for bf16/fp16 inference
+  on more than one token, whichever of the two strategies is faster on this machine for the
+  shape and the number of kept rows (timed once per shape and row-count bucket, then cached:
+  which one wins depends on the CPU's matmul kernels, e.g. AMX, see `set_cpu_strategy`).
+  Otherwise (fp32, training, one token) a loop over the experts that received kept slots,
+  bit-identical to stock ``eager`` in fp32.
 - ``"zeda_grouped"``: always the compaction + grouped-GEMM strategy (on CPU it runs through
   transformers' grouped_mm CPU fallback; used to test the GPU path on CPU).
 
@@ -16,15 +19,29 @@ serves every family, gpt-oss's transposed biased experts included.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
+from .errors import ZedaError
+
 try:  # private helper of transformers; the loop strategy below does not need it
     from transformers.integrations.moe import _grouped_linear
 except ImportError:  # pragma: no cover
     _grouped_linear = None
+
+logger = logging.getLogger(__name__)
+
+CPU_STRATEGIES = ("auto", "loop", "grouped")
+_cpu_strategy = "auto"
+# (dtype, E, weight shapes, layout, kept-row bucket) -> "loop" | "grouped", filled by autotuning.
+_tuned: dict[tuple, str] = {}
 
 
 def _weights(
@@ -155,6 +172,79 @@ def _native_grouped_mm_on_cpu() -> bool:
     return hasattr(torch.nn.functional, "grouped_mm") and _grouped_linear is not None
 
 
+def set_cpu_strategy(strategy: str) -> None:
+    """Choose how the ``"zeda"`` backend runs bf16/fp16 inference on CPU.
+
+    Args:
+        strategy: ``"auto"`` (default: time both strategies once per shape and kept-row bucket
+            and keep the faster), ``"loop"`` (per-expert loop over kept rows, as stock eager) or
+            ``"grouped"`` (compaction + grouped GEMMs). The environment variable
+            ``ZEDA_CPU_EXPERTS_STRATEGY`` sets the initial value. Clears the autotuning cache.
+    """
+    global _cpu_strategy
+    if strategy not in CPU_STRATEGIES:
+        raise ZedaError(f"unknown CPU experts strategy {strategy!r}: use one of {', '.join(CPU_STRATEGIES)}")
+    _cpu_strategy = strategy
+    _tuned.clear()
+
+
+def cpu_strategy_choices() -> dict[tuple, str]:
+    """The autotuned CPU choices so far: ``(dtype, E, up shape, down shape, transposed, kept-row
+    bucket) -> "loop" | "grouped"``."""
+    return dict(_tuned)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _autotuned_cpu_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Run the CPU strategy measured faster for this shape and number of kept rows.
+
+    The first call for a (dtype, expert shapes, kept-row power-of-two bucket) runs both
+    strategies three times each, interleaved, keeps the one with the lower best time and returns
+    its output; later calls look the choice up (one host sync for the kept-row count).
+    """
+    fns: dict[str, _ForwardFn] = {"loop": zeda_loop_forward, "grouped": zeda_grouped_forward}
+    if _cpu_strategy != "auto":
+        return fns[_cpu_strategy](module, hidden_states, top_k_index, top_k_weights)
+    up, _, down, _ = _weights(module)
+    kept = int((top_k_index < module.num_experts).sum())
+    key = (
+        hidden_states.dtype,
+        module.num_experts,
+        tuple(up.shape[1:]),
+        tuple(down.shape[1:]),
+        bool(module.is_transposed),
+        _bucket(kept),
+    )
+    choice = _tuned.get(key)
+    if choice is not None:
+        return fns[choice](module, hidden_states, top_k_index, top_k_weights)
+    best = {name: float("inf") for name in fns}
+    outs: dict[str, torch.Tensor] = {}
+    for _ in range(3):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn(module, hidden_states, top_k_index, top_k_weights)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    choice = min(best, key=best.__getitem__)
+    _tuned[key] = choice
+    logger.debug(
+        "zeda experts CPU autotune %s: loop %.2f ms, grouped %.2f ms -> %s",
+        key,
+        best["loop"] * 1e3,
+        best["grouped"] * 1e3,
+        choice,
+    )
+    return outs[choice]
+
+
 def zeda_experts_forward(
     module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -162,20 +252,33 @@ def zeda_experts_forward(
 
     - CUDA: compaction of the kept slots + grouped GEMMs (`zeda_grouped_forward`).
     - CPU, bf16/fp16, no autograd, more than one token, torch with a native ``grouped_mm`` CPU
-      kernel: the same compaction + grouped GEMMs; measured faster than the per-expert loop from
-      2 tokens up (2 cores, Qwen3-30B-A3B layer shapes, 50% zero slots).
+      kernel: the kept-row loop or compaction + grouped GEMMs, whichever was measured faster on
+      this machine for the shape and kept-row count (`set_cpu_strategy`). On a 2-core AMD EPYC
+      the grouped GEMMs won from 2 to 512 tokens; on a 2-core Xeon with AMX the loop (oneDNN
+      AMX GEMMs per expert) wins for long prefills.
     - Otherwise (fp32, training, single-token decode): the per-expert loop over kept rows
       (`zeda_loop_forward`), which keeps fp32 results bit-identical to stock eager (exact teacher
       comparisons) and has less fixed cost than compaction for one token's k slots.
+
+    Args:
+        module: A fused experts module (``num_experts`` = E).
+        hidden_states: ``(T, H)`` tokens.
+        top_k_index: ``(T, k)`` expert ids; ``>= E`` are zero slots and are skipped.
+        top_k_weights: ``(T, k)`` routing weights.
+
+    Returns:
+        ``(T, H)`` weighted sum of the kept experts' outputs.
     """
-    if hidden_states.is_cuda or (
+    if hidden_states.is_cuda:
+        return zeda_grouped_forward(module, hidden_states, top_k_index, top_k_weights)
+    if (
         hidden_states.shape[0] > 1
         and hidden_states.dtype in (torch.bfloat16, torch.float16)
         and not torch.is_grad_enabled()
         and _native_grouped_mm_on_cpu()
         and not torch.compiler.is_compiling()
     ):
-        return zeda_grouped_forward(module, hidden_states, top_k_index, top_k_weights)
+        return _autotuned_cpu_forward(module, hidden_states, top_k_index, top_k_weights)
     return zeda_loop_forward(module, hidden_states, top_k_index, top_k_weights)
 
 
@@ -183,3 +286,5 @@ BACKENDS = {"zeda": zeda_experts_forward, "zeda_grouped": zeda_grouped_forward}
 for _name, _fn in BACKENDS.items():
     if _name not in ALL_EXPERTS_FUNCTIONS:
         ExpertsInterface.register(_name, _fn)
+
+set_cpu_strategy(os.environ.get("ZEDA_CPU_EXPERTS_STRATEGY", "auto"))
