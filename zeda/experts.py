@@ -107,6 +107,8 @@ def zeda_loop_forward(
     Returns:
         ``(T, H)`` weighted sum of the kept experts' outputs.
     """
+    if hidden_states.shape[0] == 1:
+        return _single_token_loop(module, hidden_states, top_k_index, top_k_weights)
     k = top_k_index.shape[-1]
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():
@@ -130,6 +132,26 @@ def zeda_loop_forward(
         h = h * weights_all[start:end, None]
         out.index_add_(0, tok, h.to(out.dtype))
         start = end
+    return out
+
+
+def _single_token_loop(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`zeda_loop_forward` for one token ``(1, H)``: the k slot ids are read once on the host
+    and no sorting or gathering tensors are built (decode at batch 1 pays per-op overhead)."""
+    e_real = module.num_experts
+    kept = sorted((e, j) for j, e in enumerate(top_k_index[0].tolist()) if e < e_real)
+    out = torch.zeros_like(hidden_states)
+    up, up_b, down, down_b = _weights(module)
+    # Ascending expert order, as stock eager accumulates: fp32 results stay bit-identical.
+    for e, j in kept:
+        h = _linear(hidden_states, up[e], up_b[e] if up_b is not None else None, module.is_transposed)
+        h = _activate(module, h)
+        h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
+        if module.has_post_expert_norm:
+            h = module.post_expert_norm(h)
+        out.add_((h * top_k_weights[:, j, None]).to(out.dtype))
     return out
 
 
