@@ -13,6 +13,13 @@ each zeda model, so every row compares at matched routed-expert FLOPs.
 
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
+The committed results (see results.md for every command) trained each target in its own process:
+
+    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 600 --threads 1 --skip-baselines lora.r=32 lora.alpha=64 stage1.lr=2e-3
+    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --threads 1 --skip-baselines lora.r=32 lora.alpha=64 stage1.lr=2e-3
+    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 1800 --threads 1 --skip-baselines lora.r=32 lora.alpha=64 stage1.lr=2e-3
+    python evals/tradeoff/run_tradeoff.py lora.r=32 lora.alpha=64 stage1.lr=2e-3
+
 Targets can be trained in parallel processes (``--targets 0.5 --skip-baselines``), then one run
 without ``--skip-baselines`` reuses the finished rows, evaluates the baselines and writes the table.
 
