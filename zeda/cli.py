@@ -62,13 +62,18 @@ def _cmd_inject(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_cli
 
-    return evaluate_cli(args)
+    result, out = evaluate_cli(args)
+    print(result._repr_markdown_())
+    print(f"\nwrote {out}/results.json, report.md, zero_share_per_layer.png, frontier.png")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_cli
 
-    return export_cli(args)
+    out = export_cli(args)
+    print(f"exported and verified {out}")
+    return 0
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:

@@ -1037,8 +1037,12 @@ def _curve(
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate_cli(args: Any) -> int:
-    """``zeda eval --model DIR --tasks T1,T2 --out DIR [--limit N] [--recipe R] [--teacher DIR]``."""
+def evaluate_cli(args: Any) -> tuple[EvalResult, Path]:
+    """``zeda eval --model DIR --tasks T1,T2 --out DIR [--limit N] [--recipe R] [--teacher DIR]``.
+
+    Returns:
+        The evaluation and the directory it was saved to.
+    """
     from transformers import AutoTokenizer
 
     from .config import load_recipe
@@ -1065,9 +1069,7 @@ def evaluate_cli(args: Any) -> int:
         model_name=str(args.model),
     )
     result.save(out, overwrite=getattr(args, "overwrite", False))
-    print(result._repr_markdown_())
-    print(f"\nwrote {out}/results.json, report.md, zero_share_per_layer.png, frontier.png")
-    return 0
+    return result, out
 
 
 class _CallableModule(types.ModuleType):

@@ -350,8 +350,12 @@ def _card_metrics_from_json(d: dict) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def export_cli(args: Any) -> int:
-    """``zeda export --model DIR --out DIR [--overwrite]``: DIR is a run directory or a model directory."""
+def export_cli(args: Any) -> Path:
+    """``zeda export --model DIR --out DIR [--overwrite]``: DIR is a run directory or a model directory.
+
+    Returns:
+        The exported (reloaded and verified) directory.
+    """
     from transformers import AutoTokenizer
 
     from .io import load
@@ -380,8 +384,7 @@ def export_cli(args: Any) -> int:
         inplace=True,
         base_model=base,
     )
-    print(f"exported and verified {out}")
-    return 0
+    return out
 
 
 class _CallableModule(types.ModuleType):
