@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 CPU_STRATEGIES = ("auto", "loop", "grouped")
 _cpu_strategy = "auto"
-# (dtype, E, weight shapes, layout, kept-row bucket) -> "loop" | "grouped", filled by autotuning.
+# (dtype, E, down_proj shape, layout, kept-row bucket) -> "loop" | "grouped", filled by autotuning.
 _tuned: dict[tuple, str] = {}
 
 
@@ -64,6 +64,22 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
 
 def _activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+
+def _expert_ffn(
+    module: nn.Module,
+    x: torch.Tensor,
+    e: int,
+    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+) -> torch.Tensor:
+    """Expert ``e`` on rows ``x (n, H)`` -> ``(n, H)``, unweighted (the ops of stock eager)."""
+    up, up_b, down, down_b = weights
+    h = _linear(x, up[e], up_b[e] if up_b is not None else None, module.is_transposed)
+    h = _activate(module, h)
+    h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
+    if module.has_post_expert_norm:
+        h = module.post_expert_norm(h)
+    return h
 
 
 def _kept_slots(
@@ -116,7 +132,7 @@ def zeda_loop_forward(
         tok_all = slots // k
         counts_list = counts.tolist()
     weights_all = top_k_weights.reshape(-1)[slots]
-    up, up_b, down, down_b = _weights(module)
+    weights = _weights(module)
     start = 0
     # Ascending expert order with one index_add_ per expert mirrors stock eager's accumulation.
     for e, n in enumerate(counts_list):
@@ -124,12 +140,7 @@ def zeda_loop_forward(
             continue
         end = start + n
         tok = tok_all[start:end]
-        h = _linear(hidden_states[tok], up[e], up_b[e] if up_b is not None else None, module.is_transposed)
-        h = _activate(module, h)
-        h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
-        if module.has_post_expert_norm:
-            h = module.post_expert_norm(h)
-        h = h * weights_all[start:end, None]
+        h = _expert_ffn(module, hidden_states[tok], e, weights) * weights_all[start:end, None]
         out.index_add_(0, tok, h.to(out.dtype))
         start = end
     return out
@@ -143,15 +154,10 @@ def _single_token_loop(
     e_real = module.num_experts
     kept = sorted((e, j) for j, e in enumerate(top_k_index[0].tolist()) if e < e_real)
     out = torch.zeros_like(hidden_states)
-    up, up_b, down, down_b = _weights(module)
+    weights = _weights(module)
     # Ascending expert order, as stock eager accumulates: fp32 results stay bit-identical.
     for e, j in kept:
-        h = _linear(hidden_states, up[e], up_b[e] if up_b is not None else None, module.is_transposed)
-        h = _activate(module, h)
-        h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
-        if module.has_post_expert_norm:
-            h = module.post_expert_norm(h)
-        out.add_((h * top_k_weights[:, j, None]).to(out.dtype))
+        out.add_((_expert_ffn(module, hidden_states, e, weights) * top_k_weights[:, j, None]).to(out.dtype))
     return out
 
 
@@ -211,8 +217,8 @@ def set_cpu_strategy(strategy: str) -> None:
 
 
 def cpu_strategy_choices() -> dict[tuple, str]:
-    """The autotuned CPU choices so far: ``(dtype, E, up shape, down shape, transposed, kept-row
-    bucket) -> "loop" | "grouped"``."""
+    """The autotuned CPU choices so far: ``(dtype, E, per-expert down_proj shape, transposed,
+    gated, kept-row bucket) -> "loop" | "grouped"``."""
     return dict(_tuned)
 
 
@@ -220,7 +226,14 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-_ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+def _stored_shape(module: nn.Module, name: str) -> tuple[int, ...]:
+    """Shape of a parameter as stored, without evaluating a parametrization (PEFT's LoRA on
+    ``target_parameters`` parametrizes the fused weights during forward: reading them would
+    compute base + delta once more)."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return tuple(parametrizations[name].original.shape)
+    return tuple(getattr(module, name).shape)
 
 
 def _autotuned_cpu_forward(
@@ -232,17 +245,16 @@ def _autotuned_cpu_forward(
     strategies three times each, interleaved, keeps the one with the lower best time and returns
     its output; later calls look the choice up (one host sync for the kept-row count).
     """
-    fns: dict[str, _ForwardFn] = {"loop": zeda_loop_forward, "grouped": zeda_grouped_forward}
+    fns = _CPU_STRATEGY_FNS
     if _cpu_strategy != "auto":
         return fns[_cpu_strategy](module, hidden_states, top_k_index, top_k_weights)
-    up, _, down, _ = _weights(module)
     kept = int((top_k_index < module.num_experts).sum())
     key = (
         hidden_states.dtype,
         module.num_experts,
-        tuple(up.shape[1:]),
-        tuple(down.shape[1:]),
+        _stored_shape(module, "down_proj")[1:],
         bool(module.is_transposed),
+        bool(module.has_gate),
         _bucket(kept),
     )
     choice = _tuned.get(key)
@@ -265,6 +277,12 @@ def _autotuned_cpu_forward(
         choice,
     )
     return outs[choice]
+
+
+_CPU_STRATEGY_FNS: dict[str, Callable[..., torch.Tensor]] = {
+    "loop": zeda_loop_forward,
+    "grouped": zeda_grouped_forward,
+}
 
 
 def zeda_experts_forward(

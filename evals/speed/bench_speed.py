@@ -698,8 +698,8 @@ def run(
         "background_jobs_start": bg_start,
         "background_jobs_end": background_jobs(),
         "wall_s": time.time() - t_start,
-        # zeda's CPU bf16/fp16 strategy per (dtype, E, up/down weight shapes, transposed, kept-row
-        # bucket), as autotuned during the warmup passes of this run.
+        # zeda's CPU bf16/fp16 strategy per (dtype, E, down_proj shape, transposed, gated,
+        # kept-row bucket), as autotuned during the warmup passes of this run.
         "cpu_strategy_choices": [
             {"key": [str(k) if isinstance(k, torch.dtype) else k for k in key], "strategy": choice}
             for key, choice in _zeda_experts.cpu_strategy_choices().items()
