@@ -19,8 +19,8 @@ from zeda.config import (
     valid_keys,
     validate_recipe,
 )
+from zeda.distillation.losses import equilibrium_zero_share, w_for_target
 from zeda.errors import ZedaError
-from zeda.losses import equilibrium_zero_share, w_for_target
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

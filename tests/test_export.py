@@ -15,7 +15,7 @@ import zeda
 import zeda.export as zexport
 from zeda.cli import main as cli_main
 from zeda.config import LoraConfig, RunConfig, apply_overrides
-from zeda.lora import make_student
+from zeda.distillation.student import make_student
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 

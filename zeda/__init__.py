@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import logging
 
-from . import experts as _experts  # noqa: F401  (registers the zeda experts backends)
-from . import modeling as _modeling  # noqa: F401  (registers zeda_<family> Auto classes)
-from .arch import MoESpec, get_spec, supported_model_types
-from .config import RunConfig, load_recipe
-from .distill import DistillResult, distill
-from .errors import ZedaError
-from .inject import InjectionReport, find_moe_layers, inject_zero_experts, is_injected, teacher_mode
-from .io import atomic_save, load
-from .pipeline import RunResult, run
-from .routing import RouterTelemetry, SlotPolicy, router_settings
+from zeda.config import RunConfig, load_recipe
+from zeda.distillation.loop import DistillResult, distill
+from zeda.errors import ZedaError
+from zeda.families import MoESpec, get_spec, supported_model_types
+from zeda.io import atomic_save, load
+from zeda.pipeline import RunResult, run
+from zeda.zero import experts as _experts  # noqa: F401  (registers the zeda experts backends)
+from zeda.zero import modeling as _modeling  # noqa: F401  (registers zeda_<family> Auto classes)
+from zeda.zero.inject import InjectionReport, find_moe_layers, inject_zero_experts, is_injected, teacher_mode
+from zeda.zero.routing import RouterTelemetry, SlotPolicy, router_settings
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -27,11 +27,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # evaluate/export pull in lm-eval and matplotlib; import them on first use.
     if name == "evaluate":
-        from .evaluate import evaluate
+        from zeda.evaluation.evaluator import evaluate
 
         return evaluate
     if name == "export":
-        from .export import export
+        from zeda.export import export
 
         return export
     raise AttributeError(f"module 'zeda' has no attribute {name!r}")

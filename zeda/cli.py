@@ -18,11 +18,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import ZedaError
+from zeda.errors import ZedaError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from zeda.pipeline import run
 
     result = run(args.recipe, args.overrides, evaluate=True)
     print(json.dumps(result.to_dict(), indent=1, default=str))
@@ -30,7 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from zeda.pipeline import run
 
     result = run(args.recipe, args.overrides, evaluate=False)
     print(json.dumps(result.to_dict(), indent=1, default=str))
@@ -42,8 +42,8 @@ def _cmd_inject(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from .inject import inject_zero_experts
-    from .io import atomic_save, load
+    from zeda.io import atomic_save, load
+    from zeda.zero.inject import inject_zero_experts
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -60,7 +60,7 @@ def _cmd_inject(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_cli
+    from zeda.evaluation.evaluator import evaluate_cli
 
     result, out = evaluate_cli(args)
     print(result._repr_markdown_())
@@ -69,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_cli
+    from zeda.export import export_cli
 
     out = export_cli(args)
     print(f"exported and verified {out}")
@@ -77,7 +77,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    from .flops import flop_report
+    from zeda.evaluation.flops import flop_report
 
     report = flop_report(
         args.model_config,
@@ -93,8 +93,8 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from .arch import all_specs
-    from .flops import builtin_config_names
+    from zeda.evaluation.flops import builtin_config_names
+    from zeda.families import all_specs
 
     print("families (model_type, router kind, attention):")
     for spec in all_specs():
@@ -106,7 +106,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config import validate_recipe
+    from zeda.config import validate_recipe
 
     for path in args.recipes:
         validate_recipe(path)

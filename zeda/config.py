@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from .errors import ZedaError
+from zeda.errors import ZedaError
 
 __all__ = [
     "BalanceConfig",
@@ -212,7 +212,7 @@ class BalanceConfig:
     def resolve_w(self, num_real: int, num_zero: int) -> float:
         """The zero-group weight w for E = ``num_real`` and Z = ``num_zero`` experts."""
         if self.target_zero_share is not None:
-            from .losses import w_for_target
+            from zeda.distillation.losses import w_for_target
 
             return w_for_target(self.target_zero_share, num_real, num_zero)
         return self.DEFAULT_W if self.w is None else float(self.w)

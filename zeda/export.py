@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ZedaError
-from .inject import find_moe_layers, is_injected
-from .io import atomic_save
+from zeda.errors import ZedaError
+from zeda.io import atomic_save
+from zeda.zero.inject import find_moe_layers, is_injected
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def model_card(model: nn.Module, card_metrics: dict[str, Any] | None, base_model
             FLOP rows fall back to the analytic accounting when no measurement is given.
         base_model: The original checkpoint's name or path, if known.
     """
-    from . import __version__
-    from .flops import flop_report
+    from zeda import __version__
+    from zeda.evaluation.flops import flop_report
 
     cfg = model.config
     z = dict(getattr(cfg, "zeda", None) or {})
@@ -253,7 +253,7 @@ def export(
     """
     from transformers import AutoModelForCausalLM
 
-    from . import __version__
+    from zeda import __version__
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -315,11 +315,11 @@ def _student_from_run(run_dir: Path) -> tuple[nn.Module, Any, dict | None, str]:
     """Rebuild the student of a ``zeda run`` directory: original + injection + LoRA + checkpoint."""
     from transformers import AutoTokenizer
 
-    from .config import load_recipe
-    from .distill import load_checkpoint
-    from .inject import inject_zero_experts
-    from .io import load
-    from .lora import make_student
+    from zeda.config import load_recipe
+    from zeda.distillation.loop import load_checkpoint
+    from zeda.distillation.student import make_student
+    from zeda.io import load
+    from zeda.zero.inject import inject_zero_experts
 
     cfg = load_recipe(run_dir / "recipe.yaml")
     model = load(cfg.model.name_or_path, dtype=cfg.model.dtype)
@@ -358,7 +358,7 @@ def export_cli(args: Any) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from .io import load
+    from zeda.io import load
 
     out = Path(args.out)
     if out.exists() and not getattr(args, "overwrite", False):

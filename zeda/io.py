@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import get_spec, supported_model_types
-from .errors import ZedaError
-from .modeling import check_loading_info
+from zeda.errors import ZedaError
+from zeda.families import get_spec, supported_model_types
+from zeda.zero.modeling import check_loading_info
 
 logger = logging.getLogger(__name__)
 

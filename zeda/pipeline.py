@@ -14,11 +14,11 @@ from typing import Any
 from accelerate import PartialState
 from transformers import AutoTokenizer
 
-from .config import RunConfig, load_recipe, save_recipe
-from .distill import DistillResult, distill
-from .errors import ZedaError
-from .inject import InjectionReport, inject_zero_experts
-from .io import load
+from zeda.config import RunConfig, load_recipe, save_recipe
+from zeda.distillation.loop import DistillResult, distill
+from zeda.errors import ZedaError
+from zeda.io import load
+from zeda.zero.inject import InjectionReport, inject_zero_experts
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ def run(
     # 4. Evaluation against the teacher (the same weights in teacher mode).
     evaluation = None
     if evaluate and cfg.eval.tasks is not None:
-        from .evaluate import evaluate as run_eval
+        from zeda.evaluation.evaluator import evaluate as run_eval
 
         evaluation = run_eval(student, cfg, tokenizer)
         evaluation.save(out / "eval", overwrite=True)
 
     # 5. Export: merge LoRA, save a standard checkpoint, reload and compare.
-    from .export import export
+    from zeda.export import export
 
     export_dir = Path(cfg.export.out_dir) if cfg.export.out_dir else out / "export"
     metrics = evaluation.card_metrics() if hasattr(evaluation, "card_metrics") else None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from .arch import get_spec
+from zeda.families import get_spec
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=128,

@@ -38,10 +38,10 @@ def run_one(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads
 
     import zeda
     from zeda.config import LoraConfig, RunConfig
-    from zeda.distill import BalanceTracker
-    from zeda.lora import make_student
-    from zeda.losses import forward_kl, token_nll
-    from zeda.routing import RouterCapture
+    from zeda.distillation.loop import BalanceTracker
+    from zeda.distillation.losses import forward_kl, token_nll
+    from zeda.distillation.student import make_student
+    from zeda.zero.routing import RouterCapture
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -64,9 +64,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from zeda import experts as _zeda_experts  # noqa: F401  (registers the zeda backends)
-from zeda.inject import find_moe_layers, inject_zero_experts, set_experts_backend
-from zeda.routing import router_settings
+from zeda.zero import experts as _zeda_experts  # noqa: F401  (registers the zeda backends)
+from zeda.zero.inject import find_moe_layers, inject_zero_experts, set_experts_backend
+from zeda.zero.routing import router_settings
 
 HERE = Path(__file__).resolve().parent
 NOOP = "zeda_bench_noop"
@@ -99,7 +99,7 @@ def build_config(name: str, layers: int, vocab: int | None, smoke: bool) -> Any:
 
         cfg = tiny_config("qwen3_moe", num_hidden_layers=layers)
     else:
-        from zeda.flops import load_config
+        from zeda.evaluation.flops import load_config
 
         cfg = load_config(name)
         old = cfg.num_hidden_layers

@@ -3,7 +3,7 @@
 One Qwen3-30B-A3B experts layer (128 experts, hidden 2048, expert FFN 768, top-8; random
 weights), bf16 by default. For each token count and zero share the two strategies run
 interleaved; the medians are printed. This is the measurement behind the strategy choice in
-`zeda.experts.zeda_experts_forward` (see evals/speed/README.md).
+`zeda.zero.experts.zeda_experts_forward` (see evals/speed/README.md).
 
     python evals/speed/bench_strategies.py --tokens 1,2,4,8,16,64,512 --shares 0.5 --repeats 30
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-import zeda.experts as ze
+import zeda.zero.experts as ze
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import build_config  # noqa: E402

@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 import zeda
-from zeda.baselines import attach_router_policy, calibrate
 from zeda.config import load_recipe
-from zeda.data import pack_texts, read_jsonl
-from zeda.routing import RouterTelemetry, router_settings
+from zeda.distillation.data import pack_texts, read_jsonl
+from zeda.evaluation.baselines import attach_router_policy, calibrate
+from zeda.zero.routing import RouterTelemetry, router_settings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -1,0 +1,1 @@
+"""Evaluation: results and rendering, lm-eval, held-out scoring, telemetry, baselines, FLOPs."""

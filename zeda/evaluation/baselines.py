@@ -1,0 +1,236 @@
+"""Training-free slot-dropping baselines, calibrated to a measured FLOP budget.
+
+The baselines answer "what would we get without distillation?": at the same measured share of
+routed top-k slots skipped (so the same routed-expert FLOPs), how good is the original model
+when it simply drops its weakest slots? Three rules are provided through `SlotPolicy`:
+
+- ``keep_top_m``: keep the ``m`` highest-weight slots per token (static, discrete);
+- ``top_p``: keep the smallest weight-sorted prefix whose normalised weight reaches ``p``
+  (dynamic routing, as in top-p MoE routing);
+- ``threshold``: keep slots whose normalised weight is at least ``t`` (drop low-weight slots).
+
+`attach_router_policy` turns an *original* model's routers into zeda's router subclass with
+``Z = 0`` so that the policies and ``forced_zero_share`` work on it and `RouterTelemetry` counts
+every dropped slot as skipped; with no policy its logits are bit-identical to the original.
+An injected model needs no attaching: inside `zeda.teacher_mode` its routers already are the
+original routers and honour ``slot_policy``.
+
+`calibrate` finds the policy value whose measured skipped-slot share matches a target (bisection
+on the continuous rules; the discrete ``keep_top_m`` reports the closest achievable share).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from zeda.errors import ZedaError
+from zeda.families import spec_for_model
+from zeda.zero.inject import find_moe_layers, is_injected
+from zeda.zero.routing import RouterTelemetry, SlotPolicy, router_settings, telemetry_hook, zero_routers
+
+logger = logging.getLogger(__name__)
+
+POLICY_KINDS: tuple[str, ...] = ("keep_top_m", "top_p", "threshold")
+"""The training-free baselines `calibrate` knows."""
+
+__all__ = ["POLICY_KINDS", "Calibration", "attach_router_policy", "calibrate", "measure_share"]
+
+
+def attach_router_policy(model: nn.Module) -> nn.Module:
+    """Convert an original (not injected) model's routers to zeda's router class with ``Z = 0``.
+
+    The routers keep their weights and their exact forward (``num_zero_experts = 0`` means the
+    family's own router forward runs), gain the ``slot_policy`` / ``forced_zero_share`` knobs
+    and report to `RouterTelemetry`. The experts are told to skip the sentinel index ``E`` that
+    a dropped slot carries. The model is *not* marked as a zeda model (its config and class are
+    untouched) and the call is idempotent. Already-injected models are returned unchanged: their
+    routers honour slot policies in `zeda.teacher_mode`.
+
+    Args:
+        model: A transformers MoE causal LM of a supported family (PEFT wrappers allowed).
+
+    Returns:
+        ``model`` itself, modified in place.
+
+    Raises:
+        ZedaError: for an unsupported family or a model without MoE layers.
+    """
+    if is_injected(model):
+        return model
+    spec = spec_for_model(model)
+    layers = find_moe_layers(model, spec)
+    if not layers:
+        raise ZedaError(
+            f"{type(model).__name__} has no MoE layers; slot-dropping baselines need an MoE model"
+        )
+    for layer in layers:
+        router = layer.router
+        if not isinstance(router, spec.zero_router_class):
+            router.__class__ = spec.zero_router_class
+        router.num_zero_experts = 0
+        router.zeda_layer_index = layer.index
+        if telemetry_hook not in list(router._forward_hooks.values()):
+            router.register_forward_hook(telemetry_hook)
+        layer.experts._is_expert_parallel = True
+    if not spec.eager_skips_sentinel:
+        impl = getattr(model.config, "_experts_implementation", None)
+        if impl in (None, "eager"):
+            logger.info(
+                "%s's eager experts cannot skip dropped slots; using zeda's loop backend", spec.model_type
+            )
+            base = getattr(model, "get_base_model", lambda: model)()
+            base.set_experts_implementation("zeda")
+    return model
+
+
+@dataclass
+class Calibration:
+    """The outcome of `calibrate`.
+
+    Attributes:
+        kind: The policy kind.
+        value: The chosen policy value (``m`` for keep_top_m).
+        target_share: The skipped-slot share asked for.
+        achieved_share: The skipped-slot share measured with ``value`` on the calibration batches.
+        evaluations: Forward sweeps over the calibration batches that the search used.
+    """
+
+    kind: str
+    value: float
+    target_share: float
+    achieved_share: float
+    evaluations: int
+
+    @property
+    def policy(self) -> SlotPolicy:
+        """The calibrated `SlotPolicy`."""
+        return SlotPolicy(self.kind, self.value)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (JSON-serialisable)."""
+        return asdict(self)
+
+
+def _batches(batches: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(batches, torch.Tensor):
+        return [batches if batches.dim() == 2 else batches[None]]
+    return [b if b.dim() == 2 else b[None] for b in batches]
+
+
+@torch.no_grad()
+def measure_share(
+    model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor], policy: SlotPolicy | None = None
+) -> RouterTelemetry:
+    """Run ``model`` over ``batches`` with ``policy`` set on every zeda router; return the telemetry.
+
+    Args:
+        model: A model whose routers are zeda routers (injected, or `attach_router_policy`).
+        batches: ``(B, T)`` token-id tensors (or one such tensor).
+        policy: The slot policy to apply (None: routers as they are).
+
+    Returns:
+        The `RouterTelemetry` of those forwards (``zero_share`` = skipped share of routed slots).
+    """
+    device = next(model.parameters()).device
+    with router_settings(model, slot_policy=policy), RouterTelemetry() as tel:
+        for ids in _batches(batches):
+            model(input_ids=ids.to(device))
+    return tel
+
+
+def calibrate(
+    model: nn.Module,
+    policy_kind: str,
+    target_share: float,
+    batches: torch.Tensor | Sequence[torch.Tensor],
+    tol: float = 0.004,
+    max_iter: int = 12,
+) -> Calibration:
+    """Find the policy value whose measured skipped-slot share matches ``target_share``.
+
+    The share is measured with `RouterTelemetry` (the same counter as the converted model's
+    FLOPs), so the baseline and the converted model are compared at matched measured FLOPs.
+    ``top_p`` and ``threshold`` are searched by bisection (share falls with ``p``, rises with
+    ``t``); ``keep_top_m`` is discrete and returns the ``m`` whose share is closest. The top-1
+    slot is always kept, so no rule can skip more than ``(k-1)/k`` of the slots.
+
+    Run it inside `zeda.teacher_mode` for an injected model (the baseline is the original
+    model's routing); attach an original model first with `attach_router_policy`.
+
+    Args:
+        model: The model to calibrate on.
+        policy_kind: ``keep_top_m``, ``top_p`` or ``threshold``.
+        target_share: Skipped-slot share in [0, 1] to match (beyond ``(k-1)/k`` the closest
+            reachable share is returned).
+        batches: Calibration token ids, ``(B, T)`` tensors.
+        tol: Stop when the measured share is within this of the target.
+        max_iter: Bisection steps at most.
+
+    Returns:
+        A `Calibration` with the value and the achieved share.
+
+    Raises:
+        ZedaError: for an unknown kind, a target outside [0, 1] or a model without zeda routers.
+    """
+    if policy_kind not in POLICY_KINDS:
+        raise ZedaError(f"unknown baseline {policy_kind!r}; use one of {', '.join(POLICY_KINDS)}")
+    if not (0.0 <= target_share <= 1.0) or math.isnan(target_share):
+        raise ZedaError(f"target share {target_share} must be in [0, 1]")
+    routers = list(zero_routers(model))
+    if not routers:
+        raise ZedaError("model has no zeda routers; call zeda.baselines.attach_router_policy(model) first")
+    batches = _batches(batches)
+    k = routers[0].top_k
+    n_eval = 0
+
+    def share(value: float) -> float:
+        nonlocal n_eval
+        n_eval += 1
+        return measure_share(model, batches, SlotPolicy(policy_kind, value)).zero_share  # type: ignore[arg-type]
+
+    if policy_kind == "keep_top_m":
+        best = None
+        for m in range(k, 0, -1):
+            s = share(float(m))
+            if best is None or abs(s - target_share) < abs(best[1] - target_share):
+                best = (float(m), s)
+            if s >= target_share:
+                break
+        assert best is not None
+        return Calibration(policy_kind, best[0], target_share, best[1], n_eval)
+
+    # top_p: share decreases with p (p=1 keeps all, p→0 keeps only top-1).
+    # threshold: share increases with t (t=0 keeps all, t=1 keeps only top-1).
+    # The end points are known without a forward: value 1 (top_p) / 0 (threshold) keeps every
+    # slot (share 0), the other end keeps only the top-1 slot (share (k-1)/k).
+    increasing = policy_kind == "threshold"
+    lo, hi = 0.0, 1.0
+    cands = [(1.0 if not increasing else 0.0, 0.0), (0.0 if not increasing else 1.0, (k - 1) / k)]
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        s = share(mid)
+        cands.append((mid, s))
+        if abs(s - target_share) <= tol:
+            break
+        if (s < target_share) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    value, achieved = min(cands, key=lambda c: abs(c[1] - target_share))
+    if n_eval == 0 or value in (0.0, 1.0):  # an end point won: measure it rather than trust it
+        achieved = share(value)
+    if abs(achieved - target_share) > max(tol, 0.02):
+        logger.warning(
+            "%s reaches a skipped share of %.3f, not the target %.3f (reachable: 0..%.3f)",
+            policy_kind,
+            achieved,
+            target_share,
+            (k - 1) / k,
+        )
+    return Calibration(policy_kind, value, target_share, achieved, n_eval)

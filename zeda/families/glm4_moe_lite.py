@@ -1,0 +1,33 @@
+"""GLM-4.7-Flash (glm4_moe_lite): sigmoid router with correction bias, shared experts, MLA."""
+
+from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as m
+from transformers.models.glm4_moe_lite.configuration_glm4_moe_lite import Glm4MoeLiteConfig
+
+from zeda.families.base import MoESpec, register
+from zeda.zero.routing import ZeroRouterMixin
+
+
+class ZedaGlm4MoeLiteTopkRouter(ZeroRouterMixin, m.Glm4MoeLiteTopkRouter):
+    """GLM-4.7-Flash router routing over real + zero experts."""
+
+    zeda_router_kind = "sigmoid_bias"
+
+
+SPEC = register(
+    MoESpec(
+        model_type="glm4_moe_lite",
+        router_kind="sigmoid_bias",
+        config_class=Glm4MoeLiteConfig,
+        causal_lm_class=m.Glm4MoeLiteForCausalLM,
+        router_class=m.Glm4MoeLiteTopkRouter,
+        zero_router_class=ZedaGlm4MoeLiteTopkRouter,
+        experts_class=m.Glm4MoeLiteExperts,
+        num_experts_key="n_routed_experts",
+        expert_intermediate_key="moe_intermediate_size",
+        moe_layer_indices=lambda c: [i for i, t in enumerate(c.mlp_layer_types) if t == "sparse"],
+        dense_intermediate=lambda c: c.intermediate_size,
+        shared_expert_intermediate=lambda c: c.moe_intermediate_size * (c.n_shared_experts or 0),
+        shared_expert_attrs=("shared_experts",),
+        attention="mla",
+    )
+)

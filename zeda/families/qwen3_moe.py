@@ -1,0 +1,39 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): softmax router, fine-grained experts, no shared expert."""
+
+from transformers.models.qwen3_moe import modeling_qwen3_moe as m
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+
+from zeda.families.base import MoESpec, register
+from zeda.zero.routing import ZeroRouterMixin
+
+
+class ZedaQwen3MoeTopKRouter(ZeroRouterMixin, m.Qwen3MoeTopKRouter):
+    """Qwen3-MoE router routing over real + zero experts."""
+
+    zeda_router_kind = "softmax"
+
+
+def _moe_layers(c: Qwen3MoeConfig) -> list[int]:
+    return [
+        i
+        for i in range(c.num_hidden_layers)
+        if i not in (c.mlp_only_layers or []) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+    ]
+
+
+SPEC = register(
+    MoESpec(
+        model_type="qwen3_moe",
+        router_kind="softmax",
+        config_class=Qwen3MoeConfig,
+        causal_lm_class=m.Qwen3MoeForCausalLM,
+        router_class=m.Qwen3MoeTopKRouter,
+        zero_router_class=ZedaQwen3MoeTopKRouter,
+        experts_class=m.Qwen3MoeExperts,
+        num_experts_key="num_experts",
+        expert_intermediate_key="moe_intermediate_size",
+        moe_layer_indices=_moe_layers,
+        dense_intermediate=lambda c: c.intermediate_size,
+        qk_norm=lambda c: "per_head",
+    )
+)

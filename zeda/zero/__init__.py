@@ -1,0 +1,1 @@
+"""Zero-output experts: injection, zero-aware routing, teacher mode and experts backends."""

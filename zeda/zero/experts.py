@@ -1,0 +1,335 @@
+"""zeda's experts backends: zero slots (sentinel index ``E``) do no expert work.
+
+Registered through transformers' `ExpertsInterface` (no class patches) under two names:
+
+- ``"zeda"``: picks the fastest correct strategy per device. On CUDA, compaction of the kept
+  slots followed by grouped GEMMs, so sentinel slots cost nothing. On CPU for bf16/fp16 inference
+  on more than one token, whichever of the two strategies is faster on this machine for the
+  shape and the number of kept rows (timed once per shape and row-count bucket, then cached:
+  which one wins depends on the CPU's matmul kernels, e.g. AMX, see `set_cpu_strategy`).
+  Otherwise (fp32, training, one token) a loop over the experts that received kept slots,
+  bit-identical to stock ``eager`` in fp32.
+- ``"zeda_grouped"``: always the compaction + grouped-GEMM strategy (on CPU it runs through
+  transformers' grouped_mm CPU fallback; used to test the GPU path on CPU).
+
+Both read the layout flags that ``@use_experts_implementation`` puts on every experts module
+(``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``), so one function
+serves every family, gpt-oss's transposed biased experts included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+from zeda.errors import ZedaError
+
+try:  # private helper of transformers; the loop strategy below does not need it
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # pragma: no cover
+    _grouped_linear = None
+
+logger = logging.getLogger(__name__)
+
+CPU_STRATEGIES = ("auto", "loop", "grouped")
+# Autotuning takes compaction + grouped GEMMs only when they beat the loop by more than 5%.
+GROUPED_MARGIN = 0.95
+_cpu_strategy = "auto"
+# (dtype, E, down_proj shape, layout, kept-row bucket) -> "loop" | "grouped", filled by autotuning.
+_tuned: dict[tuple, str] = {}
+
+
+def _weights(
+    module: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    # Read each (possibly PEFT-parametrised) fused parameter once per forward, not per expert.
+    up = module.gate_up_proj if module.has_gate else module.up_proj
+    up_b = (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias) if module.has_bias else None
+    down = module.down_proj
+    down_b = module.down_proj_bias if module.has_bias else None
+    return up, up_b, down, down_b
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if transposed:
+        out = x @ w
+        return out + b if b is not None else out
+    return F.linear(x, w, b)
+
+
+def _activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+
+def _expert_ffn(
+    module: nn.Module,
+    x: torch.Tensor,
+    e: int,
+    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+) -> torch.Tensor:
+    """Expert ``e`` on rows ``x (n, H)`` -> ``(n, H)``, unweighted (the ops of stock eager)."""
+    up, up_b, down, down_b = weights
+    h = _linear(x, up[e], up_b[e] if up_b is not None else None, module.is_transposed)
+    h = _activate(module, h)
+    h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
+    if module.has_post_expert_norm:
+        h = module.post_expert_norm(h)
+    return h
+
+
+def _kept_slots(
+    top_k_index: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept (non-sentinel) slots sorted by expert.
+
+    Returns:
+        ``slots (S,)`` flat slot ids sorted by expert, ``experts (S,)`` their expert ids, and
+        ``counts (E,)`` slots per expert.
+    """
+    t, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    slots = torch.nonzero(flat < num_experts, as_tuple=False).squeeze(1)
+    experts = flat[slots]
+    # Within an expert, order rows by (top-k position, token) as stock eager's torch.where does,
+    # so GEMM rows, and therefore results, are bit-identical to eager.
+    key = experts * (t * k) + (slots % k) * t + slots // k
+    order = torch.argsort(key)
+    experts = experts[order]
+    return slots[order], experts, torch.bincount(experts, minlength=num_experts)
+
+
+@torch.compiler.disable(recursive=True)
+def zeda_loop_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert loop over kept rows only (the CPU strategy).
+
+    One host sync (the per-expert counts) per call, routing bookkeeping done once for all slots,
+    then one pair of GEMMs per expert that received kept slots. Under ``torch.compile`` this
+    function runs eagerly (``torch.compiler.disable``): its loop bounds are data-dependent, so
+    tracing it would recompile for every new routing.
+
+    Args:
+        module: A fused experts module (``num_experts`` = E).
+        hidden_states: ``(T, H)`` tokens.
+        top_k_index: ``(T, k)`` expert ids; ``>= E`` are zero slots and are skipped.
+        top_k_weights: ``(T, k)`` routing weights.
+
+    Returns:
+        ``(T, H)`` weighted sum of the kept experts' outputs.
+    """
+    if hidden_states.shape[0] == 1:
+        return _single_token_loop(module, hidden_states, top_k_index, top_k_weights)
+    k = top_k_index.shape[-1]
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        slots, _, counts = _kept_slots(top_k_index, module.num_experts)
+        tok_all = slots // k
+        counts_list = counts.tolist()
+    weights_all = top_k_weights.reshape(-1)[slots]
+    weights = _weights(module)
+    start = 0
+    # Ascending expert order with one index_add_ per expert mirrors stock eager's accumulation.
+    for e, n in enumerate(counts_list):
+        if n == 0:
+            continue
+        end = start + n
+        tok = tok_all[start:end]
+        h = _expert_ffn(module, hidden_states[tok], e, weights) * weights_all[start:end, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+        start = end
+    return out
+
+
+def _single_token_loop(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`zeda_loop_forward` for one token ``(1, H)``: the k slot ids are read once on the host
+    and no sorting or gathering tensors are built (decode at batch 1 pays per-op overhead)."""
+    e_real = module.num_experts
+    kept = sorted((e, j) for j, e in enumerate(top_k_index[0].tolist()) if e < e_real)
+    out = torch.zeros_like(hidden_states)
+    weights = _weights(module)
+    # Ascending expert order, as stock eager accumulates: fp32 results stay bit-identical.
+    for e, j in kept:
+        out.add_((_expert_ffn(module, hidden_states, e, weights) * top_k_weights[:, j, None]).to(out.dtype))
+    return out
+
+
+def zeda_grouped_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Compact the kept slots, then two grouped GEMMs over them (the GPU strategy).
+
+    Shapes as in `zeda_loop_forward`. Sentinel slots never enter a GEMM: the grouped inputs hold
+    only the ``S`` kept rows, sorted by expert, with per-expert offsets.
+    """
+    if _grouped_linear is None:  # pragma: no cover
+        return zeda_loop_forward(module, hidden_states, top_k_index, top_k_weights)
+    k = top_k_index.shape[-1]
+    slots, experts, counts = _kept_slots(top_k_index, module.num_experts)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    tok = slots // k
+    x = hidden_states[tok]
+    up, up_b, down, down_b = _weights(module)
+    h = _grouped_linear(
+        x, up, offsets, bias=up_b[experts] if up_b is not None else None, is_transposed=module.is_transposed
+    )
+    h = _activate(module, h)
+    h = _grouped_linear(
+        h,
+        down,
+        offsets,
+        bias=down_b[experts] if down_b is not None else None,
+        is_transposed=module.is_transposed,
+    )
+    if module.has_post_expert_norm:
+        h = module.post_expert_norm(h)
+    h = h * top_k_weights.reshape(-1)[slots, None]
+    out = torch.zeros(hidden_states.shape, dtype=h.dtype, device=h.device)
+    out.index_add_(0, tok, h)
+    return out.to(hidden_states.dtype)
+
+
+def _native_grouped_mm_on_cpu() -> bool:
+    return hasattr(torch.nn.functional, "grouped_mm") and _grouped_linear is not None
+
+
+def set_cpu_strategy(strategy: str) -> None:
+    """Choose how the ``"zeda"`` backend runs bf16/fp16 inference on CPU.
+
+    Args:
+        strategy: ``"auto"`` (default: time both strategies once per shape and kept-row bucket
+            and keep the faster), ``"loop"`` (per-expert loop over kept rows, as stock eager) or
+            ``"grouped"`` (compaction + grouped GEMMs). The environment variable
+            ``ZEDA_CPU_EXPERTS_STRATEGY`` sets the initial value. Clears the autotuning cache.
+    """
+    global _cpu_strategy
+    if strategy not in CPU_STRATEGIES:
+        raise ZedaError(f"unknown CPU experts strategy {strategy!r}: use one of {', '.join(CPU_STRATEGIES)}")
+    _cpu_strategy = strategy
+    _tuned.clear()
+
+
+def cpu_strategy_choices() -> dict[tuple, str]:
+    """The autotuned CPU choices so far: ``(dtype, E, per-expert down_proj shape, transposed,
+    gated, kept-row bucket) -> "loop" | "grouped"``."""
+    return dict(_tuned)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _stored_shape(module: nn.Module, name: str) -> tuple[int, ...]:
+    """Shape of a parameter as stored, without evaluating a parametrization (PEFT's LoRA on
+    ``target_parameters`` parametrizes the fused weights during forward: reading them would
+    compute base + delta once more)."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return tuple(parametrizations[name].original.shape)
+    return tuple(getattr(module, name).shape)
+
+
+def _autotuned_cpu_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Run the CPU strategy measured faster for this shape and number of kept rows.
+
+    The first call for a (dtype, expert shapes, kept-row power-of-two bucket) runs both
+    strategies three times each, interleaved, keeps the grouped GEMMs if their best time beats
+    the loop's by more than 5% (else the loop) and returns its output; later calls look the
+    choice up (one host sync for the kept-row count).
+    """
+    fns = _CPU_STRATEGY_FNS
+    if _cpu_strategy != "auto":
+        return fns[_cpu_strategy](module, hidden_states, top_k_index, top_k_weights)
+    kept = int((top_k_index < module.num_experts).sum())
+    key = (
+        hidden_states.dtype,
+        module.num_experts,
+        _stored_shape(module, "down_proj")[1:],
+        bool(module.is_transposed),
+        bool(module.has_gate),
+        _bucket(kept),
+    )
+    choice = _tuned.get(key)
+    if choice is not None:
+        return fns[choice](module, hidden_states, top_k_index, top_k_weights)
+    best = {name: float("inf") for name in fns}
+    outs: dict[str, torch.Tensor] = {}
+    for _ in range(3):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn(module, hidden_states, top_k_index, top_k_weights)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    # The loop is stock eager's own algorithm: near-ties go to it, so the backend is never slower
+    # than eager because of a noisy measurement.
+    choice = "grouped" if best["grouped"] < GROUPED_MARGIN * best["loop"] else "loop"
+    _tuned[key] = choice
+    logger.debug(
+        "zeda experts CPU autotune %s: loop %.2f ms, grouped %.2f ms -> %s",
+        key,
+        best["loop"] * 1e3,
+        best["grouped"] * 1e3,
+        choice,
+    )
+    return outs[choice]
+
+
+_CPU_STRATEGY_FNS: dict[str, Callable[..., torch.Tensor]] = {
+    "loop": zeda_loop_forward,
+    "grouped": zeda_grouped_forward,
+}
+
+
+def zeda_experts_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The ``"zeda"`` backend: the fastest correct strategy for the device and dtype.
+
+    - CUDA: compaction of the kept slots + grouped GEMMs (`zeda_grouped_forward`).
+    - CPU, bf16/fp16, no autograd, more than one token, torch with a native ``grouped_mm`` CPU
+      kernel: the kept-row loop or compaction + grouped GEMMs, whichever was measured faster on
+      this machine for the shape and kept-row count (`set_cpu_strategy`). On a 2-core AMD EPYC
+      the grouped GEMMs won from 2 to 512 tokens; on a 2-core Xeon with AMX the loop (oneDNN
+      AMX GEMMs per expert) wins for long prefills.
+    - Otherwise (fp32, training, single-token decode): the per-expert loop over kept rows
+      (`zeda_loop_forward`), which keeps fp32 results bit-identical to stock eager (exact teacher
+      comparisons) and has less fixed cost than compaction for one token's k slots.
+
+    Args:
+        module: A fused experts module (``num_experts`` = E).
+        hidden_states: ``(T, H)`` tokens.
+        top_k_index: ``(T, k)`` expert ids; ``>= E`` are zero slots and are skipped.
+        top_k_weights: ``(T, k)`` routing weights.
+
+    Returns:
+        ``(T, H)`` weighted sum of the kept experts' outputs.
+    """
+    if hidden_states.is_cuda:
+        return zeda_grouped_forward(module, hidden_states, top_k_index, top_k_weights)
+    if (
+        hidden_states.shape[0] > 1
+        and hidden_states.dtype in (torch.bfloat16, torch.float16)
+        and not torch.is_grad_enabled()
+        and _native_grouped_mm_on_cpu()
+        and not torch.compiler.is_compiling()
+    ):
+        return _autotuned_cpu_forward(module, hidden_states, top_k_index, top_k_weights)
+    return zeda_loop_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+BACKENDS = {"zeda": zeda_experts_forward, "zeda_grouped": zeda_grouped_forward}
+for _name, _fn in BACKENDS.items():
+    if _name not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(_name, _fn)
+
+set_cpu_strategy(os.environ.get("ZEDA_CPU_EXPERTS_STRATEGY", "auto"))
