@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import logging
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from zeda.config import (
+    RESUMABLE_KEYS,
+    BalanceConfig,
+    DataConfig,
+    EvalConfig,
+    ExportConfig,
+    InjectConfig,
+    LoraConfig,
+    ModelConfig,
     RunConfig,
+    Stage1Config,
+    Stage2Config,
+    TrainConfig,
     apply_overrides,
     field_docs,
     from_dict,
     load_recipe,
     parse_overrides,
+    recipe_differences,
     save_recipe,
     to_dict,
     valid_keys,
@@ -60,6 +76,54 @@ def test_defaults() -> None:
     a, b = RunConfig(), RunConfig()
     a.eval.tasks.append("x")
     assert b.eval.tasks == ["ref_perplexity"]
+
+
+def test_sections_live_next_to_their_code() -> None:
+    homes = {
+        InjectConfig: "zeda.zero.config",
+        LoraConfig: "zeda.distillation.config",
+        BalanceConfig: "zeda.distillation.config",
+        DataConfig: "zeda.distillation.config",
+        Stage1Config: "zeda.distillation.config",
+        Stage2Config: "zeda.distillation.config",
+        TrainConfig: "zeda.distillation.config",
+        EvalConfig: "zeda.evaluation.config",
+        ModelConfig: "zeda.config",
+        ExportConfig: "zeda.config",
+    }
+    for cls, module in homes.items():
+        assert cls.__module__ == module, cls
+    hints = typing.get_type_hints(RunConfig)
+    assert {hints[f.name] for f in dataclasses.fields(RunConfig)} == set(homes)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_config_modules_import_nothing_heavy() -> None:
+    """The section files import only the standard library and zeda.errors, so that zeda.config
+    (imported by every part of zeda) can never close an import cycle or pull in torch; resolving a
+    target share imports the losses lazily, inside the method."""
+    light = {"__future__", "dataclasses", "typing", "math", "zeda.errors"}
+    for rel in ("zero/config.py", "distillation/config.py", "evaluation/config.py"):
+        source = REPO / "zeda" / rel
+        top = {n for n in _imports(source)} - {"zeda.distillation.losses"}
+        assert top <= light, f"{rel} imports {top - light}"
+    zeda_deps = {
+        n for n in _imports(REPO / "zeda/config.py") | _imports(REPO / "zeda/recipe.py") if "zeda" in n
+    }
+    allowed = {"zeda", "zeda.errors", "zeda.recipe", "zeda.zero.config"}
+    allowed |= {"zeda.distillation.config", "zeda.evaluation.config", "zeda.distillation.losses"}
+    assert zeda_deps <= allowed, zeda_deps - allowed
+    for rel in ("config.py", "recipe.py"):
+        assert len((REPO / "zeda" / rel).read_text().splitlines()) < 450, rel
 
 
 def test_every_field_has_a_docstring() -> None:
@@ -281,7 +345,9 @@ def test_base_cycle_and_missing(tmp_path: Path) -> None:
 def test_bad_files(tmp_path: Path) -> None:
     assert "not found" in _err(validate_recipe, tmp_path / "missing.yaml")
     bad = _write(tmp_path / "bad.yaml", "lora:\n  r: [1,\n")
-    assert "line" in _err(validate_recipe, bad)
+    assert "line 3 column 1" in _err(validate_recipe, bad)
+    tabs = _write(tmp_path / "tabs.yaml", "lora:\n\tr: 4\n")
+    assert "line 2 column 1" in _err(validate_recipe, tabs)
     lst = _write(tmp_path / "list.yaml", "- a\n- b\n")
     assert "mapping" in _err(validate_recipe, lst)
     typo = _write(tmp_path / "typo.yaml", {"lora": {"rr": 4}})
@@ -347,3 +413,177 @@ def test_paper_recipes() -> None:
     assert glm.model.name_or_path == "zai-org/GLM-4.7-Flash"
     assert glm.inject.num_zero_experts == 32 and glm.stage2.lr == 1e-6
     assert glm.balance.resolve_w(64, 32) == 2.0
+
+
+def test_errors_name_the_file_that_holds_the_key(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", {"lora": {"rank": 4}})
+    child = _write(tmp_path / "child.yaml", {"base": "base.yaml", "lora": {"r": 4}})
+    msg = _err(load_recipe, child)
+    assert msg.startswith(str(tmp_path / "base.yaml")) and "'lora.r'" in msg
+    # a constraint broken by the merged recipe names the recipe that was loaded
+    _write(tmp_path / "base.yaml", {"stage1": {"steps": 0}})
+    msg = _err(load_recipe, child)
+    assert msg.startswith(str(child)) and "stage1.steps" in msg
+    # an override may not rescue a recipe that is invalid on its own...
+    assert "stage1.steps" in _err(load_recipe, child, ["stage1.enabled=false"])
+    # ...but its own errors carry no file name
+    msg = _err(load_recipe, tmp_path / "base.yaml", ["stage1.enabled=false", "lora.rr=1"])
+    assert "base.yaml" in msg  # the recipe itself fails first
+    ok = _write(tmp_path / "ok.yaml", {})
+    msg = _err(load_recipe, ok, ["lora.rr=1"])
+    assert "ok.yaml" not in msg and "'lora.r'" in msg
+
+
+def test_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZEDA_TEST_DATA", "/data/x")
+    recipe = _write(tmp_path / "r.yaml", "data:\n  train_file: ${oc.env:ZEDA_TEST_DATA}/train.jsonl\n")
+    cfg = load_recipe(recipe, ["data.eval_file=${data.train_file}"])
+    assert cfg.data.train_file == cfg.data.eval_file == "/data/x/train.jsonl"
+    # the saved recipe holds the resolved values
+    saved = save_recipe(cfg, tmp_path / "saved.yaml")
+    assert "${" not in saved.read_text() and load_recipe(saved) == cfg
+    assert "data.train_file" in _err(apply_overrides, RunConfig(), ["data.train_file=${nope}"])
+
+
+def test_retired_key_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old_run = to_dict(RunConfig())
+    old_run["export"]["merge_lora"] = True  # written by zeda <= 0.1 into every run's recipe.yaml
+    path = _write(tmp_path / "recipe.yaml", old_run)
+    with caplog.at_level(logging.WARNING, logger="zeda.recipe"):
+        assert load_recipe(path) == RunConfig()
+    assert "export.merge_lora" in caplog.text
+    assert (
+        "merge_lora" not in valid_keys_text()
+        and "merge_lora" not in save_recipe(RunConfig(), path).read_text()
+    )
+
+
+def valid_keys_text() -> str:
+    return " ".join(valid_keys())
+
+
+def test_save_recipe_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "recipe.yaml"
+    save_recipe(RunConfig(), path)
+    cfg = apply_overrides(RunConfig(), ["lora.r=4"])
+    save_recipe(cfg, path)
+    assert load_recipe(path) == cfg
+    assert sorted(p.name for p in path.parent.iterdir()) == ["recipe.yaml"]
+
+
+def test_docs_match_the_cli_and_the_loop() -> None:
+    docs = field_docs()
+    texts = [REPO / "zeda/config.py", *(REPO / "zeda").glob("*/config.py"), *RECIPES]
+    for path in texts:
+        assert "zeda train" not in path.read_text(), (
+            f"{path} tells users to run 'zeda train' (it is 'zeda run')"
+        )
+    assert (
+        "zeda run recipes/reference/quickstart.yaml"
+        in (REPO / "recipes/reference/quickstart.yaml").read_text()
+    )
+    assert "LoRA" in docs["train.seed"] and "before the student is built" in docs["train.seed"]
+    assert "every prompt" in docs["data.max_prompts"]
+    assert "no cache" in docs["data.rollout_cache"]
+    # train.resume documents every resumable key (sections by their wildcard)
+    resume_doc = docs["train.resume"]
+    for key in RESUMABLE_KEYS:
+        section = key.split(".")[0]
+        assert key in resume_doc or f"{section}.*" in resume_doc, key
+
+
+# ------------------------------------------------------------------------------------------
+# Resume: which recipe changes a resumed run accepts
+# ------------------------------------------------------------------------------------------
+
+
+def _changed(cfg: RunConfig, key: str) -> RunConfig:
+    """A copy of ``cfg`` with ``key`` set to some other value of its type (not validated)."""
+    section, name = key.split(".")
+    old = getattr(getattr(cfg, section), name)
+    tp = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        new: object = next(a for a in args if a != old)
+    elif isinstance(old, bool):
+        new = not old
+    elif isinstance(old, list):
+        new = [*old, 0.5 if args == [float] else "x"]
+    elif isinstance(old, str) or (old is None and str in args):
+        new = f"{old}x"
+    elif isinstance(old, int) or (old is None and int in args):
+        new = (old or 0) + 3
+    else:
+        new = (old or 0.25) * 1.5
+    changed = dataclasses.replace(getattr(cfg, section), **{name: new})
+    return dataclasses.replace(cfg, **{section: changed})
+
+
+def test_resumable_keys_are_valid_keys() -> None:
+    assert RESUMABLE_KEYS <= set(valid_keys())
+    assert {
+        "stage1.steps",
+        "stage2.steps",
+        "train.resume",
+        "train.overwrite",
+        "eval.tasks",
+        "export.out_dir",
+    } <= (RESUMABLE_KEYS)
+    for refused in ("stage1.lr", "lora.r", "lora.alpha", "train.seed", "train.batch_size", "balance.alpha"):
+        assert refused not in RESUMABLE_KEYS
+
+
+@pytest.mark.parametrize("stage2_enabled", [False, True])
+def test_recipe_differences_one_line_per_refused_key(stage2_enabled: bool) -> None:
+    old = apply_overrides(RunConfig(), [f"stage2.enabled={stage2_enabled}", "balance.target_zero_share=0.5"])
+    assert recipe_differences(old, old) == []
+    for key in valid_keys():
+        new = _changed(old, key)
+        assert new != old, key
+        lines = recipe_differences(old, new)
+        free = key in RESUMABLE_KEYS or (key.startswith("stage2.") and not stage2_enabled)
+        if free:
+            assert lines == [], key
+        else:
+            (line,) = lines
+            section, name = key.split(".")
+            x, y = getattr(getattr(old, section), name), getattr(getattr(new, section), name)
+            assert line.startswith(f"{key}: ") and repr(x) in line and repr(y) in line, line
+
+
+def test_recipe_differences_examples() -> None:
+    old = load_recipe(REPO / "recipes/reference/quickstart.yaml")
+    ok = apply_overrides(
+        old,
+        [
+            "stage1.steps=300",
+            "eval.tasks=[ref_perplexity, gsm8k]",
+            "eval.limit=5",
+            "export.out_dir=elsewhere",
+            "train.resume=true",
+            "train.log_every=1",
+            "train.save_every=5",
+            "train.output_dir=runs/moved",
+            "data.rollout_cache=cache",
+            "stage2.enabled=true",
+            "stage2.lr=1e-6",  # stage 2 never ran in the stored run
+        ],
+    )
+    assert recipe_differences(old, ok) == []
+    bad = apply_overrides(old, ["stage1.lr=1e-4", "lora.r=16", "stage1.steps=50", "train.seed=1"])
+    lines = recipe_differences(old, bad)
+    assert lines == [
+        "lora.r: 8 -> 16",
+        "stage1.steps: 100 -> 50 (a resumed run may add steps, not remove them)",
+        "stage1.lr: 0.0005 -> 0.0001",
+        "train.seed: 0 -> 1",
+    ]
+    # the caller may accept more (e.g. a lower learning rate after a non-finite stop), never fewer steps
+    assert recipe_differences(old, bad, allow={"stage1.lr", "lora.r", "train.seed", "stage1.steps"}) == [
+        "stage1.steps: 100 -> 50 (a resumed run may add steps, not remove them)"
+    ]
+    # a run that trained stage 2 refuses changes to it
+    s2 = apply_overrides(old, ["stage2.enabled=true"])
+    assert recipe_differences(s2, apply_overrides(s2, ["stage2.lr=1e-6"])) == ["stage2.lr: 5e-05 -> 1e-06"]
+    # switching balance.w for target_zero_share changes two keys
+    assert len(recipe_differences(old, apply_overrides(old, ["balance.w=3"]))) == 2

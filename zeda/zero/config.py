@@ -1,0 +1,33 @@
+"""The ``inject`` section of a recipe: how zero experts are added to each MoE router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from zeda.errors import check_config
+
+
+@dataclass
+class InjectConfig:
+    """How zero experts are added to each MoE router."""
+
+    section: ClassVar[str] = "inject"
+
+    num_zero_experts: int | None = None
+    """Zero experts Z added per MoE layer; ``None`` means E // 2 (E = real routed experts)."""
+    seed: int = 0
+    """Seed for the initialisation of the new router rows."""
+
+    def validate(self) -> None:
+        """Raise `ZedaError` on an invalid value."""
+        if self.num_zero_experts is not None:
+            check_config(
+                self.num_zero_experts >= 1, "inject.num_zero_experts", "must be >= 1 (or null for E/2)"
+            )
+
+    def resolve_num_zero(self, num_real: int) -> int:
+        """The number of zero experts Z for a model with ``num_real`` routed experts."""
+        if self.num_zero_experts is not None:
+            return self.num_zero_experts
+        return max(1, num_real // 2)
