@@ -35,7 +35,9 @@ def test_attach_without_policy_is_bit_identical(family: str) -> None:
     assert not zeda.is_injected(model)
     assert not getattr(model.config, "zeda", None)
     assert all(r.num_zero_experts == 0 for r in zero_routers(model))
-    tel = measure_share(model, ids)
+    # Without a policy the original is not the model under test: telemetry ignores it.
+    assert measure_share(model, ids).per_layer == {}
+    tel = measure_share(model, ids, SlotPolicy("keep_top_m", 8))  # keeps every slot
     assert tel.zero_share == 0.0
     assert len(tel.per_layer) == len(zeda.find_moe_layers(model))
 

@@ -1,4 +1,4 @@
-"""zeda.evaluation.evaluator on tiny models with a task YAML written on the fly (offline, no hub)."""
+"""zeda.evaluate (zeda.evaluation.run_eval) on tiny models with a task YAML written on the fly (offline, no hub)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import zeda
 from zeda.cli import main as cli_main
 from zeda.config import RunConfig, apply_overrides
-from zeda.evaluation.evaluator import EvalResult, evaluate
+from zeda.evaluation.result import EvalResult
+from zeda.evaluation.run_eval import evaluate
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 TASK_YAML = """task: tiny_ppl

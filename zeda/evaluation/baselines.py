@@ -2,12 +2,18 @@
 
 The baselines answer "what would we get without distillation?": at the same measured share of
 routed top-k slots skipped (so the same routed-expert FLOPs), how good is the original model
-when it simply drops its weakest slots? Three rules are provided through `SlotPolicy`:
+when it simply drops its weakest slots? The rules (`POLICY_KINDS`):
 
 - ``keep_top_m``: keep the ``m`` highest-weight slots per token (static, discrete);
 - ``top_p``: keep the smallest weight-sorted prefix whose normalised weight reaches ``p``
   (dynamic routing, as in top-p MoE routing);
-- ``threshold``: keep slots whose normalised weight is at least ``t`` (drop low-weight slots).
+- ``threshold``: keep slots whose normalised weight is at least ``t`` (drop low-weight slots);
+- ``adaptive_k``: entropy-guided adaptive k (`EntropyAdaptiveK`): per token, the number of
+  slots kept grows with the entropy of the router's distribution over the real experts.
+
+The kept weights are rescaled to the original total of the k weights; the ``*_no_renorm``
+variants (``top_p_no_renorm``, ``threshold_no_renorm``, ``keep_top_m_no_renorm``) keep them as
+they are, so the dropped weight is simply lost (as zeda's zero experts do).
 
 `attach_router_policy` turns an *original* model's routers into zeda's router subclass with
 ``Z = 0`` so that the policies and ``forced_zero_share`` work on it and `RouterTelemetry` counts
@@ -21,25 +27,148 @@ on the continuous rules; the discrete ``keep_top_m`` reports the closest achieva
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from zeda.errors import ZedaError
+from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.families import spec_for_model
 from zeda.zero.inject import find_moe_layers, is_injected
-from zeda.zero.routing import RouterTelemetry, SlotPolicy, router_settings, telemetry_hook, zero_routers
+from zeda.zero.routing import SlotPolicy, router_settings, zero_routers
+from zeda.zero.structure import attach_zero_router
 
 logger = logging.getLogger(__name__)
 
-POLICY_KINDS: tuple[str, ...] = ("keep_top_m", "top_p", "threshold")
+_NO_RENORM = "_no_renorm"
+_RULES = ("keep_top_m", "top_p", "threshold")
+POLICY_KINDS: tuple[str, ...] = (*_RULES, *(r + _NO_RENORM for r in _RULES), "adaptive_k")
 """The training-free baselines `calibrate` knows."""
 
-__all__ = ["POLICY_KINDS", "Calibration", "attach_router_policy", "calibrate", "measure_share"]
+__all__ = [
+    "POLICY_KINDS",
+    "Calibration",
+    "EntropyAdaptiveK",
+    "apply_policy",
+    "attach_router_policy",
+    "calibrate",
+    "make_policy",
+    "measure_share",
+]
+
+
+@dataclass(frozen=True)
+class EntropyAdaptiveK:
+    """Entropy-guided adaptive k: confident tokens keep fewer of their k slots.
+
+    For each token, ``h`` is the entropy of the router's distribution over the E real experts
+    (softmax of the logits; normalised sigmoid scores for sigmoid routers), divided by
+    ``log E`` so that ``h`` lies in [0, 1]. With ``k - 1`` thresholds ``tau_j = j * s / k``
+    (``j = 1 .. k-1``) on ``h``, the token keeps ``1 + #{j : h > tau_j}`` of its highest-weight
+    slots, i.e. ``clamp(ceil(k * h / s), 1, k)``. The scale ``s = value / (1 - value)`` is the one
+    knob that `calibrate` matches to a skipped share: ``value = 0`` keeps every slot, ``value
+    -> 1`` keeps only the top-1 slot.
+
+    Attributes:
+        value: The calibrated knob in [0, 1].
+        renormalize: Rescale kept weights to the original total of the k weights.
+    """
+
+    value: float
+    renormalize: bool = True
+    kind: str = "adaptive_k"
+
+    def keep_count(self, logits: torch.Tensor, router_kind: str, k: int) -> torch.Tensor:
+        """Slots each token keeps.
+
+        Args:
+            logits: ``(T, E)`` router logits over the real experts.
+            router_kind: The router's routing kind (``softmax``, ``sigmoid_bias``, ``topk_softmax``).
+            k: Routed slots per token.
+
+        Returns:
+            ``(T,)`` int64 counts in ``1..k``.
+        """
+        x = logits.float()
+        if router_kind == "sigmoid_bias":
+            p = torch.sigmoid(x)
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            p = torch.softmax(x, dim=-1)
+        h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(max(2, x.shape[-1]))
+        if self.value <= 0.0:
+            return torch.full_like(h, k, dtype=torch.long)
+        if self.value >= 1.0:
+            return torch.ones_like(h, dtype=torch.long)
+        scale = self.value / (1.0 - self.value)
+        return torch.ceil(k * h / scale).clamp(1, k).long()
+
+    def hook(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
+        """Router forward hook: drop each token's weakest slots beyond its entropy-chosen count.
+
+        Args:
+            module: A zeda router (teacher mode or ``Z = 0``).
+            args: The router's inputs (unused).
+            output: ``(logits (T, E[+Z]), weights (T, k), indices (T, k))``.
+
+        Returns:
+            The output with dropped slots at index ``E`` and weight 0.
+        """
+        logits, weights, indices = output
+        e, k = module.num_experts, indices.shape[-1]
+        live = indices < e
+        keep_n = self.keep_count(logits.reshape(-1, logits.shape[-1])[:, :e], module.zeda_router_kind, k)
+        order = torch.argsort(weights.float().masked_fill(~live, -1.0), dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(k, device=order.device).expand_as(order)
+        )
+        keep = live & (rank < keep_n[:, None])
+        if self.renormalize:
+            kept = weights.masked_fill(~keep, 0)
+            scale = weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-20)
+            weights = kept * scale.to(weights.dtype)
+        return logits, weights.masked_fill(~keep, 0), indices.masked_fill(~keep, e)
+
+
+BaselinePolicy = SlotPolicy | EntropyAdaptiveK
+
+
+def make_policy(kind: str, value: float) -> BaselinePolicy:
+    """The policy of baseline ``kind`` (one of `POLICY_KINDS`) at ``value``."""
+    if kind == "adaptive_k":
+        return EntropyAdaptiveK(float(value))
+    if kind.endswith(_NO_RENORM):
+        return SlotPolicy(kind.removesuffix(_NO_RENORM), float(value), renormalize=False)  # type: ignore[arg-type]
+    return SlotPolicy(kind, float(value))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def apply_policy(model: nn.Module, policy: BaselinePolicy | None) -> Iterator[None]:
+    """Apply ``policy`` to every zeda router of ``model`` while the context is open.
+
+    A `SlotPolicy` is set as the routers' ``slot_policy``. `EntropyAdaptiveK` needs the router's
+    full logits, which only the router's output carries, so it runs as a forward hook placed
+    before any other hook (telemetry then sees its drops); the routers get a keep-everything
+    ``slot_policy`` so that telemetry knows a policy is active on them.
+    """
+    if not isinstance(policy, EntropyAdaptiveK):
+        with router_settings(model, slot_policy=policy):
+            yield
+        return
+    routers = list(zero_routers(model))
+    keep_all = SlotPolicy("keep_top_m", float(max((r.top_k for r in routers), default=1)), renormalize=False)
+    handles = [r.register_forward_hook(policy.hook, prepend=True) for r in routers]
+    try:
+        with router_settings(model, slot_policy=keep_all):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def attach_router_policy(model: nn.Module) -> nn.Module:
@@ -70,14 +199,7 @@ def attach_router_policy(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} has no MoE layers; slot-dropping baselines need an MoE model"
         )
     for layer in layers:
-        router = layer.router
-        if not isinstance(router, spec.zero_router_class):
-            router.__class__ = spec.zero_router_class
-        router.num_zero_experts = 0
-        router.zeda_layer_index = layer.index
-        if telemetry_hook not in list(router._forward_hooks.values()):
-            router.register_forward_hook(telemetry_hook)
-        layer.experts._is_expert_parallel = True
+        attach_zero_router(layer, spec)
     if not spec.eager_skips_sentinel:
         impl = getattr(model.config, "_experts_implementation", None)
         if impl in (None, "eager"):
@@ -108,9 +230,9 @@ class Calibration:
     evaluations: int
 
     @property
-    def policy(self) -> SlotPolicy:
-        """The calibrated `SlotPolicy`."""
-        return SlotPolicy(self.kind, self.value)  # type: ignore[arg-type]
+    def policy(self) -> BaselinePolicy:
+        """The calibrated policy (`SlotPolicy` or `EntropyAdaptiveK`); apply it with `apply_policy`."""
+        return make_policy(self.kind, self.value)
 
     def to_dict(self) -> dict:
         """Plain-dict form (JSON-serialisable)."""
@@ -125,20 +247,20 @@ def _batches(batches: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tenso
 
 @torch.no_grad()
 def measure_share(
-    model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor], policy: SlotPolicy | None = None
+    model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor], policy: BaselinePolicy | None = None
 ) -> RouterTelemetry:
     """Run ``model`` over ``batches`` with ``policy`` set on every zeda router; return the telemetry.
 
     Args:
         model: A model whose routers are zeda routers (injected, or `attach_router_policy`).
         batches: ``(B, T)`` token-id tensors (or one such tensor).
-        policy: The slot policy to apply (None: routers as they are).
+        policy: The policy to apply (None: routers as they are).
 
     Returns:
         The `RouterTelemetry` of those forwards (``zero_share`` = skipped share of routed slots).
     """
     device = next(model.parameters()).device
-    with router_settings(model, slot_policy=policy), RouterTelemetry() as tel:
+    with apply_policy(model, policy), RouterTelemetry(model) as tel:
         for ids in _batches(batches):
             model(input_ids=ids.to(device))
     return tel
@@ -156,16 +278,18 @@ def calibrate(
 
     The share is measured with `RouterTelemetry` (the same counter as the converted model's
     FLOPs), so the baseline and the converted model are compared at matched measured FLOPs.
-    ``top_p`` and ``threshold`` are searched by bisection (share falls with ``p``, rises with
-    ``t``); ``keep_top_m`` is discrete and returns the ``m`` whose share is closest. The top-1
-    slot is always kept, so no rule can skip more than ``(k-1)/k`` of the slots.
+    ``top_p``, ``threshold`` and ``adaptive_k`` are searched by bisection (share falls with
+    ``p``, rises with ``t`` and with the adaptive-k knob); ``keep_top_m`` is discrete and returns
+    the ``m`` whose share is closest. Renormalisation does not change which slots are dropped, so
+    a ``*_no_renorm`` kind lands on the same value as its renormalised twin. The top-1 slot is
+    always kept, so no rule can skip more than ``(k-1)/k`` of the slots.
 
     Run it inside `zeda.teacher_mode` for an injected model (the baseline is the original
     model's routing); attach an original model first with `attach_router_policy`.
 
     Args:
         model: The model to calibrate on.
-        policy_kind: ``keep_top_m``, ``top_p`` or ``threshold``.
+        policy_kind: One of `POLICY_KINDS`.
         target_share: Skipped-slot share in [0, 1] to match (beyond ``(k-1)/k`` the closest
             reachable share is returned).
         batches: Calibration token ids, ``(B, T)`` tensors.
@@ -192,9 +316,9 @@ def calibrate(
     def share(value: float) -> float:
         nonlocal n_eval
         n_eval += 1
-        return measure_share(model, batches, SlotPolicy(policy_kind, value)).zero_share  # type: ignore[arg-type]
+        return measure_share(model, batches, make_policy(policy_kind, value)).zero_share
 
-    if policy_kind == "keep_top_m":
+    if policy_kind.startswith("keep_top_m"):
         best = None
         for m in range(k, 0, -1):
             s = share(float(m))
@@ -206,10 +330,10 @@ def calibrate(
         return Calibration(policy_kind, best[0], target_share, best[1], n_eval)
 
     # top_p: share decreases with p (p=1 keeps all, p→0 keeps only top-1).
-    # threshold: share increases with t (t=0 keeps all, t=1 keeps only top-1).
-    # The end points are known without a forward: value 1 (top_p) / 0 (threshold) keeps every
+    # threshold, adaptive_k: share increases with the value (0 keeps all, 1 keeps only top-1).
+    # The end points are known without a forward: value 1 (top_p) / 0 (the others) keeps every
     # slot (share 0), the other end keeps only the top-1 slot (share (k-1)/k).
-    increasing = policy_kind == "threshold"
+    increasing = not policy_kind.startswith("top_p")
     lo, hi = 0.0, 1.0
     cands = [(1.0 if not increasing else 0.0, 0.0), (0.0 if not increasing else 1.0, (k - 1) / k)]
     for _ in range(max_iter):

@@ -1,6 +1,6 @@
 """Rendering of evaluation results: Markdown / HTML tables and matplotlib figures.
 
-Kept apart from `zeda.evaluate` so that the numbers and their presentation stay separate. The
+Kept apart from `zeda.evaluation.result` so that the numbers and their presentation stay separate. The
 figures use whatever matplotlib backend is active (inline in a notebook); `save_figures` switches
 to the non-interactive ``Agg`` backend when no display backend has been chosen.
 """
@@ -13,7 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fmt", "frontier_figure", "html_table", "md_table", "zero_share_figure"]
+__all__ = [
+    "fmt",
+    "frontier_figure",
+    "html_table",
+    "md_table",
+    "pct",
+    "save_figure",
+    "text_table",
+    "zero_share_figure",
+]
 
 _METHOD_STYLE: dict[str, tuple[str, str]] = {
     "original": ("black", "*"),
@@ -156,3 +165,17 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A fixed-width plain-text table for the console (cells formatted with `fmt`)."""
+    cells = [list(header)] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
