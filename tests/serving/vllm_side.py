@@ -1,0 +1,85 @@
+"""The vLLM half of the serving parity tests; runs in the vLLM environment (``.venv-vllm``).
+
+Usage: ``python vllm_side.py SPEC.json RESULTS.json``. SPEC lists cases
+``{name, model, hf_overrides, prompts, continuations, max_tokens, expect_error}``; for each
+case one ``vllm.LLM`` (CPU, fp32, eager) greedily generates from the prompts (token ids) and
+scores ``prompt + continuation`` (the transformers model's greedy continuation) with
+``prompt_logprobs``. RESULTS maps case name to ``{tokens, gen_logprobs, scored_logprobs}`` or
+``{error}``. Nothing from zeda is imported here.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+import traceback
+
+
+def run_case(case: dict) -> dict:
+    """Run one case; returns its results (or the error text when loading fails)."""
+    from vllm import LLM, SamplingParams
+
+    try:
+        llm = LLM(
+            model=case["model"],
+            dtype="float32",
+            enforce_eager=True,
+            skip_tokenizer_init=True,
+            max_model_len=64,
+            max_num_seqs=64,
+            seed=0,
+            kv_cache_memory_bytes=256 * 2**20,
+            enable_prefix_caching=False,
+            hf_overrides=case.get("hf_overrides") or None,
+        )
+    except Exception as exc:  # noqa: BLE001 - the refusal cases assert on this text
+        return {"error": "".join(traceback.format_exception_only(type(exc), exc)).strip()}
+    prompts = [{"prompt_token_ids": p} for p in case["prompts"]]
+    gen = llm.generate(
+        prompts,
+        SamplingParams(
+            max_tokens=case["max_tokens"], temperature=0.0, logprobs=0, detokenize=False, ignore_eos=True
+        ),
+        use_tqdm=False,
+    )
+    tokens = [list(o.outputs[0].token_ids) for o in gen]
+    gen_lp = [
+        [step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)]
+        for o in gen
+    ]
+    scored = []
+    if case.get("continuations"):
+        full = [
+            {"prompt_token_ids": p + c} for p, c in zip(case["prompts"], case["continuations"], strict=True)
+        ]
+        outs = llm.generate(
+            full,
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+            use_tqdm=False,
+        )
+        for o, p, c in zip(outs, case["prompts"], case["continuations"], strict=True):
+            ids = p + c
+            lps = o.prompt_logprobs  # position 0 is None
+            scored.append([lps[i][ids[i]].logprob for i in range(len(p), len(ids))])
+    del llm
+    gc.collect()
+    return {"tokens": tokens, "gen_logprobs": gen_lp, "scored_logprobs": scored}
+
+
+def main() -> None:
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    results = {}
+    for case in spec["cases"]:
+        t0 = time.time()
+        results[case["name"]] = run_case(case)
+        results[case["name"]]["seconds"] = round(time.time() - t0, 1)
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
