@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import zeda
-import zeda.export as zexport
+import zeda.io as zio
 from zeda.cli import main as cli_main
 from zeda.config import LoraConfig, RunConfig, apply_overrides
-from zeda.distillation.student import make_student
+from zeda.distillation.student import build_student
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 
@@ -30,7 +30,7 @@ def _one_thread():
 def _student(family: str = "qwen3_moe", **lora: object) -> torch.nn.Module:
     model = tiny_model(family)
     zeda.inject_zero_experts(model, 4)
-    student = make_student(model, LoraConfig(**lora))
+    student = build_student(model, RunConfig(lora=LoraConfig(**lora)))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # stand-in for training: every trainable tensor moves
         for p in student.parameters():
@@ -104,7 +104,7 @@ def test_export_refuses_existing_dir_and_overwrites(tmp_path: Path) -> None:
 
 
 def test_failed_check_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(zexport.RELOAD_TOLERANCE, torch.float32, -1.0)  # any difference fails
+    monkeypatch.setitem(zio.RELOAD_TOLERANCE, torch.float32, -1.0)  # any difference fails
     with pytest.raises(zeda.ZedaError, match="export check failed"):
         zeda.export(_student(), tmp_path / "e")
     assert list(tmp_path.iterdir()) == []

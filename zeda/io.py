@@ -1,30 +1,79 @@
-"""Loading and atomic saving of original and injected checkpoints."""
+"""Reading and writing checkpoints: load, tokenizer check, atomic save, export + verify.
+
+- `load`: an original, an injected (``zeda_<family>``) or a ZEDA-reference checkpoint.
+- `load_tokenizer`: a tokenizer checked against the model it will feed.
+- `atomic_write` / `atomic_save`: write into a temporary sibling, then rename into place; the
+  only place in zeda that replaces a directory.
+- `export`: merge a student's adapters, write a standard checkpoint with a model card, reload it
+  and check that its logits equal the student's before it is moved into place. Loading the
+  result needs only ``import zeda``::
+
+      import zeda
+      from transformers import AutoModelForCausalLM
+      model = AutoModelForCausalLM.from_pretrained("runs/quickstart/export")
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from zeda.card import model_card, zeda_version
 from zeda.errors import ZedaError
 from zeda.families import get_spec, supported_model_types
-from zeda.zero.modeling import check_loading_info
+from zeda.zero import reference_format
+from zeda.zero.modeling import check_loading_info, zeda_classes
+from zeda.zero.structure import current_zero_logit_bias, is_injected
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "atomic_save",
+    "atomic_write",
+    "check_tokenizer",
+    "export",
+    "load",
+    "load_tokenizer",
+    "merge_student",
+]
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+#: Logit tolerance of the export check, relative to the largest logit magnitude, per dtype.
+#: Merging LoRA (``W + s·BA`` instead of ``xW + s·xAB``) is not bit-exact.
+RELOAD_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+EXPORT_FORMATS = ("zeda", "zeda-reference")
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _read_config(path: str) -> Any:
+    local = Path(path)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ZedaError(
+            f"{path} has no config.json; pass a model directory (a saved transformers checkpoint)"
+        )
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        hint = "" if local.exists() else " (no such directory; a hub id needs network access)"
+        raise ZedaError(f"cannot read a model config at {path!r}{hint}: {_first_line(exc)}") from exc
 
 
 def load(
@@ -35,7 +84,11 @@ def load(
     attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load an original or an injected (``zeda_<family>``) MoE checkpoint, in eval mode.
+    """Load an original, an injected (``zeda_<family>``) or a ZEDA-reference MoE checkpoint, in eval mode.
+
+    A ZEDA-reference checkpoint (``Qwen3MoePlusPlusForCausalLM`` /
+    ``Glm4MoeLitePlusPlusForCausalLM``, see `zeda.zero.reference_format`) is converted to zeda's
+    format on the fly.
 
     Args:
         name_or_path: A local directory or a hub id (hub ids need network access).
@@ -51,17 +104,19 @@ def load(
         The model. Loading refuses to leave any weight randomly initialised.
 
     Raises:
-        ZedaError: for a missing path, an unsupported family, or a corrupt/incomplete checkpoint.
+        ZedaError: for a missing path or config.json, an unsupported family, or a corrupt or
+            incomplete checkpoint.
     """
     path = str(name_or_path)
-    torch_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in _DTYPES:
         raise ZedaError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        hint = "" if Path(path).exists() else " (no such directory; a hub id needs network access)"
-        raise ZedaError(f"cannot read a model config at {path!r}{hint}: {_first_line(exc)}") from exc
+    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if reference_format.is_reference_checkpoint(path):
+        model = reference_format.load_reference(path, dtype=torch_dtype, **kwargs)
+        if experts_implementation is not None:
+            model.set_experts_implementation(experts_implementation)
+        return model.to(device).eval() if device is not None else model.eval()
+    config = _read_config(path)
     model_type = getattr(config, "model_type", "")
     if model_type.removeprefix("zeda_") not in supported_model_types():
         raise ZedaError(
@@ -81,12 +136,7 @@ def load(
         raise
     except Exception as exc:  # safetensors / torch raise several types for damaged files
         msg = _first_line(exc)
-        if (
-            "deserializ" in msg
-            or "header" in msg.lower()
-            or "truncat" in msg.lower()
-            or "incomplete" in msg.lower()
-        ):
+        if any(word in msg.lower() for word in ("deserializ", "header", "truncat", "incomplete")):
             raise ZedaError(
                 f"{path}: a weights file is corrupt or truncated ({msg}); re-save or re-download it"
             ) from exc
@@ -97,13 +147,76 @@ def load(
     return model.eval()
 
 
-def atomic_save(
-    model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
-) -> Path:
-    """``save_pretrained`` into a temporary sibling directory, then rename it into place.
+def check_tokenizer(tokenizer: Any, model_or_config: Any, source: str = "tokenizer") -> None:
+    """Refuse a tokenizer that cannot feed the model: empty, or with ids beyond its embedding.
 
-    A crash mid-write never leaves a half-written checkpoint at ``out_dir``, and an existing
-    directory is only replaced when ``overwrite`` is set (after the new one is complete).
+    Args:
+        tokenizer: A transformers tokenizer.
+        model_or_config: The model (its input embedding is read) or its config (``vocab_size``).
+        source: Where the tokenizer came from, for the message.
+
+    Raises:
+        ZedaError: one line naming the problem.
+    """
+    n = len(tokenizer)
+    if n <= 1:
+        raise ZedaError(
+            f"{source}: the tokenizer is empty ({n} token); the directory lacks tokenizer files "
+            "(tokenizer.json / tokenizer_config.json): copy them from the original model"
+        )
+    emb = getattr(model_or_config, "get_input_embeddings", lambda: None)()
+    config = getattr(model_or_config, "config", model_or_config)
+    vocab = int(emb.num_embeddings) if emb is not None else getattr(config, "vocab_size", None)
+    if vocab is not None and n > int(vocab):
+        raise ZedaError(
+            f"{source}: the tokenizer has {n} tokens but the model's embedding has {vocab} rows; "
+            "use the tokenizer of this model"
+        )
+
+
+def load_tokenizer(path: str | os.PathLike, model: nn.Module | None = None) -> Any:
+    """Load the tokenizer at ``path`` and check it against ``model`` (or the config at ``path``).
+
+    Raises:
+        ZedaError: if no tokenizer can be read, it is empty, or it has more tokens than the
+            model's embedding has rows.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ZedaError(f"{path}: cannot read a tokenizer ({_first_line(exc)})") from exc
+    target: Any = model
+    if target is None and (Path(path) / "config.json").is_file():
+        target = AutoConfig.from_pretrained(str(path))
+    check_tokenizer(tokenizer, target, str(path))
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic directory writes
+# ----------------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain mkdir/open would (mkdtemp uses 0700)."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it into place.
+
+    A crash or an exception in ``write`` never leaves a half-written ``out_dir``; an existing
+    ``out_dir`` is replaced only once the new one is complete (and only with ``overwrite``).
+    The result gets the user's umask.
 
     Raises:
         ZedaError: if ``out_dir`` exists and ``overwrite`` is False.
@@ -116,9 +229,8 @@ def atomic_save(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write(tmp)
+        _apply_umask(tmp)
         if out.exists():
             backup = out.with_name(f".{out.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -129,5 +241,173 @@ def atomic_save(
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def atomic_save(
+    model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """``save_pretrained`` (model and tokenizer) through `atomic_write`.
+
+    Raises:
+        ZedaError: if ``out_dir`` exists and ``overwrite`` is False.
+    """
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    out = atomic_write(out_dir, write, overwrite)
     logger.info("saved %s", out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+def merge_student(model: nn.Module) -> nn.Module:
+    """Fold a student's adapters into a plain injected model (in place where PEFT allows).
+
+    LoRA on the fused expert parameters (PEFT ``target_parameters``) is merged by PEFT's
+    ``merge_and_unload``; trained router/expert copies (``modules_to_save``) replace the frozen
+    originals. A model that is neither a ``PeftModel`` nor holds wrappers is returned unchanged.
+
+    Raises:
+        ZedaError: if adapter modules remain after merging.
+    """
+    from peft import PeftModel
+    from peft.utils import ModulesToSaveWrapper
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload(progressbar=False, safe_merge=True)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            active = module.active_adapters[0] if module.active_adapters else None
+            keep = (
+                module.modules_to_save[active] if active in module.modules_to_save else module.original_module
+            )
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, keep)
+    leftovers = [n for n, m in model.named_modules() if hasattr(m, "lora_A") or hasattr(m, "base_layer")]
+    if leftovers:
+        raise ZedaError(
+            f"LoRA modules remain after merging (e.g. {leftovers[0]}); cannot export a plain checkpoint"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def export(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    card_metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    inplace: bool = False,
+    base_model: str | None = None,
+    format: str = "zeda",
+) -> Path:
+    """Merge LoRA, save a standard HF checkpoint with a model card, reload it and verify it.
+
+    At most one extra copy of the model is held at a time: the merged copy (none with
+    ``inplace``) while writing, then the reloaded checkpoint while verifying. The routers'
+    current ``zero_logit_bias`` is stored in ``config.zeda``.
+
+    Args:
+        model: A distilled student or an injected model.
+        out_dir: Output directory.
+        tokenizer: Saved alongside when given.
+        card_metrics: FLOP and accuracy figures for the model card (`EvalResult.card_metrics`);
+            also written to ``zeda_metrics.json``.
+        overwrite: Replace an existing ``out_dir`` (only once the new checkpoint is verified).
+        inplace: Merge into ``model`` itself (saves memory; the adapters are gone afterwards).
+            By default a copy is merged and ``model`` stays a usable student.
+        base_model: The original checkpoint's name or path for the card (default:
+            ``config._name_or_path``).
+        format: ``"zeda"`` (``zeda_<family>`` classes, loads after ``import zeda``) or
+            ``"zeda-reference"`` (the ZEDA authors' ``...PlusPlusForCausalLM`` layout, qwen3_moe
+            and glm4_moe_lite only).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ZedaError: if ``out_dir`` exists and ``overwrite`` is False, for an unknown format, if
+            the model has no zero experts, or if the reloaded checkpoint's logits differ from the
+            model's (nothing is written then).
+    """
+    out = Path(out_dir)
+    if format not in EXPORT_FORMATS:
+        raise ZedaError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if out.exists() and not overwrite:
+        raise ZedaError(
+            f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    if not is_injected(model):
+        raise ZedaError("export needs a model with zero experts (inject and distill it first)")
+    if format == "zeda-reference":
+        reference_format.check_exportable(model)
+    base_name = base_model or str(getattr(model.config, "_name_or_path", "") or "") or None
+    ids = torch.randint(
+        0, int(model.config.vocab_size), (4, 32), generator=torch.Generator().manual_seed(1234)
+    )
+    with _eval_mode(model):
+        want = _logits(model, ids)  # what the checkpoint must reproduce
+        bias = current_zero_logit_bias(model)
+        merged = merge_student(model if inplace else copy.deepcopy(model)).eval()
+    device, dtype = next(merged.parameters()).device, next(merged.parameters()).dtype
+    zeda_meta = dict(getattr(merged.config, "zeda", None) or {})
+    zeda_meta.update({"merged_lora": True, "zeda_version": zeda_version()})
+    zeda_meta.pop("zero_logit_bias", None)
+    if bias is not None:
+        zeda_meta["zero_logit_bias"] = bias
+    merged.config.zeda = zeda_meta
+    card = model_card(merged, card_metrics, base_name)
+
+    def write(tmp: Path) -> None:
+        nonlocal merged
+        if format == "zeda":
+            merged.save_pretrained(tmp)
+        else:
+            reference_format.save_reference(merged, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        if card_metrics:
+            (tmp / "zeda_metrics.json").write_text(json.dumps(card_metrics, indent=1, default=float))
+        if not inplace:
+            merged = None  # the merged copy is on disk now: free it before the reload
+        reloaded = load(tmp, dtype=dtype).to(device)
+        got = _logits(reloaded, ids)
+        _, expected_cls = zeda_classes(reloaded.config.model_type)
+        err = float((got - want).abs().max())
+        tol = RELOAD_TOLERANCE.get(dtype, 1e-2) * max(1.0, float(want.abs().max()))
+        if not isinstance(reloaded, expected_cls) or not torch.isfinite(got).all() or err > tol:
+            raise ZedaError(
+                f"export check failed: the reloaded {type(reloaded).__name__} differs from the model "
+                f"(max |Δlogit| = {err:.3g} > {tol:.3g}); nothing was written to {out}"
+            )
+        logger.info("export verified: max |Δlogit| = %.3g (tolerance %.3g)", err, tol)
+
+    atomic_write(out, write, overwrite)
+    logger.info("exported %s", out)
     return out

@@ -117,13 +117,14 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Mod
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    router_class = get_spec(model_type).router_class
     with torch.no_grad():
         for m in model.modules():
             bias = getattr(m, "e_score_correction_bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.copy_(torch.rand_like(bias) * 0.1)
             gate_bias = getattr(m, "bias", None)
-            if isinstance(gate_bias, torch.nn.Parameter) and type(m).__name__.endswith("Router"):
+            if isinstance(gate_bias, torch.nn.Parameter) and isinstance(m, router_class):
                 gate_bias.normal_(0, 0.1)
     return model.eval()
 

@@ -115,28 +115,101 @@ def test_zero_routing_semantics(family):
         torch.testing.assert_close(real_mass, expected)
 
 
-def test_group_limited_routing_keeps_zero_experts_eligible():
-    """DeepSeek-V3 (n_group=4, topk_group=2): real experts outside the chosen groups are masked,
-    zero experts stay eligible for every token."""
-    model = tiny_model("deepseek_v3")
+def _reference_group_limited(
+    router, x: torch.Tensor, zero_bias: float
+) -> tuple[list[set[int]], torch.Tensor]:
+    """Group-limited sigmoid routing over E real + Z zero experts, one token at a time.
+
+    Written independently of zeda's vectorised router: per token, score the groups of real
+    experts (sum of their two best biased scores), keep the ``topk_group`` best groups, then take
+    the k best candidates among the real experts of those groups and *all* zero experts.
+
+    Returns:
+        Per token the set of chosen expert ids (zero experts as their own ids E..E+Z-1), and
+        ``(T, E+Z)`` weights of every candidate (0 where not chosen), normalised and scaled.
+    """
+    e, z, k = router.num_experts, router.num_zero_experts, router.top_k
+    per_group = e // router.num_group
+    weight = router.weight.detach().double()
+    bias = router.e_score_correction_bias.detach().double()
+    chosen, weights = [], torch.zeros(x.shape[0], e + z, dtype=torch.float64)
+    for t, h in enumerate(x.double()):
+        logits = weight @ h
+        logits[e:] += zero_bias
+        scores = torch.sigmoid(logits)
+        choice = (scores + bias).tolist()
+        group_score = [
+            sum(sorted(choice[g * per_group : (g + 1) * per_group])[-2:]) for g in range(router.num_group)
+        ]
+        groups = sorted(range(router.num_group), key=lambda g: -group_score[g])[: router.topk_group]
+        candidates = [i for i in range(e) if i // per_group in groups] + list(range(e, e + z))
+        top = sorted(candidates, key=lambda i: -choice[i])[:k]
+        chosen.append(set(top))
+        w = scores[top] / scores[top].sum() if router.norm_topk_prob else scores[top]
+        weights[t, top] = w * router.routed_scaling_factor
+    return chosen, weights
+
+
+def test_group_limited_routing_matches_reference_and_keeps_zero_experts_eligible():
+    """DeepSeek-V3 group-limited routing (16 experts in 4 groups, 2 groups kept, top-4).
+
+    Zero experts off: bit-equal to transformers' own DeepseekV3TopkRouter. On: equal to an
+    independent per-token reference in which real experts obey the group mask and zero experts
+    are eligible for every token, on inputs where the group limit changes the answer.
+    """
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    overrides = dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    original = tiny_model("deepseek_v3", **overrides)
+    model = tiny_model("deepseek_v3", **overrides)
     zeda.inject_zero_experts(model)
     router = find_moe_layers(model)[0].router
-    e, per_group = router.num_experts, router.num_experts // router.num_group
-    x = torch.randn(64, model.config.hidden_size)
+    stock = find_moe_layers(original)[0].router
+    assert type(stock) is DeepseekV3TopkRouter
+    e, z, per_group = router.num_experts, router.num_zero_experts, router.num_experts // router.num_group
+    x = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+
+    with torch.no_grad(), teacher_mode(model):
+        got = router(x)
+        want = stock(x)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+    # Ungrouped top-k of the stock router's scores: the group limit must change some tokens.
     with torch.no_grad():
-        _, _, idx = router(x)
-        router_dict = dict(router.named_parameters())
-        scores = torch.sigmoid(x @ router_dict["weight"].T)
-    real = idx[idx < e]
-    groups_used = (idx.clamp(max=e - 1) // per_group).where(idx < e, torch.full_like(idx, -1))
-    for row in groups_used:
-        assert len({g for g in row.tolist() if g >= 0}) <= router.topk_group
-    assert real.numel() > 0 and scores.shape[1] == e + router.num_zero_experts
-    # With a huge zero bias every token picks zero experts although they belong to no group.
+        plain = (torch.sigmoid(x @ stock.weight.T) + stock.e_score_correction_bias).topk(4, -1).indices
+        _, _, grouped = stock(x)
+    changed = [set(a.tolist()) != set(b.tolist()) for a, b in zip(plain, grouped, strict=True)]
+    assert sum(changed) >= 10
+
+    for zero_bias in (-1.0, 0.0, 0.2):
+        router.zero_logit_bias = zero_bias
+        with torch.no_grad():
+            _, weights, indices = router(x)
+        ref_sets, ref_weights = _reference_group_limited(router, x, zero_bias)
+        n_zero = 0
+        for t in range(x.shape[0]):
+            real = {i for i in ref_sets[t] if i < e}
+            got_idx = indices[t].tolist()
+            assert sorted(i for i in got_idx if i < e) == sorted(real)
+            assert got_idx.count(e) == len(ref_sets[t]) - len(real)  # zero slots carry the sentinel E
+            n_zero += got_idx.count(e)
+            # Real experts come from at most topk_group groups.
+            assert len({i // per_group for i in real}) <= router.topk_group
+            for slot, i in enumerate(got_idx):
+                want_w = ref_weights[t, i].item() if i < e else 0.0
+                assert weights[t, slot].item() == pytest.approx(want_w, rel=1e-5, abs=1e-6)
+        if zero_bias > 0:
+            # Zero experts win slots on tokens whatever groups those tokens chose.
+            assert 0 < n_zero < x.shape[0] * router.top_k
+            pairs = {
+                frozenset(i // per_group for i in s if i < e) for s in ref_sets if any(i >= e for i in s)
+            }
+            assert len(pairs) >= 3
     router.zero_logit_bias = 30.0
     with torch.no_grad():
         _, _, idx = router(x)
-    assert (idx == e).all()
+    assert (idx == e).all() and z > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -145,7 +218,7 @@ def test_forced_share_is_exact(family):
     ids = token_batch(2, 16)
     for share in (0.0, 0.25, 0.5, 0.75):
         with (
-            zeda.RouterTelemetry() as tel,
+            zeda.RouterTelemetry(injected) as tel,
             torch.no_grad(),
             router_settings(injected, forced_zero_share=share),
         ):
@@ -159,7 +232,7 @@ def test_forced_share_is_exact(family):
 def test_telemetry_histogram_and_per_layer():
     model = tiny_model("qwen3_moe")
     zeda.inject_zero_experts(model)
-    with zeda.RouterTelemetry() as tel, torch.no_grad():
+    with zeda.RouterTelemetry(model) as tel, torch.no_grad():
         model(token_batch(2, 16))
     k = model.config.num_experts_per_tok
     for i, share in tel.per_layer.items():

@@ -56,7 +56,6 @@ class MoESpec:
         config_class: The family's transformers config class.
         causal_lm_class: The family's ``...ForCausalLM`` class.
         router_class: The family's router module class (instances are found by isinstance).
-        zero_router_class: zeda's subclass of ``router_class`` that routes over real + zero experts.
         experts_class: The family's fused experts module class.
         moe_block_attr: Attribute of a decoder layer that holds the MoE block (``"mlp"``).
         router_attr: Attribute of the MoE block holding the router (``"gate"`` or ``"router"``).
@@ -81,6 +80,9 @@ class MoESpec:
             Used by `zeda.flops`; MLA's bias layout is fixed by the MLA attention itself.
         qk_norm: ``config -> QkNorm``: the GQA query/key norm layout (used by `zeda.flops`).
         attention_sinks: Whether attention has one learned sink logit per head (gpt-oss).
+        norm_topk_prob: Whether the router always renormalises the chosen weights over the k
+            (Mixtral, whose router has no flag for it); ``None`` reads the router's own
+            ``norm_topk_prob`` attribute.
         lora_target_parameters: Names (relative to the MoE block's experts module) of the fused
             3-D expert parameters that PEFT's ``target_parameters`` should wrap.
     """
@@ -90,7 +92,6 @@ class MoESpec:
     config_class: type
     causal_lm_class: type
     router_class: type[nn.Module]
-    zero_router_class: type[nn.Module]
     experts_class: type[nn.Module]
     num_experts_key: str
     expert_intermediate_key: str
@@ -111,6 +112,7 @@ class MoESpec:
     attention_biases: Callable[[Any], tuple[bool, bool]] = _attention_bias_from_config
     qk_norm: Callable[[Any], QkNorm] = _no_qk_norm
     attention_sinks: bool = False
+    norm_topk_prob: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def num_experts(self, config: Any) -> int:

@@ -4,14 +4,6 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaDeepseekV3TopkRouter(ZeroRouterMixin, m.DeepseekV3TopkRouter):
-    """DeepSeek-V3 router routing over real + zero experts (zero experts belong to no group)."""
-
-    zeda_router_kind = "sigmoid_bias"
-
 
 SPEC = register(
     MoESpec(
@@ -20,7 +12,6 @@ SPEC = register(
         config_class=DeepseekV3Config,
         causal_lm_class=m.DeepseekV3ForCausalLM,
         router_class=m.DeepseekV3TopkRouter,
-        zero_router_class=ZedaDeepseekV3TopkRouter,
         experts_class=m.DeepseekV3Experts,
         num_experts_key="n_routed_experts",
         expert_intermediate_key="moe_intermediate_size",

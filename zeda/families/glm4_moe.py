@@ -4,14 +4,6 @@ from transformers.models.glm4_moe import modeling_glm4_moe as m
 from transformers.models.glm4_moe.configuration_glm4_moe import Glm4MoeConfig
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaGlm4MoeTopkRouter(ZeroRouterMixin, m.Glm4MoeTopkRouter):
-    """GLM-4-MoE router routing over real + zero experts."""
-
-    zeda_router_kind = "sigmoid_bias"
-
 
 SPEC = register(
     MoESpec(
@@ -20,7 +12,6 @@ SPEC = register(
         config_class=Glm4MoeConfig,
         causal_lm_class=m.Glm4MoeForCausalLM,
         router_class=m.Glm4MoeTopkRouter,
-        zero_router_class=ZedaGlm4MoeTopkRouter,
         experts_class=m.Glm4MoeExperts,
         num_experts_key="n_routed_experts",
         expert_intermediate_key="moe_intermediate_size",

@@ -4,14 +4,6 @@ from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as m
 from transformers.models.glm4_moe_lite.configuration_glm4_moe_lite import Glm4MoeLiteConfig
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaGlm4MoeLiteTopkRouter(ZeroRouterMixin, m.Glm4MoeLiteTopkRouter):
-    """GLM-4.7-Flash router routing over real + zero experts."""
-
-    zeda_router_kind = "sigmoid_bias"
-
 
 SPEC = register(
     MoESpec(
@@ -20,7 +12,6 @@ SPEC = register(
         config_class=Glm4MoeLiteConfig,
         causal_lm_class=m.Glm4MoeLiteForCausalLM,
         router_class=m.Glm4MoeLiteTopkRouter,
-        zero_router_class=ZedaGlm4MoeLiteTopkRouter,
         experts_class=m.Glm4MoeLiteExperts,
         num_experts_key="n_routed_experts",
         expert_intermediate_key="moe_intermediate_size",

@@ -4,14 +4,6 @@ from transformers.models.gpt_oss import modeling_gpt_oss as m
 from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaGptOssTopKRouter(ZeroRouterMixin, m.GptOssTopKRouter):
-    """gpt-oss router routing over real + zero experts (zero experts get bias entries too)."""
-
-    zeda_router_kind = "topk_softmax"
-
 
 SPEC = register(
     MoESpec(
@@ -20,7 +12,6 @@ SPEC = register(
         config_class=GptOssConfig,
         causal_lm_class=m.GptOssForCausalLM,
         router_class=m.GptOssTopKRouter,
-        zero_router_class=ZedaGptOssTopKRouter,
         experts_class=m.GptOssExperts,
         num_experts_key="num_local_experts",
         expert_intermediate_key="intermediate_size",

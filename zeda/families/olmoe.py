@@ -4,14 +4,6 @@ from transformers.models.olmoe import modeling_olmoe as m
 from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaOlmoeTopKRouter(ZeroRouterMixin, m.OlmoeTopKRouter):
-    """OLMoE router routing over real + zero experts."""
-
-    zeda_router_kind = "softmax"
-
 
 SPEC = register(
     MoESpec(
@@ -20,7 +12,6 @@ SPEC = register(
         config_class=OlmoeConfig,
         causal_lm_class=m.OlmoeForCausalLM,
         router_class=m.OlmoeTopKRouter,
-        zero_router_class=ZedaOlmoeTopKRouter,
         experts_class=m.OlmoeExperts,
         num_experts_key="num_experts",
         expert_intermediate_key="intermediate_size",

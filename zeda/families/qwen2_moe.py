@@ -4,13 +4,6 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe as m
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaQwen2MoeTopKRouter(ZeroRouterMixin, m.Qwen2MoeTopKRouter):
-    """Qwen2-MoE router routing over real + zero experts."""
-
-    zeda_router_kind = "softmax"
 
 
 def _moe_layers(c: Qwen2MoeConfig) -> list[int]:
@@ -28,7 +21,6 @@ SPEC = register(
         config_class=Qwen2MoeConfig,
         causal_lm_class=m.Qwen2MoeForCausalLM,
         router_class=m.Qwen2MoeTopKRouter,
-        zero_router_class=ZedaQwen2MoeTopKRouter,
         experts_class=m.Qwen2MoeExperts,
         num_experts_key="num_experts",
         expert_intermediate_key="moe_intermediate_size",

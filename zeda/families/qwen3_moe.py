@@ -4,13 +4,6 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as m
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 
 from zeda.families.base import MoESpec, register
-from zeda.zero.routing import ZeroRouterMixin
-
-
-class ZedaQwen3MoeTopKRouter(ZeroRouterMixin, m.Qwen3MoeTopKRouter):
-    """Qwen3-MoE router routing over real + zero experts."""
-
-    zeda_router_kind = "softmax"
 
 
 def _moe_layers(c: Qwen3MoeConfig) -> list[int]:
@@ -28,7 +21,6 @@ SPEC = register(
         config_class=Qwen3MoeConfig,
         causal_lm_class=m.Qwen3MoeForCausalLM,
         router_class=m.Qwen3MoeTopKRouter,
-        zero_router_class=ZedaQwen3MoeTopKRouter,
         experts_class=m.Qwen3MoeExperts,
         num_experts_key="num_experts",
         expert_intermediate_key="moe_intermediate_size",

@@ -31,11 +31,6 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 
 from zeda.errors import ZedaError
 
-try:  # private helper of transformers; the loop strategy below does not need it
-    from transformers.integrations.moe import _grouped_linear
-except ImportError:  # pragma: no cover
-    _grouped_linear = None
-
 logger = logging.getLogger(__name__)
 
 CPU_STRATEGIES = ("auto", "loop", "grouped")
@@ -44,6 +39,47 @@ GROUPED_MARGIN = 0.95
 _cpu_strategy = "auto"
 # (dtype, E, down_proj shape, layout, kept-row bucket) -> "loop" | "grouped", filled by autotuning.
 _tuned: dict[tuple, str] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The two private transformers APIs zeda relies on, each used in exactly one function below.
+# Tested against the range pinned in pyproject.toml by tests/zero/test_private_hooks.py.
+# ----------------------------------------------------------------------------------------------
+
+
+def skip_sentinel_slots(experts: nn.Module) -> None:
+    """Make transformers' own ``grouped_mm`` / ``batched_mm`` experts backends skip zero slots.
+
+    Expert-parallel sharding in transformers routes non-local slots to the sentinel index ``E``;
+    its backends then skip (grouped_mm: rows beyond the offsets) or mask (batched_mm: clamped and
+    zero-weighted) those rows only when the module's private ``_is_expert_parallel`` flag is set.
+    Zero slots use the same sentinel, so setting the flag makes the stock backends correct on an
+    injected model.
+
+    Args:
+        experts: A fused experts module decorated with ``@use_experts_implementation``.
+    """
+    experts._is_expert_parallel = True
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    """transformers' private ``_grouped_linear``: one GEMM per expert over its slice of rows.
+
+    Args:
+        x: ``(S, in)`` rows sorted by expert.
+        weight: ``(E, out, in)`` or, if ``transposed``, ``(E, in, out)``.
+        offsets: ``(E,)`` int32 cumulative row counts (rows beyond ``offsets[-1]`` are skipped).
+        bias: ``(S, out)`` per-row bias, or None.
+        transposed: The weight layout flag of the experts module.
+
+    Returns:
+        ``(S, out)``.
+    """
+    from transformers.integrations.moe import _grouped_linear
+
+    return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
 
 
 def _weights(
@@ -171,24 +207,16 @@ def zeda_grouped_forward(
     Shapes as in `zeda_loop_forward`. Sentinel slots never enter a GEMM: the grouped inputs hold
     only the ``S`` kept rows, sorted by expert, with per-expert offsets.
     """
-    if _grouped_linear is None:  # pragma: no cover
-        return zeda_loop_forward(module, hidden_states, top_k_index, top_k_weights)
     k = top_k_index.shape[-1]
     slots, experts, counts = _kept_slots(top_k_index, module.num_experts)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     tok = slots // k
     x = hidden_states[tok]
     up, up_b, down, down_b = _weights(module)
-    h = _grouped_linear(
-        x, up, offsets, bias=up_b[experts] if up_b is not None else None, is_transposed=module.is_transposed
-    )
+    h = grouped_linear(x, up, offsets, up_b[experts] if up_b is not None else None, module.is_transposed)
     h = _activate(module, h)
-    h = _grouped_linear(
-        h,
-        down,
-        offsets,
-        bias=down_b[experts] if down_b is not None else None,
-        is_transposed=module.is_transposed,
+    h = grouped_linear(
+        h, down, offsets, down_b[experts] if down_b is not None else None, module.is_transposed
     )
     if module.has_post_expert_norm:
         h = module.post_expert_norm(h)
@@ -199,7 +227,7 @@ def zeda_grouped_forward(
 
 
 def _native_grouped_mm_on_cpu() -> bool:
-    return hasattr(torch.nn.functional, "grouped_mm") and _grouped_linear is not None
+    return hasattr(torch.nn.functional, "grouped_mm")
 
 
 def set_cpu_strategy(strategy: str) -> None:

@@ -1,10 +1,15 @@
 """Injected models as first-class transformers models: ``zeda_<family>`` config and model classes.
 
-For each supported family, importing zeda registers a config class (``model_type =
-"zeda_<family>"``) and a causal-LM class with `AutoConfig` / `AutoModelForCausalLM`, plus the
-parent family's checkpoint conversion mapping. A saved injected model therefore reloads through
-``AutoModelForCausalLM.from_pretrained`` once ``import zeda`` has run, and a reload that would
-leave any weight uninitialised raises instead of warning.
+`register` generates, from a family's `MoESpec`, zeda's router class (`zero_router_class`), a
+config class (``model_type = "zeda_<family>"``) and a causal-LM class, and registers the latter
+two with `AutoConfig` / `AutoModelForCausalLM` together with the parent family's checkpoint
+conversion mapping. Importing this module registers every family, so a saved injected model
+reloads through ``AutoModelForCausalLM.from_pretrained`` once ``import zeda`` has run; a reload
+that would leave any weight uninitialised raises instead of warning.
+
+``config.zeda`` holds the injection metadata: ``num_zero_experts``, ``base_model_type``,
+``seed``, ``format_version`` and optionally ``zero_logit_bias`` (a float, or one float per MoE
+layer), which the model applies to its routers when it is built.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from zeda.errors import ZedaError
 from zeda.families import MoESpec, all_specs, get_spec
-from zeda.zero.inject import ZEDA_FORMAT_VERSION, apply_zero_structure
+from zeda.zero.routing import zero_router_class
+from zeda.zero.structure import apply_zero_structure, set_zero_logit_bias
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_CLASSES: dict[str, type] = {}
-_MODEL_CLASSES: dict[str, type] = {}
+ZEDA_FORMAT_VERSION = 1
+
+# family model_type -> (generated config class, generated causal-LM class)
+_CLASSES: dict[str, tuple[type, type]] = {}
 
 
 class ZedaModelMixin:
@@ -52,9 +60,7 @@ class ZedaModelMixin:
                         t = getattr(router, name, None)
                         if isinstance(t, torch.Tensor):
                             t[e:].zero_()
-        for experts in self.modules():
-            if isinstance(experts, self.zeda_spec.experts_class):
-                experts._is_expert_parallel = True
+        set_zero_logit_bias(self, zeda.get("zero_logit_bias"))
         # zeda's backend skips zero slots on every device; an explicit request is respected,
         # except stock eager on families whose eager loop cannot skip the sentinel.
         if requested_backend is None or (
@@ -87,10 +93,20 @@ def check_loading_info(info: dict, source: str) -> None:
         )
 
 
-def _register(spec: MoESpec) -> None:
+def register(spec: MoESpec) -> tuple[type, type]:
+    """Generate zeda's classes of a family and register them with transformers' Auto classes.
+
+    Idempotent. Generates the router class (`zero_router_class`), ``Zeda<Config>`` with
+    ``model_type = "zeda_<family>"`` and ``Zeda<Family>ForCausalLM`` (`ZedaModelMixin` + the
+    family's causal LM), and reuses the family's checkpoint conversion mapping.
+
+    Returns:
+        ``(config class, causal-LM class)``.
+    """
+    if spec.model_type in _CLASSES:
+        return _CLASSES[spec.model_type]
     zeda_type = f"zeda_{spec.model_type}"
-    if zeda_type in _CONFIG_CLASSES:
-        return
+    zero_router_class(spec)
     base_cfg = spec.config_class
     cfg_cls = type(f"Zeda{base_cfg.__name__}", (base_cfg,), {"model_type": zeda_type, "__module__": __name__})
     base_lm = spec.causal_lm_class
@@ -101,34 +117,33 @@ def _register(spec: MoESpec) -> None:
     )
     AutoConfig.register(zeda_type, cfg_cls, exist_ok=True)
     AutoModelForCausalLM.register(cfg_cls, lm_cls, exist_ok=True)
-    try:
-        from transformers.conversion_mapping import (
-            get_checkpoint_conversion_mapping,
-            register_checkpoint_conversion_mapping,
-        )
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
-        mapping = get_checkpoint_conversion_mapping(spec.model_type)
-        if mapping is not None:
-            register_checkpoint_conversion_mapping(zeda_type, mapping, overwrite=True)
-    except ImportError:  # pragma: no cover - older transformers without conversion mappings
-        pass
-    _CONFIG_CLASSES[zeda_type] = cfg_cls
-    _MODEL_CLASSES[zeda_type] = lm_cls
+    mapping = get_checkpoint_conversion_mapping(spec.model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(zeda_type, mapping, overwrite=True)
+    _CLASSES[spec.model_type] = (cfg_cls, lm_cls)
+    return cfg_cls, lm_cls
 
 
 for _spec in all_specs():
-    _register(_spec)
+    register(_spec)
 
 
 def zeda_classes(model_type: str) -> tuple[type, type]:
-    """The ``(config class, causal-LM class)`` zeda registered for a family."""
-    spec = get_spec(model_type)
-    key = f"zeda_{spec.model_type}"
-    return _CONFIG_CLASSES[key], _MODEL_CLASSES[key]
+    """The ``(config class, causal-LM class)`` zeda generated for a family (``zeda_`` prefix allowed)."""
+    return register(get_spec(model_type))
 
 
 def mark_as_zeda_model(model: nn.Module, num_zero_experts: int, seed: int) -> None:
-    """Turn an in-memory injected model into its ``zeda_<family>`` classes (config + model)."""
+    """Turn an in-memory injected model into its ``zeda_<family>`` classes (config + model).
+
+    The model object keeps its identity (callers hold references to it); its config and its
+    class become the generated ``zeda_<family>`` ones, so it saves and reloads as a zeda model.
+    """
     spec = get_spec(model.config.model_type)
     cfg_cls, lm_cls = zeda_classes(spec.model_type)
     config = model.config

@@ -1,4 +1,4 @@
-"""Zero-aware routing shared by every family's router subclass, plus router telemetry hooks.
+"""Zero-aware routing: the math shared by every family and the router mixin built on it.
 
 A router with ``E`` real and ``Z`` zero experts scores ``E + Z`` candidates and keeps top-k over
 all of them, so every zero expert chosen replaces a real one. The routing weights are
@@ -8,6 +8,9 @@ sentinel index ``E`` with weight 0, which every experts backend skips.
 
 Teacher mode (``zero_experts_enabled = False``) runs the family's own router forward on the
 first ``E`` rows, so its outputs are bit-identical to the untouched original router.
+
+zeda's router class of a family (``Zeda<Router>``: `ZeroRouterMixin` + the family's router) is
+generated from its `MoESpec` by `zero_router_class`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from zeda.families.base import MoESpec
 
 # Parameters/buffers that carry one entry per expert and so grow by Z rows at injection.
 PER_EXPERT_TENSORS = ("weight", "bias", "e_score_correction_bias")
@@ -252,126 +257,27 @@ def router_settings(model: nn.Module, **settings: Any) -> Iterator[None]:
 
 _MISSING = object()
 
-
-# ----------------------------------------------------------------------------------------------
-# Telemetry: one forward hook per router, installed once; collectors switch recording on/off.
-# ----------------------------------------------------------------------------------------------
-
-_ACTIVE: list[Any] = []
+# model_type -> the generated router class: one class per family, so isinstance checks agree.
+_ROUTER_CLASSES: dict[str, type] = {}
 
 
-def telemetry_hook(module: nn.Module, args: tuple, output: tuple) -> None:
-    """Forward hook installed once on each zeda router; feeds the active collectors."""
-    for collector in _ACTIVE:
-        collector.record(module, output)
+def zero_router_class(spec: MoESpec) -> type:
+    """zeda's router class of a family: `ZeroRouterMixin` placed before ``spec.router_class``.
 
-
-@dataclass
-class LayerStats:
-    """Routed-slot counts of one MoE layer.
-
-    Attributes:
-        slots: Routed top-k slots seen (T·k).
-        zero_slots: Slots that went to zero experts (did no expert work).
-        real_per_token: Histogram over ``0..k`` of real experts used per token.
+    Generated once per family from the spec's facts (routing math, forced renormalisation).
     """
-
-    slots: int = 0
-    zero_slots: int = 0
-    real_per_token: list[int] = field(default_factory=list)
-
-    @property
-    def zero_share(self) -> float:
-        """Share of routed slots that went to zero experts."""
-        return self.zero_slots / self.slots if self.slots else 0.0
-
-
-class RouterTelemetry:
-    """Collects per-layer zero share and real-experts-per-token histograms, no second forward.
-
-    Use as a context manager around forwards::
-
-        with RouterTelemetry() as tel:
-            model(**batch)
-        tel.zero_share, tel.per_layer
-
-    Args:
-        token_mask: Optional callable returning a ``(T,)`` bool mask for the next forward's
-            tokens (padding excluded); set per batch through ``set_mask``.
-    """
-
-    def __init__(self) -> None:
-        self.layers: dict[int, LayerStats] = {}
-        self._mask: torch.Tensor | None = None
-
-    def set_mask(self, mask: torch.Tensor | None) -> None:
-        """Count only tokens where ``mask`` (any shape flattening to ``(T,)``) is true."""
-        self._mask = None if mask is None else mask.reshape(-1).bool()
-
-    def record(self, module: nn.Module, output: tuple) -> None:
-        indices = output[2].detach()
-        k = indices.shape[-1]
-        zero = indices >= module.num_experts
-        if self._mask is not None and self._mask.numel() == zero.shape[0]:
-            zero = zero[self._mask.to(zero.device)]
-        stats = self.layers.setdefault(module.zeda_layer_index, LayerStats(real_per_token=[0] * (k + 1)))
-        stats.slots += zero.numel()
-        stats.zero_slots += int(zero.sum())
-        hist = torch.bincount(k - zero.sum(-1), minlength=k + 1).tolist()
-        stats.real_per_token = [a + b for a, b in zip(stats.real_per_token, hist, strict=True)]
-
-    @property
-    def zero_share(self) -> float:
-        """Share of all routed slots (all layers, all tokens) that went to zero experts."""
-        slots = sum(s.slots for s in self.layers.values())
-        return sum(s.zero_slots for s in self.layers.values()) / slots if slots else 0.0
-
-    @property
-    def per_layer(self) -> dict[int, float]:
-        """Zero share per MoE layer index."""
-        return {i: s.zero_share for i, s in sorted(self.layers.items())}
-
-    @property
-    def real_experts_histogram(self) -> list[int]:
-        """Tokens×layers histogram over the number of real experts used (index 0..k)."""
-        out: list[int] = []
-        for s in self.layers.values():
-            out = [a + b for a, b in zip(out or [0] * len(s.real_per_token), s.real_per_token, strict=True)]
-        return out
-
-    def __enter__(self) -> RouterTelemetry:
-        _ACTIVE.append(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _ACTIVE.remove(self)
-
-
-class RouterCapture:
-    """Keeps each router's ``(router, logits (T, E+Z))`` of the next forwards, with gradient.
-
-    The distillation loop reads these for the group balance loss. Only routers that route to
-    zero experts are captured (teacher passes are skipped).
-    """
-
-    def __init__(self) -> None:
-        self.records: list[tuple[nn.Module, torch.Tensor]] = []
-
-    def record(self, module: nn.Module, output: tuple) -> None:
-        if module.routes_to_zero:
-            self.records.append((module, output[0]))
-
-    def clear(self) -> None:
-        """Forget captured logits (call after each optimisation micro-step)."""
-        self.records.clear()
-
-    def __enter__(self) -> RouterCapture:
-        _ACTIVE.append(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _ACTIVE.remove(self)
-        self.clear()
+    cls = _ROUTER_CLASSES.get(spec.model_type)
+    if cls is None:
+        attrs: dict[str, Any] = {
+            "zeda_router_kind": spec.router_kind,
+            "__module__": __name__,
+            "__doc__": f"{spec.router_class.__name__} routing over real + zero experts (generated by zeda).",
+        }
+        if spec.norm_topk_prob is not None:
+            attrs["norm_topk_prob"] = spec.norm_topk_prob
+        cls = type(f"Zeda{spec.router_class.__name__}", (ZeroRouterMixin, spec.router_class), attrs)
+        _ROUTER_CLASSES[spec.model_type] = cls
+    return cls
 
 
 def expected_share_bound(num_real: int, num_zero: int, w: float) -> float:
