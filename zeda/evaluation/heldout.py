@@ -29,8 +29,9 @@ __all__ = ["CHUNK_BYTES", "TEACHER_CACHE_BYTES", "HeldOut", "final_hidden", "out
 
 TEACHER_CACHE_BYTES = 1 << 30
 """The teacher's final hidden states of the held-out text are cached up to this size (bytes)."""
-CHUNK_BYTES = 1 << 25
-"""Size of one chunk of fp32 logits ``(chunk_tokens, V)`` in the comparison (32 MiB)."""
+CHUNK_BYTES = 1 << 24
+"""Size of one chunk of fp32 logits ``(chunk_tokens, V)`` in the comparison (16 MiB; about five
+such tensors are alive at once)."""
 
 
 def _base(model: nn.Module) -> nn.Module:
