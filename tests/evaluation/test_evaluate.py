@@ -86,7 +86,7 @@ def full_result(workdir: Path) -> EvalResult:
         "eval.tasks=[tiny_ppl]",
         "eval.limit=4",
         "eval.zero_bias_sweep=[2.0]",
-        "eval.baselines=[top_p]",
+        "eval.baselines=[top_p,top_p_no_renorm,adaptive_k]",
     )
     return evaluate(_injected(), cfg, tiny_tokenizer(), include_paths=[workdir / "tasks"], progress=False)
 
@@ -123,6 +123,21 @@ def test_sweep_and_matched_baselines(full_result: EvalResult) -> None:
         reachable = min(p.target_share, 0.75)  # top-1 is always kept: at most (k-1)/k skipped
         assert abs(p.zero_share - reachable) <= 0.03
         assert p.routed_flop_reduction == pytest.approx(p.zero_share)
+
+
+def test_summary_table_rows_at_the_same_share(full_result: EvalResult) -> None:
+    table = full_result.summary_table()
+    lines = table.splitlines()
+    assert lines[1].split()[:2] == ["setting", "skipped"] and lines[3].startswith("zeda ")
+    rows = {line.split()[0] for line in lines[3:] if line and not line.startswith(("note", "expert"))}
+    assert rows == {"zeda", "top_p", "top_p_no_renorm", "adaptive_k"}  # sweep-matched ones are not listed
+    zeda_pt = next(p for p in full_result.curve if p.label == "zeda")
+    assert f"{100 * zeda_pt.zero_share:.1f}%" in lines[3]
+    assert f"{full_result.intrinsic['ppl_ratio']:.4f}" in lines[3]
+    raw = next(p for p in full_result.curve if p.method == "top_p_no_renorm")
+    ren = next(p for p in full_result.curve if p.method == "top_p" and p.target_share == raw.target_share)
+    # Same calibrated value; the kept weights differ, so later layers route (slightly) differently.
+    assert raw.setting == ren.setting and abs(raw.zero_share - ren.zero_share) < 0.02 and raw.ppl != ren.ppl
 
 
 def test_save_writes_everything_and_refuses_existing(full_result: EvalResult, tmp_path: Path) -> None:

@@ -30,6 +30,10 @@ _METHOD_STYLE: dict[str, tuple[str, str]] = {
     "keep_top_m": ("tab:blue", "s"),
     "top_p": ("tab:green", "^"),
     "threshold": ("tab:purple", "D"),
+    "top_p_no_renorm": ("tab:olive", "v"),
+    "threshold_no_renorm": ("tab:pink", "d"),
+    "keep_top_m_no_renorm": ("tab:cyan", "p"),
+    "adaptive_k": ("tab:brown", "h"),
 }
 
 

@@ -273,43 +273,53 @@ class EvalResult:
     def summary_table(self) -> str:
         """A short plain-text table for the console: the headline figures and each baseline.
 
-        One row for the converted model (skipped share, routed and total FLOPs saved, perplexity
-        ratio, top-1 agreement, KL) and one per training-free baseline calibrated to the same
-        measured share, then the expert-saturation alarm and notes if any.
+        One row for the converted model on the held-out text (skipped share, routed and total
+        FLOPs saved, perplexity ratio, top-1 agreement, KL) and one per training-free baseline
+        calibrated to that same measured share, then the expert-saturation alarm and notes if any.
+        The headline figures of `to_dict` (``zero_share`` ...) also count the lm-eval forwards.
 
         Returns:
             Lines of fixed-width text (no trailing newline).
         """
         pct = render.pct
         header = ["setting", "skipped", "FLOPs saved (routed/total)", "ppl ratio", "top-1 agr.", "KL"]
-        rows: list[list[str]] = []
-        i = self.intrinsic or {}
-        rows.append(
-            [
-                "zeda",
-                pct(self.zero_share),
-                f"{pct(self.routed_flop_reduction)} / {pct(self.total_flop_reduction)}",
-                _fixed(i.get("ppl_ratio"), 4),
-                _fixed(i.get("top1_agreement"), 3),
-                render.fmt(i.get("mean_kl"), 3),
+
+        def row(
+            label: str, share: float, routed: float, total: float, ppl: Any, agr: Any, kl: Any
+        ) -> list[str]:
+            return [
+                label,
+                pct(share),
+                f"{pct(routed)} / {pct(total)}",
+                _fixed(ppl, 4),
+                _fixed(agr, 3),
+                render.fmt(kl, 3),
             ]
-        )
+
+        # The converted model's held-out point when there is one: the baselines are matched to it.
         own = next((p for p in self.curve if p.method == "zeda" and p.setting == 0.0), None)
-        share = own.zero_share if own is not None else self.zero_share
+        if own is not None:
+            rows = [row("zeda", own.zero_share, own.routed_flop_reduction, own.total_flop_reduction,
+                        own.ppl_ratio, own.top1_agreement, own.mean_kl)]  # fmt: skip
+        else:
+            i = self.intrinsic or {}
+            rows = [row("zeda", self.zero_share, self.routed_flop_reduction, self.total_flop_reduction,
+                        i.get("ppl_ratio"), i.get("top1_agreement"), i.get("mean_kl"))]  # fmt: skip
         for p in self.curve:
-            if p.method in ("original", "zeda") or p.target_share is None:
+            if p.method in ("original", "zeda") or p.target_share is None or own is None:
                 continue
-            if abs(p.target_share - share) > 1e-6:  # baselines matched to sweep points: report only
+            if abs(p.target_share - round(own.zero_share, 6)) > 1e-6:  # matched to a sweep point
                 continue
             rows.append(
-                [
+                row(
                     p.label,
-                    pct(p.zero_share),
-                    f"{pct(p.routed_flop_reduction)} / {pct(p.total_flop_reduction)}",
-                    _fixed(p.ppl_ratio, 4),
-                    _fixed(p.top1_agreement, 3),
-                    render.fmt(p.mean_kl, 3),
-                ]
+                    p.zero_share,
+                    p.routed_flop_reduction,
+                    p.total_flop_reduction,
+                    p.ppl_ratio,
+                    p.top1_agreement,
+                    p.mean_kl,
+                )  # fmt: skip
             )
         lines = [f"{self.model_name}: E={self.num_experts}, Z={self.num_zero_experts}, top-{self.top_k}"]
         lines += render.text_table(header, rows).splitlines()
