@@ -57,6 +57,8 @@ RELOAD_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.bfloat1
 
 EXPORT_FORMATS = ("zeda", "zeda-reference")
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
@@ -181,6 +183,12 @@ def load_tokenizer(path: str | os.PathLike, model: nn.Module | None = None) -> A
         ZedaError: if no tokenizer can be read, it is empty, or it has more tokens than the
             model's embedding has rows.
     """
+    local = Path(path)
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        raise ZedaError(
+            f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...): "
+            "copy them from the original model"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as exc:
