@@ -1,13 +1,18 @@
 """The ``zeda`` command line: a thin layer over the Python API.
 
-zeda run RECIPE.yaml [key=value ...]
-zeda distill RECIPE.yaml [key=value ...]
+zeda run RECIPE.yaml [key=value ...] [--json]
+zeda distill RECIPE.yaml [key=value ...] [--json]
 zeda inject --model DIR --out DIR [--num-zero-experts N] [--seed S] [--overwrite]
-zeda eval --model DIR --tasks T1,T2 --out DIR [--limit N] [--overwrite]
-zeda export --model DIR --out DIR [--overwrite]
+zeda eval --model DIR --tasks T1,T2 --out DIR [--limit N] [--recipe R] [--teacher DIR] [--overwrite]
+zeda export --model DIR --out DIR [--format zeda|zeda-reference] [--overwrite]
+zeda calibrate --model DIR --target-share S --data FILE --out DIR [--overwrite]
 zeda flops --model-config NAME_OR_PATH [--zero-share S] [--num-zero-experts Z] [--json]
 zeda ls
 zeda validate RECIPE.yaml [...]
+
+Every verb calls the same public functions as the Python API (`zeda.run`, `zeda.evaluate`,
+`zeda.export`, ...); this module only parses flags, checks output paths and prints. A bad input
+exits with status 2 and one line on stderr, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,62 +22,138 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from zeda.errors import ZedaError
+
+
+def _check_output(out: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:
+    """Refuse an output directory that exists (without ``--overwrite``) or is or holds an input.
+
+    Args:
+        out: The output directory a command will write (and, with ``overwrite``, replace).
+        inputs: Every path the command reads.
+        overwrite: Whether ``--overwrite`` was passed.
+
+    Returns:
+        ``out`` as a `Path`.
+
+    Raises:
+        ZedaError: One line naming the conflict.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if target == src or target in src.parents:
+            raise ZedaError(f"output directory {out} is or contains the input {inp}; choose another --out")
+    if out.exists() and not overwrite:
+        raise ZedaError(f"output directory {out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def _print_paths(**paths: Any) -> None:
+    width = max(len(k) for k in paths)
+    for key, value in paths.items():
+        if value is not None:
+            print(f"{key:<{width}}  {value}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from zeda.pipeline import run
 
-    result = run(args.recipe, args.overrides, evaluate=True)
-    print(json.dumps(result.to_dict(), indent=1, default=str))
-    return 0
-
-
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from zeda.pipeline import run
-
-    result = run(args.recipe, args.overrides, evaluate=False)
-    print(json.dumps(result.to_dict(), indent=1, default=str))
+    result = run(args.recipe, args.overrides, evaluate=args.command == "run")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1, default=str))
+    else:
+        print(result.summary())
     return 0
 
 
 def _cmd_inject(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from zeda.io import atomic_save, load
+    from zeda.io import atomic_save, load, load_tokenizer
     from zeda.zero.inject import inject_zero_experts
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ZedaError(f"output directory {out} already exists; pass --overwrite to replace it")
+    out = _check_output(args.out, [args.model], args.overwrite)
+    tokenizer = load_tokenizer(args.model)
     model = load(args.model, dtype=args.dtype)
     report = inject_zero_experts(model, num_zero_experts=args.num_zero_experts, seed=args.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
     atomic_save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(json.dumps(report.to_dict(), indent=1))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from zeda.evaluation.evaluator import evaluate_cli
+    from zeda.config import RunConfig, load_recipe
+    from zeda.evaluation.run_eval import evaluate
+    from zeda.io import load, load_tokenizer
 
-    result, out = evaluate_cli(args)
-    print(result._repr_markdown_())
-    print(f"\nwrote {out}/results.json, report.md, zero_share_per_layer.png, frontier.png")
+    inputs = [args.model, *([args.teacher] if args.teacher else []), *([args.recipe] if args.recipe else [])]
+    out = _check_output(args.out, inputs, args.overwrite)
+    cfg = load_recipe(args.recipe) if args.recipe else RunConfig()
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    tokenizer = load_tokenizer(args.model)
+    model = load(args.model)
+    teacher = load(args.teacher) if args.teacher else None
+    result = evaluate(
+        model,
+        cfg,
+        tokenizer,
+        teacher=teacher,
+        tasks=tasks,
+        limit=args.limit if args.limit is not None else cfg.eval.limit,
+        model_name=str(args.model),
+    )
+    result.save(out, overwrite=args.overwrite)
+    print(result.summary_table())
+    _print_paths(report=out / "report.md", results=out / "results.json")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from zeda.export import export_cli
+    from zeda.io import export, load, load_tokenizer
 
-    out = export_cli(args)
-    print(f"exported and verified {out}")
+    src = Path(args.model)
+    out = _check_output(args.out, [src], args.overwrite)
+    if (src / "recipe.yaml").is_file():  # a run directory: rebuild its student
+        from zeda.distillation.student import load_run
+
+        model, tokenizer, cfg, metrics = load_run(src)
+        base = cfg.model.name_or_path
+    else:
+        tokenizer = load_tokenizer(src)
+        model = load(src)
+        metrics_file = src / "zeda_metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+        base = None
+    export(
+        model,
+        out,
+        tokenizer=tokenizer,
+        card_metrics=metrics,
+        overwrite=args.overwrite,
+        inplace=True,
+        base_model=base,
+        format=args.format,
+    )
+    _print_paths(export=out)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from zeda.zero.calibrate import calibrate_export
+
+    out = _check_output(args.out, [args.model, args.data], args.overwrite)
+    result = calibrate_export(
+        args.model,
+        target_share=args.target_share,
+        data=args.data,
+        out_dir=out,
+        overwrite=args.overwrite,
+    )
+    print(result.summary() if hasattr(result, "summary") else result)
+    _print_paths(export=out)
     return 0
 
 
@@ -122,14 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
-    for name, fn, help_ in (
-        ("run", _cmd_run, "inject, distill, evaluate and export as a recipe says"),
-        ("distill", _cmd_distill, "inject, distill and export (no evaluation)"),
+    for name, help_ in (
+        ("run", "inject, distill, evaluate and export as a recipe says"),
+        ("distill", "inject, distill and export (no evaluation)"),
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.output_dir=runs/x")
-        s.set_defaults(fn=fn)
+        s.add_argument("--json", action="store_true", help="print the whole result as JSON")
+        s.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("inject", help="add zero experts to a checkpoint and save it")
     s.add_argument("--model", required=True, help="original model directory or hub id")
@@ -153,8 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="merge LoRA, write a standard checkpoint, reload and verify")
     s.add_argument("--model", required=True, help="a run directory (with checkpoint/) or a model directory")
     s.add_argument("--out", required=True)
+    s.add_argument(
+        "--format",
+        default="zeda",
+        choices=("zeda", "zeda-reference"),
+        help="zeda (default) or zeda-reference (the ZEDA authors' *PlusPlus format)",
+    )
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser(
+        "calibrate", help="solve the zero-logit bias for a target skipped share and export at that budget"
+    )
+    s.add_argument("--model", required=True, help="an injected or exported zeda model directory")
+    s.add_argument(
+        "--target-share", type=float, required=True, help="share of routed slots to skip, in (0, 1)"
+    )
+    s.add_argument("--data", required=True, help="calibration text (JSONL with a 'text' field)")
+    s.add_argument("--out", required=True, help="output directory of the calibrated export")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_cmd_calibrate)
 
     s = sub.add_parser("flops", help="parameters and per-token FLOPs from a config")
     s.add_argument("--model-config", required=True, help="built-in name (zeda ls), config.json or model dir")
@@ -174,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``zeda`` console script."""
+    """Entry point of the ``zeda`` console script.
+
+    Returns:
+        0 on success, 2 on a bad input (one ``zeda: error:`` line on stderr).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -1,6 +1,15 @@
-"""``zeda run``: load → inject → stage 1 → stage 2 → evaluate → export, readable top-down.
+"""``zeda run``: the whole method, top-down.
 
-The CLI and the Python API call these same functions.
+0. check every input (recipe, data, tokenizer, model) before anything is written or deleted;
+1. load the original model;
+2. inject zero experts;
+3. distil: stage 1 (sequence-level) then stage 2 (on-policy), `zeda.distillation.loop`;
+4. evaluate against the teacher, with the training-free baselines at the same measured share;
+5. export: merge LoRA, save a standard checkpoint, reload and verify.
+
+The CLI (``zeda run`` / ``zeda distill``) and the Python API (`zeda.run`) call `run`; each step
+is itself a public function (`zeda.load`, `zeda.inject_zero_experts`, `zeda.distill`,
+`zeda.evaluate`, `zeda.export`) that a notebook can call one by one.
 """
 
 from __future__ import annotations
@@ -9,16 +18,19 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from accelerate import PartialState
-from transformers import AutoTokenizer
 
-from zeda.config import RunConfig, load_recipe, save_recipe
+from zeda.config import RunConfig, load_recipe
+from zeda.distillation.data import validate_data
 from zeda.distillation.loop import DistillResult, distill
+from zeda.distillation.run_dir import prepare_run_dir, run_inputs
 from zeda.errors import ZedaError
-from zeda.io import load
+from zeda.evaluation.result import EvalResult
+from zeda.evaluation.run_eval import evaluate as evaluate_model
+from zeda.io import export, load, load_tokenizer
 from zeda.zero.inject import InjectionReport, inject_zero_experts
+from zeda.zero.structure import is_injected
 
 logger = logging.getLogger(__name__)
 
@@ -28,30 +40,54 @@ class RunResult:
     """Everything one `run` produced.
 
     Attributes:
-        injection: What injection did.
+        injection: What injection did (None when the checkpoint was already injected).
         distill: Training outcome.
-        evaluation: Evaluation results (None when no tasks/eval ran).
+        evaluation: Evaluation results (None for ``zeda distill`` or ``eval.tasks: null``).
         export_dir: Where the merged model was written.
         output_dir: The run directory.
     """
 
     injection: InjectionReport | None
     distill: DistillResult | None
-    evaluation: Any = None
+    evaluation: EvalResult | None = None
     export_dir: str | None = None
     output_dir: str = ""
     extra: dict = field(default_factory=dict)
 
+    @property
+    def report_path(self) -> Path | None:
+        """The evaluation report (``eval/report.md`` in the run directory), if one was written."""
+        return Path(self.output_dir) / "eval" / "report.md" if self.evaluation is not None else None
+
     def to_dict(self) -> dict:
-        """Plain-dict form (JSON-serialisable)."""
-        ev = self.evaluation.to_dict() if hasattr(self.evaluation, "to_dict") else self.evaluation
+        """Plain-dict form (JSON-serialisable); ``run.json`` in the run directory."""
         return {
             "injection": self.injection.to_dict() if self.injection else None,
             "distill": self.distill.to_dict() if self.distill else None,
-            "evaluation": ev,
+            "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None,
             "export_dir": self.export_dir,
             "output_dir": self.output_dir,
         }
+
+    def summary(self) -> str:
+        """A short console summary: the evaluation table (or the training outcome) and the paths."""
+        lines: list[str] = []
+        if self.evaluation is not None:
+            lines.append(self.evaluation.summary_table())
+        elif self.distill is not None:
+            d = self.distill
+            lines.append(
+                f"distilled: stage 1 {d.stage1_steps} steps, stage 2 {d.stage2_steps} steps, "
+                f"{d.wall_seconds:.0f} s; zero share {d.final_zero_share:.3f} (target {d.target_zero_share:.3f})"
+            )
+        paths = {
+            "report": self.report_path,
+            "export": self.export_dir,
+            "run": Path(self.output_dir) / "run.json" if self.output_dir else None,
+        }
+        lines.append("")
+        lines += [f"{key:<6}  {value}" for key, value in paths.items() if value is not None]
+        return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
         parts = []
@@ -61,25 +97,29 @@ class RunResult:
         return "\n\n".join(parts)
 
 
-def load_model_and_tokenizer(cfg: RunConfig) -> tuple[Any, Any]:
-    """Load the model named by ``cfg.model`` (original or injected) and its tokenizer."""
-    model = load(
-        cfg.model.name_or_path,
-        dtype=cfg.model.dtype,
-        experts_implementation=cfg.model.experts_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    except (OSError, ValueError) as exc:
-        raise ZedaError(f"no tokenizer found at {cfg.model.name_or_path}: {exc}".splitlines()[0]) from exc
-    return model, tokenizer
+def _check_export_dir(export_dir: Path, inputs: list[Path]) -> None:
+    """Refuse an export directory that the export would wrongly replace.
+
+    The export replaces its directory once the new checkpoint is verified, so that directory
+    must not be or contain an input, and an existing one must be an earlier zeda export.
+    """
+    target = export_dir.expanduser().resolve()
+    for inp in inputs:
+        src = Path(inp).expanduser().resolve()
+        if src == target or target in src.parents:
+            raise ZedaError(f"export.out_dir {export_dir} is or contains the input {inp}; choose another")
+    if target.is_dir() and any(target.iterdir()):
+        config = target / "config.json"
+        if not (config.is_file() and '"zeda"' in config.read_text(errors="replace")):
+            raise ZedaError(
+                f"export.out_dir {export_dir} exists and is not a zeda export; remove it or choose another"
+            )
 
 
 def run(
     cfg: RunConfig | str | Path, overrides: list[str] | tuple[str, ...] = (), evaluate: bool = True
 ) -> RunResult:
-    """Run a whole recipe.
+    """Run a whole recipe: load → inject → stage 1 → stage 2 → evaluate (+ baselines) → export.
 
     Args:
         cfg: A `RunConfig` or the path of a recipe YAML.
@@ -88,17 +128,38 @@ def run(
 
     Returns:
         A `RunResult`.
+
+    Raises:
+        ZedaError: on any bad input, before the run directory is touched.
     """
+    explicit_out = any(o.split("=", 1)[0].strip() == "train.output_dir" for o in overrides)
     if not isinstance(cfg, RunConfig):
         cfg = load_recipe(cfg, overrides)
     cfg.validate()
+    out = Path(cfg.train.output_dir)
+    export_dir = Path(cfg.export.out_dir) if cfg.export.out_dir else out / "export"
 
-    # 1. The original model and its tokenizer.
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    # 0. Every input is checked before anything is written or deleted: the data files, the run
+    #    directory (never an input, never a non-zeda directory to overwrite, a resume only with a
+    #    checkpoint), the export directory, the tokenizer (not empty, not larger than the model's
+    #    vocabulary) and the model (config, family, every weight present and readable).
+    validate_data(cfg)
+    inputs = run_inputs(cfg)
+    run_dir = prepare_run_dir(cfg, inputs, explicit=explicit_out)
+    _check_export_dir(export_dir, inputs)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
 
-    # 2. Zero experts (skipped when the checkpoint is already injected).
+    # 1. The original model.
+    model = load(
+        cfg.model.name_or_path,
+        dtype=cfg.model.dtype,
+        experts_implementation=cfg.model.experts_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+    # 2. Zero experts: Z rows per router (skipped when the checkpoint is already injected).
     injection = None
-    if not getattr(model.config, "zeda", None):
+    if not is_injected(model):
         injection = inject_zero_experts(
             model,
             num_zero_experts=cfg.inject.num_zero_experts,
@@ -106,28 +167,23 @@ def run(
             experts_implementation=cfg.model.experts_implementation or "zeda",
         )
 
-    # 3. Stage 1 and stage 2 self-distillation (LoRA experts, routers in full).
-    student, result = distill(model, cfg, tokenizer)
-    out = Path(cfg.train.output_dir)
+    # 3. Stage 1 and stage 2 self-distillation against the model's own teacher mode
+    #    (LoRA on the experts, routers trained in full, the group balance loss sets the share).
+    student, result = distill(model, cfg, tokenizer, run_dir=run_dir)
     state = PartialState()
     state.wait_for_everyone()
     if not state.is_main_process:  # evaluation and export run once, on the main process
         return RunResult(injection, result, None, None, str(out))
-    save_recipe(cfg, out / "recipe.yaml")
 
-    # 4. Evaluation against the teacher (the same weights in teacher mode).
+    # 4. Evaluation against the teacher (the same weights in teacher mode), then the
+    #    training-free baselines calibrated to the same measured share (``eval.baselines``).
     evaluation = None
     if evaluate and cfg.eval.tasks is not None:
-        from zeda.evaluation.evaluator import evaluate as run_eval
-
-        evaluation = run_eval(student, cfg, tokenizer)
+        evaluation = evaluate_model(student, cfg, tokenizer)
         evaluation.save(out / "eval", overwrite=True)
 
-    # 5. Export: merge LoRA, save a standard checkpoint, reload and compare.
-    from zeda.export import export
-
-    export_dir = Path(cfg.export.out_dir) if cfg.export.out_dir else out / "export"
-    metrics = evaluation.card_metrics() if hasattr(evaluation, "card_metrics") else None
+    # 5. Export: merge LoRA, save a standard checkpoint, reload and compare logits.
+    metrics = evaluation.card_metrics() if evaluation is not None else None
     export(student, export_dir, tokenizer=tokenizer, card_metrics=metrics, overwrite=True)
     run_result = RunResult(injection, result, evaluation, str(export_dir), str(out))
     (out / "run.json").write_text(json.dumps(run_result.to_dict(), indent=1, default=str))
