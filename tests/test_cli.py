@@ -188,3 +188,39 @@ def test_run_ends_with_summary_table_and_paths(tmp_path, capsys, monkeypatch):
     # --json keeps the machine-readable form for scripts.
     assert main(["run", "recipe.yaml", "train.resume=true", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["output_dir"] == "run"
+
+
+# ---- zeda export --format zeda-reference ---------------------------------------------------------
+
+
+def test_export_format_choices_match_the_library():
+    from zeda.io import EXPORT_FORMATS
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    fmt = next(a for a in export._actions if a.dest == "format")
+    assert tuple(fmt.choices) == tuple(EXPORT_FORMATS) and fmt.default == "zeda"
+
+
+def test_export_reference_format_round_trip(tmp_path, capsys):
+    model = tiny_model("qwen3_moe")
+    zeda.inject_zero_experts(model, 4)
+    zeda.atomic_save(model, tmp_path / "injected", tokenizer=tiny_tokenizer())
+    args = ["export", "--model", str(tmp_path / "injected"), "--out", str(tmp_path / "ref")]
+    assert main([*args, "--format", "zeda-reference"]) == 0
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoePlusPlusForCausalLM"] and config["zce_nums"] == [4]
+    ids = token_batch(2, 8)
+    back = load(tmp_path / "ref")  # read back and converted to zeda's format
+    model.set_experts_implementation("eager")
+    back.set_experts_implementation("eager")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # A family the reference format cannot express: one line, nothing written.
+    mixtral = tiny_model("mixtral")
+    zeda.inject_zero_experts(mixtral, 4)
+    zeda.atomic_save(mixtral, tmp_path / "mixtral", tokenizer=tiny_tokenizer())
+    capsys.readouterr()
+    args = ["export", "--model", str(tmp_path / "mixtral"), "--out", str(tmp_path / "ref2")]
+    assert main([*args, "--format", "zeda-reference"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("zeda: error:")]
+    assert len(err) == 1 and "mixtral" in err[0] and not (tmp_path / "ref2").exists()
