@@ -113,10 +113,12 @@ def load(
     if isinstance(dtype, str) and dtype not in _DTYPES:
         raise ZedaError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if reference_format.is_reference_checkpoint(path):
         model = reference_format.load_reference(path, dtype=torch_dtype, **kwargs)
-        if experts_implementation is not None:
-            model.set_experts_implementation(experts_implementation)
         return model.to(device).eval() if device is not None else model.eval()
     config = _read_config(path)
     model_type = getattr(config, "model_type", "")
@@ -126,10 +128,6 @@ def load(
             f"zeda supports: {', '.join(supported_model_types())}"
         )
     get_spec(model_type)
-    if experts_implementation is not None:
-        kwargs["experts_implementation"] = experts_implementation
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=torch_dtype, output_loading_info=True, **kwargs
