@@ -126,6 +126,12 @@ def test_readme_prose_references_resolve():
     assert not broken, f"README names {broken}, which do not resolve"
 
 
+def test_readme_file_references_exist():
+    refs = set(re.findall(r"`((?:zeda|recipes|evals|examples|docs|tests)/[\w./*-]*)`", README))
+    missing = sorted(r for r in refs if not any(ROOT.glob(r.rstrip("/"))))
+    assert not missing, f"README names {missing}, which are not in the tree"
+
+
 def test_readme_command_lines_parse():
     parser = build_parser()
     verbs = {a.dest for a in parser._subparsers._group_actions[0]._choices_actions}
