@@ -37,11 +37,10 @@ def run_one(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads
     import torch
 
     import zeda
-    from zeda.config import LoraConfig, RunConfig
-    from zeda.distillation.loop import BalanceTracker
+    from zeda.config import RunConfig
+    from zeda.distillation.balance import BalanceTracker, RouterCapture
     from zeda.distillation.losses import forward_kl, token_nll
-    from zeda.distillation.student import make_student
-    from zeda.zero.routing import RouterCapture
+    from zeda.distillation.student import build_student
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -50,11 +49,10 @@ def run_one(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads
     teacher = None
     if mode == "two_copy":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    zeda.inject_zero_experts(model)
-    student = make_student(model, LoraConfig())
-    student.train()
     cfg = RunConfig()
-    tracker = BalanceTracker(cfg, global_batch=False)
+    student = build_student(model, cfg)
+    student.train()
+    tracker = BalanceTracker(cfg.balance.alpha, 2.0, global_batch=False)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     vocab = student.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -70,9 +68,10 @@ def run_one(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads
         elif mode == "two_copy":
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids).logits
-        with RouterCapture() as cap:
+        tracker.start_step()
+        with RouterCapture(student) as cap:
             s_logits = student(input_ids=ids).logits
-            bal = tracker.loss(cap.records, None)
+        bal = tracker.loss(cap.records, None)
         if mode == "lora_sft":
             loss = token_nll(s_logits, labels, mask)
         else:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import FAMILIES, token_batch
 
 import zeda
-from zeda.config import LoraConfig
-from zeda.distillation.student import make_student, peft_config_for
+from zeda.config import LoraConfig, RunConfig, apply_overrides
+from zeda.distillation.student import build_student, peft_config_for
 from zeda.tiny import tiny_model
+
+
+def _cfg(**lora) -> RunConfig:
+    return apply_overrides(RunConfig(), sorted(f"lora.{k}={str(v).lower()}" for k, v in lora.items()))
 
 
 def _student(family: str, **lora):
@@ -17,7 +23,7 @@ def _student(family: str, **lora):
     original.set_experts_implementation("eager")
     model = tiny_model(family)
     zeda.inject_zero_experts(model)
-    return original, make_student(model, LoraConfig(**lora))
+    return original, build_student(model, _cfg(**lora))
 
 
 def _train_steps(student, steps: int = 2, lr: float = 1e-2):
@@ -69,7 +75,7 @@ def test_teacher_stays_bit_exact_during_training(family):
 
 
 def test_full_experts_keeps_a_frozen_teacher_copy():
-    original, student = _student("qwen3_moe", full_experts=True)
+    original, student = _student("qwen3_moe", enabled=False, full_experts=True)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert any(".experts.modules_to_save." in n for n in trainable)
     assert not any("lora_" in n for n in trainable)
@@ -86,10 +92,33 @@ def test_shared_expert_gate_is_not_mistaken_for_the_router():
     zeda.inject_zero_experts(model)
     cfg = peft_config_for(model, LoraConfig())
     assert all(name.endswith(".mlp.gate") for name in cfg.modules_to_save)
-    student = make_student(model, LoraConfig())
+    student = build_student(model, RunConfig())
     assert not any("shared_expert" in n for n, p in student.named_parameters() if p.requires_grad)
 
 
-def test_needs_injected_model():
-    with pytest.raises(zeda.ZedaError, match="inject"):
-        make_student(tiny_model("olmoe"), LoraConfig())
+def test_build_student_injects_an_original_and_is_quiet():
+    """One constructor: an original model is injected per the recipe; PEFT and transformers stay silent."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        student = build_student(tiny_model("olmoe"), RunConfig())
+        full = build_student(tiny_model("olmoe"), _cfg(enabled=False, full_experts=True))
+    assert zeda.is_injected(student) and zeda.is_injected(full)
+    noisy = [
+        str(w.message)
+        for w in caught
+        if "target_modules" in str(w.message) or "checkpointing" in str(w.message)
+    ]
+    assert not noisy, noisy
+
+
+def test_same_seed_same_lora_init():
+    a = build_student(tiny_model("olmoe"), _cfg())
+    torch.manual_seed(123)  # whatever the global RNG holds, train.seed decides
+    b = build_student(tiny_model("olmoe"), _cfg())
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_nothing_to_train_is_refused():
+    with pytest.raises(zeda.ZedaError, match="nothing to train"):
+        build_student(tiny_model("olmoe"), _cfg(enabled=False, train_router=False))

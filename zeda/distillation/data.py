@@ -8,11 +8,14 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zeda.errors import ZedaError
+
+if TYPE_CHECKING:
+    from zeda.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,33 +23,96 @@ logger = logging.getLogger(__name__)
 def read_jsonl(path: str | os.PathLike, field: str = "text", limit: int | None = None) -> list[str]:
     """Read one text field per line of a JSONL file (plain ``.txt`` files: one document per file).
 
+    Args:
+        path: The file.
+        field: JSON key holding the text; its value must be a string.
+        limit: Stop after this many records (``None`` = all).
+
     Raises:
-        ZedaError: if the file is missing, empty or lacks ``field``.
+        ZedaError: if the file is missing, not UTF-8, empty, or a record lacks a string ``field``.
     """
     p = Path(path)
-    if not p.exists():
-        raise ZedaError(f"data file {p} does not exist; check data.train_file / data.eval_file")
-    if p.suffix == ".txt":
-        return [p.read_text(encoding="utf-8")]
-    out: list[str] = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ZedaError(f"{p}:{n} is not valid JSON ({exc.msg}); fix or regenerate the file") from exc
-            if field not in row:
-                raise ZedaError(
-                    f"{p}:{n} has no field {field!r}; set data.text_field to one of {sorted(row)}"
-                )
-            out.append(str(row[field]))
-            if limit is not None and len(out) >= limit:
-                break
+    if not p.is_file():
+        raise ZedaError(
+            f"data file {p} does not exist; check data.train_file / data.prompt_file / data.eval_file"
+        )
+    try:
+        if p.suffix == ".txt":
+            return [p.read_text(encoding="utf-8")]
+        out: list[str] = []
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                out.append(_record_text(p, n, line, field))
+                if limit is not None and len(out) >= limit:
+                    break
+    except UnicodeDecodeError as exc:
+        raise ZedaError(
+            f"data file {p} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8"
+        ) from None
     if not out:
         raise ZedaError(f"data file {p} has no records")
     return out
+
+
+def _record_text(path: Path, line_no: int, line: str, field: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ZedaError(
+            f"{path}:{line_no} is not valid JSON ({exc.msg}); fix or regenerate the file"
+        ) from None
+    if not isinstance(row, dict):
+        raise ZedaError(f'{path}:{line_no} is not a JSON object; each line must be like {{{field!r}: "..."}}')
+    if field not in row:
+        raise ZedaError(
+            f"{path}:{line_no} has no field {field!r}; set data.text_field to one of {sorted(row)}"
+        )
+    value = row[field]
+    if not isinstance(value, str):
+        raise ZedaError(
+            f"{path}:{line_no} field {field!r} is {type(value).__name__ if value is not None else 'null'}, "
+            "not a string; fix or drop that record"
+        )
+    return value
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """Read every data file the recipe will train on, before any model is loaded.
+
+    Checks ``data.train_file`` (text of stage 1, and the prompt source when no prompt file is
+    set), ``data.prompt_file`` when rollouts or stage 2 use it, and ``data.eval_file`` when it
+    exists (a missing eval file only skips held-out scoring).
+
+    Raises:
+        ZedaError: one line naming the file and the problem.
+    """
+    d = cfg.data
+    uses_prompts = (cfg.stage1.enabled and cfg.stage1.mode == "rollout") or cfg.stage2.enabled
+    if d.prompt_file and uses_prompts:
+        read_jsonl(d.prompt_file, d.text_field)
+    if (cfg.stage1.enabled and cfg.stage1.mode == "text") or (uses_prompts and not d.prompt_file):
+        read_jsonl(d.train_file, d.text_field)
+    if Path(d.eval_file).exists():
+        read_jsonl(d.eval_file, d.text_field)
+
+
+def load_prompts(cfg: RunConfig, tokenizer: Any) -> list[str]:
+    """The prompt set of rollouts and stage 2, formatted with the chat template when wanted.
+
+    ``data.prompt_file`` when set, else the first tokens of each ``data.train_file`` document;
+    at most ``data.max_prompts`` of them (``None`` = all).
+    """
+    d = cfg.data
+    if d.prompt_file:
+        raw = read_jsonl(d.prompt_file, d.text_field, d.max_prompts)
+    else:
+        texts = read_jsonl(d.train_file, d.text_field)
+        raw = prompts_from_texts(texts, tokenizer, prompt_tokens=min(64, d.seq_len // 2), limit=d.max_prompts)
+    if not raw:
+        raise ZedaError(f"no prompts of at least 4 tokens in {d.prompt_file or d.train_file}")
+    return [format_prompt(tokenizer, p, d.chat_template) for p in raw]
 
 
 def pack_texts(texts: list[str], tokenizer: Any, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -106,14 +172,16 @@ def format_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
     return prompt
 
 
-def prompts_from_texts(texts: list[str], tokenizer: Any, prompt_tokens: int, limit: int) -> list[str]:
-    """Cut the first ``prompt_tokens`` tokens of each document into a continuation prompt."""
+def prompts_from_texts(
+    texts: list[str], tokenizer: Any, prompt_tokens: int, limit: int | None = None
+) -> list[str]:
+    """Cut the first ``prompt_tokens`` tokens of each document into a continuation prompt (``limit`` None = all)."""
     out = []
     for t in texts:
         ids = tokenizer(t, add_special_tokens=False)["input_ids"][:prompt_tokens]
         if len(ids) >= max(4, prompt_tokens // 2):
             out.append(tokenizer.decode(ids))
-        if len(out) >= limit:
+        if limit is not None and len(out) >= limit:
             break
     return out
 

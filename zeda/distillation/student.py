@@ -1,27 +1,40 @@
-"""Trainable parameters of a zeda student: LoRA on expert FFNs (PEFT), routers in full.
+"""The student: the injected model wrapped by PEFT, built in exactly one place.
 
-Routers are listed in PEFT's ``modules_to_save``: PEFT trains a copy and keeps the original
-frozen, so ``disable_adapter()`` restores the original router rows and the teacher stays honest
-while the router trains in full. Experts get LoRA through ``target_parameters`` on the fused
-3-D weights (or, with ``full_experts``, a trained copy through ``modules_to_save`` too, so the
-teacher still sees the frozen originals). Nothing else trains.
+What trains: LoRA on the routed experts' fused 3-D weights (PEFT ``target_parameters``) and the
+routers in full. Routers are listed in PEFT's ``modules_to_save``: PEFT trains a copy and keeps
+the original frozen, so ``disable_adapter()`` switches every router back to its original rows
+and the teacher (`zeda.teacher_mode`) stays bit-exact. With ``lora.full_experts`` the experts get
+a trained copy through ``modules_to_save`` as well. Nothing else trains.
+
+`build_student` is the one constructor (from a model, an injected checkpoint or a run
+directory); `load_run` rebuilds a run's student for export. Zero experts are injected here and in
+the pipeline, nowhere else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+import os
+import warnings
+from pathlib import Path
+from typing import Any
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
-from zeda.config import LoraConfig
+from zeda.config import LoraConfig as ZedaLoraConfig
+from zeda.config import RunConfig, load_recipe
 from zeda.errors import ZedaError
 from zeda.families import spec_for_model
-from zeda.zero.inject import find_moe_layers, is_injected
+from zeda.zero.inject import find_moe_layers, inject_zero_experts, is_injected
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["build_student", "is_student", "load_run", "peft_config_for", "trainable_parameters"]
 
 
 def _module_names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
@@ -29,11 +42,11 @@ def _module_names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
     return [name for name, m in model.named_modules() if id(m) in ids]
 
 
-def peft_config_for(model: nn.Module, cfg: LoraConfig) -> PeftLoraConfig:
-    """Build the `peft.LoraConfig` for an injected model from zeda's ``lora`` section.
+def peft_config_for(model: nn.Module, cfg: ZedaLoraConfig) -> PeftLoraConfig:
+    """The `peft.LoraConfig` of an injected model for zeda's ``lora`` section.
 
-    Module paths are exact (anchored regexes / full names), so e.g. Qwen2-MoE's
-    ``shared_expert_gate`` is never mistaken for the router ``gate``.
+    Module paths are exact full names, so e.g. Qwen2-MoE's ``shared_expert_gate`` is never
+    mistaken for the router ``gate``.
     """
     spec = spec_for_model(model)
     layers = find_moe_layers(model, spec)
@@ -42,52 +55,37 @@ def peft_config_for(model: nn.Module, cfg: LoraConfig) -> PeftLoraConfig:
     save: list[str] = []
     if cfg.train_router:
         save += _module_names(model, [layer.router for layer in layers])
+    target_parameters: list[str] = []
     if cfg.full_experts:
         save += _module_names(model, [layer.experts for layer in layers])
-        target_parameters: list[str] = []
-    else:
+    elif cfg.enabled:
         expert_paths = _module_names(model, [layer.experts for layer in layers])
         target_parameters = [f"{p}.{name}" for p in expert_paths for name in spec.lora_target_parameters]
-    # A regex that matches no module keeps PEFT from adding LoRA to any nn.Linear.
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=0.0,
-        target_modules=r"^$",
+        # An empty list adapts no nn.Linear (PEFT's documented way to target parameters only);
+        # with nothing to adapt at all, PEFT's dummy target keeps just the trained copies.
+        target_modules=[] if target_parameters else DUMMY_TARGET_MODULES,
         target_parameters=target_parameters or None,
         modules_to_save=save or None,
         bias="none",
     )
 
 
-def make_student(model: nn.Module, cfg: LoraConfig) -> PeftModel:
-    """Wrap an injected model for training: freeze everything, then LoRA experts + routers.
-
-    Args:
-        model: A model after `zeda.inject_zero_experts`.
-        cfg: The ``lora`` section of the run config.
-
-    Returns:
-        The PEFT model. Its ``disable_adapter()`` context gives the original experts and routers.
-    """
-    if not is_injected(model):
-        raise ZedaError("make_student needs an injected model; call zeda.inject_zero_experts first")
+def _wrap(model: nn.Module, cfg: ZedaLoraConfig) -> PeftModel:
     if not cfg.enabled and not cfg.full_experts and not cfg.train_router:
         raise ZedaError("nothing to train: enable lora, lora.full_experts or lora.train_router")
     peft_cfg = peft_config_for(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.enabled and not cfg.full_experts:
-        student = get_peft_model(model, peft_cfg)
-    else:
-        # No LoRA at all: PEFT's ModulesToSaveWrapper alone gives each trained module (experts
-        # and/or routers) a trainable copy while keeping the frozen original for the teacher.
-        from peft.utils.other import _set_trainable
-
-        _set_trainable(
-            model, "default", module_names=list(peft_cfg.modules_to_save or []), inference_mode=False
+    with warnings.catch_warnings():
+        # PeftModel reads transformers' deprecated `is_gradient_checkpointing` alias (transformers 5).
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
-        student = model
+        student = get_peft_model(model, peft_cfg)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in student.parameters())
     logger.info("trainable parameters: %d of %d (%.3f%%)", n_train, n_total, 100 * n_train / max(n_total, 1))
@@ -95,17 +93,97 @@ def make_student(model: nn.Module, cfg: LoraConfig) -> PeftModel:
 
 
 def is_student(model: nn.Module) -> bool:
-    """Whether ``model`` was already prepared by `make_student` (LoRA or trainable copies)."""
-    from peft.utils.other import ModulesToSaveWrapper
-
-    return isinstance(model, PeftModel) or any(isinstance(m, ModulesToSaveWrapper) for m in model.modules())
+    """Whether ``model`` is already a student (a `peft.PeftModel`)."""
+    return isinstance(model, PeftModel)
 
 
-def trainable_state_dict(model: nn.Module) -> dict:
-    """The trained tensors only (LoRA factors, router copies), keyed by parameter name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trained parameters (LoRA factors, router/expert copies) by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def is_router_param(name: str, router_attr: str) -> bool:
-    """Whether a parameter name belongs to a router (full training, no LoRA)."""
-    return re.search(rf"\.{re.escape(router_attr)}\.", name) is not None
+def _is_run_dir(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() and any(
+        (path / d / "state.json").is_file() for d in ("checkpoint", ".checkpoint.old")
+    )
+
+
+def build_student(
+    source: nn.Module | str | os.PathLike, cfg: RunConfig | None = None, *, load_checkpoint: bool = True
+) -> PeftModel:
+    """Build a student from a model, an injected checkpoint directory or a run directory.
+
+    ``train.seed`` is applied right before the LoRA factors are created, so two identical
+    runs start from bit-equal weights.
+
+    Args:
+        source: An original MoE model (zero experts are injected per ``cfg.inject``), an injected
+            model, a student (returned as is), the directory of an original or injected
+            checkpoint, or a ``zeda run`` directory (``recipe.yaml`` + ``checkpoint/``).
+        cfg: The run configuration (a run directory's own ``recipe.yaml`` when omitted there).
+        load_checkpoint: For a run directory, restore the trained tensors of its checkpoint.
+
+    Returns:
+        The PEFT student; ``zeda.teacher_mode(student)`` is the frozen original.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if _is_run_dir(path):
+            cfg = cfg or load_recipe(path / "recipe.yaml")
+            from zeda.io import load
+
+            student = build_student(load(cfg.model.name_or_path, dtype=cfg.model.dtype), cfg)
+            if load_checkpoint:
+                from zeda.distillation.checkpoint import load_trainable
+
+                load_trainable(path, student)
+            return student
+        if cfg is None:
+            raise ZedaError(
+                f"build_student({path}) needs the run config (only a run directory carries its own)"
+            )
+        from zeda.io import load
+
+        source = load(path, dtype=cfg.model.dtype, experts_implementation=cfg.model.experts_implementation)
+    if cfg is None:
+        raise ZedaError("build_student needs the run config")
+    if is_student(source):
+        return source
+    if not is_injected(source):
+        inject_zero_experts(
+            source,
+            num_zero_experts=cfg.inject.num_zero_experts,
+            seed=cfg.inject.seed,
+            experts_implementation=cfg.model.experts_implementation or "zeda",
+        )
+    torch.manual_seed(cfg.train.seed)
+    return _wrap(source, cfg.lora)
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[PeftModel, Any, RunConfig, dict | None]:
+    """Rebuild the student of a ``zeda run`` directory (for export).
+
+    Works for finished, killed and stopped runs alike: the recipe is written when a run starts
+    and the checkpoint holds only finite weights.
+
+    Returns:
+        ``(student, tokenizer, cfg, card_metrics or None)``; the metrics come from the run's
+        ``eval/results.json`` when it has one.
+    """
+    from zeda.io import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise ZedaError(f"{run_dir} is not a zeda run directory (no recipe.yaml)")
+    if not _is_run_dir(run_dir):
+        raise ZedaError(f"{run_dir} holds no checkpoint to export; it stopped before its first checkpoint")
+    cfg = load_recipe(run_dir / "recipe.yaml")
+    student = build_student(run_dir, cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, model=student)
+    metrics = None
+    results = run_dir / "eval" / "results.json"
+    if results.is_file():
+        from zeda.card import card_metrics_from_results
+
+        metrics = card_metrics_from_results(json.loads(results.read_text()))
+    return student, tokenizer, cfg, metrics
