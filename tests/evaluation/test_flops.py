@@ -142,24 +142,47 @@ def test_builtin_matches_published(name: str) -> None:
     assert abs(report.total_params / total - 1) < 0.03, (name, report.total_params, source)
     if name == "glm-4.7-flash":
         return  # see test_glm_4_7_flash_against_its_label
-    # The gpt-oss card counts the unembedding but not the embedding table as active; the others
-    # count both (as zeda's active_params does).
-    got = report.active_params_excl_embeddings if name == "gpt-oss-20b" else report.active_params
-    assert abs(got / active - 1) < 0.05, (name, got, source)
+    # active_params counts as each family's card does (the gpt-oss card leaves the embedding out).
+    assert abs(report.active_params / active - 1) < 0.05, (name, report.active_params, source)
+
+
+@pytest.mark.parametrize(
+    ("name", "excluded"),
+    [
+        ("qwen3-30b-a3b", ()),
+        ("deepseek-v3", ()),
+        ("gpt-oss-20b", ("embedding",)),
+        ("glm-4.7-flash", ("embedding", "lm_head")),
+    ],
+)
+def test_active_params_follow_the_family_card(name: str, excluded: tuple[str, ...]) -> None:
+    for s in (0.0, 0.5):
+        r = flop_report(name, zero_share=s)
+        by = r.active_params_by_component
+        assert r.active_params_all == sum(by.values())
+        assert r.active_params == r.active_params_all - sum(by[c] for c in excluded)
+        assert r.active_params_excl_embeddings == r.active_params_all - by["embedding"]
+        assert all(c in r.active_params_convention for c in excluded)
+    # What `zeda flops --model-config gpt-oss-20b` prints: the card's 3.61B, not 4.19B.
+    if name == "gpt-oss-20b":
+        assert "| Active params | 3.61B | 3.61B |" in flop_report(name)._repr_markdown_()
 
 
 def test_glm_4_7_flash_against_its_label() -> None:
     """GLM-4.7-Flash ("30B-A3B"): 29.94B total; 3.90B active with embedding and lm_head, of which
-    3.26B are non-embedding (the label's rounding). The exact counts are pinned, and checked
+    3.26B are non-embedding (the label's rounding; no exact active figure is published). The exact counts are pinned, and checked
     against the meta model above."""
     report = flop_report("glm-4.7-flash")
     assert report.total_params == 29_943_390_976
     non_embedding = (
-        report.active_params - report.params_by_component["embedding"] - report.params_by_component["lm_head"]
+        report.active_params_all
+        - report.params_by_component["embedding"]
+        - report.params_by_component["lm_head"]
     )
     assert round(non_embedding / 1e9) == 3
     assert abs(non_embedding / 3e9 - 1) < 0.10
-    assert report.active_params == pytest.approx(3.90e9, rel=0.01)
+    assert report.active_params == non_embedding  # Z.ai counts active parameters without either table
+    assert report.active_params_all == pytest.approx(3.90e9, rel=0.01)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -200,7 +223,7 @@ def test_flops_are_twice_the_active_matmul_weights(name: str) -> None:
     for s in (0.0, 0.3):
         r = flop_report(name, zero_share=s)
         matmul = (
-            r.active_params
+            r.active_params_all
             - r.active_params_by_component["embedding"]
             - r.active_params_by_component["norms"]
         )
