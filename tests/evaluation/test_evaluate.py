@@ -263,3 +263,16 @@ def test_regression_checks_catch_misses(full_result: EvalResult, tmp_path: Path)
         "model: /nonexistent\nrecipe: recipes/reference/quickstart.yaml\nthresholds: {ppl_ratio_max: 2}\n"
     )
     assert run.main([str(missing)]) == 1
+
+
+def test_expert_saturation_is_reported(full_result: EvalResult, tmp_path: Path) -> None:
+    r = full_result
+    assert sorted(r.busiest_expert_share) == sorted(r.zero_share_per_layer)
+    assert all(0.0 < v <= 1.0 for v in r.busiest_expert_share.values())
+    assert set(r.saturated_layers) <= set(r.busiest_expert_share) and r.saturation_factor > 1
+    flagged = EvalResult(**{**vars(r), "saturated_layers": {1: 9.5}, "notes": []})
+    assert "expert saturation alarm: 1 layer(s)" in flagged.summary_table()
+    assert "layer 1, 9.5x" in flagged.summary_table()
+    out = flagged.save(tmp_path / "sat")
+    assert "SATURATED" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["saturated_layers"] == {"1": 9.5}
