@@ -3,7 +3,7 @@
 0. check every input (recipe, data, tokenizer, model) before anything is written or deleted;
 1. load the original model;
 2. inject zero experts;
-3. distil: stage 1 (sequence-level) then stage 2 (on-policy), `zeda.distillation.loop`;
+3. distill: stage 1 (sequence-level) then stage 2 (on-policy), `zeda.distillation.loop`;
 4. evaluate against the teacher, with the training-free baselines at the same measured share;
 5. export: merge LoRA, save a standard checkpoint, reload and verify.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
@@ -52,7 +52,6 @@ class RunResult:
     evaluation: EvalResult | None = None
     export_dir: str | None = None
     output_dir: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def report_path(self) -> Path | None:
@@ -166,6 +165,7 @@ def run(
             seed=cfg.inject.seed,
             experts_implementation=cfg.model.experts_implementation or "zeda",
         )
+        logger.info("injected %s", injection.to_dict())
 
     # 3. Stage 1 and stage 2 self-distillation against the model's own teacher mode
     #    (LoRA on the experts, routers trained in full, the group balance loss sets the share).
