@@ -125,3 +125,23 @@ def test_memory_bounded_at_real_vocabulary() -> None:
     assert peak < full_copy / 4, (
         f"peak {peak / 2**20:.0f} MiB vs one (B,T,V) copy {full_copy / 2**20:.0f} MiB"
     )
+
+
+def test_chunked_scores_of_a_peft_student() -> None:
+    """Adapters live inside the modules: the decoder-then-head path sees them, teacher mode does not."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _injected()
+    student = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    blocks = token_batch(4, 12)
+    held = HeldOut(blocks, student, lambda: zeda.teacher_mode(student), 2, False, chunk_tokens=5)
+    held.prepare()
+    metrics, _ = held.score(student, contextlib.nullcontext, "peft")
+    with torch.no_grad():
+        s_lp = F.log_softmax(student(input_ids=blocks).logits[:, :-1].float(), -1)
+        with zeda.teacher_mode(student):
+            t_lp = F.log_softmax(student(input_ids=blocks).logits[:, :-1].float(), -1)
+    labels = blocks[:, 1:, None]
+    assert metrics["ppl"] == pytest.approx(math.exp(float(-s_lp.gather(-1, labels).mean())), rel=1e-5)
+    assert held.teacher_nll == pytest.approx(float(-t_lp.gather(-1, labels).mean()), rel=1e-5)
+    assert metrics["mean_kl"] > 0  # the adapters change the student

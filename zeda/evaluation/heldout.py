@@ -58,6 +58,15 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return decoder(input_ids=ids.to(next(model.parameters()).device)).last_hidden_state
 
 
+def _head_ctx(head: nn.Module, ctx: Callable[[], Any]) -> Callable[[], Any]:
+    """``ctx`` for an output head that adapters may change; a plain ``nn.Linear`` needs none.
+
+    Entering teacher mode walks every module, which would cost more than the head's matmul on
+    each chunk of a large model.
+    """
+    return contextlib.nullcontext if type(head) is nn.Linear else ctx
+
+
 class HeldOut:
     """Held-out blocks, the teacher's NLL on them, and the scoring of any model against it.
 
@@ -152,6 +161,7 @@ class HeldOut:
             ``({"ppl", "ppl_ratio", "top1_agreement", "mean_kl", "tokens"}, telemetry of these forwards)``.
         """
         head, t_head = output_head(model), output_head(self.teacher)
+        head_ctx, t_head_ctx = _head_ctx(head, ctx), _head_ctx(t_head, self.teacher_ctx)
         tel = RouterTelemetry(model)
         nll = agree = kl = 0.0
         n = 0
@@ -162,10 +172,10 @@ class HeldOut:
                     stack.enter_context(collector)
                 hidden = final_hidden(model, ids)
             for sl, h, labels in self._chunks(hidden, ids):
-                with ctx():
+                with head_ctx():
                     s_lp = F.log_softmax(head(h).float(), dim=-1)
                 t_h = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])[sl]
-                with self.teacher_ctx():
+                with t_head_ctx():
                     t_lp = F.log_softmax(t_head(t_h.to(h.device)).float(), dim=-1)
                 nll += float(-s_lp.gather(-1, labels[:, None]).sum())
                 agree += float((s_lp.argmax(-1) == t_lp.argmax(-1)).sum())
