@@ -29,7 +29,7 @@ from torch import nn
 
 from zeda.config import RunConfig, load_recipe, recipe_differences, save_recipe
 from zeda.distillation import data as zdata
-from zeda.distillation.checkpoint import find_checkpoint, load_trainable, trim_metrics
+from zeda.distillation.checkpoint import find_checkpoint, load_optim_state, load_trainable, trim_metrics
 from zeda.distillation.losses import (
     distill_loss,
     policy_gradient_reverse_kl,
@@ -90,6 +90,7 @@ def distill(
     ckpt = find_checkpoint(run.path) if run.resuming else None
     if ckpt is not None:
         _check_resumable(run.path, config)
+        load_optim_state(ckpt)  # refuse an unsafe optim.pt before recipe.yaml is rewritten
 
     # 1. The student (train.seed set right before LoRA is created), restored from the checkpoint.
     student = build_student(model, config)
