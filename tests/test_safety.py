@@ -418,6 +418,12 @@ def test_export_of_a_dir_without_a_model(world, capfd):
     _refused(world, capfd, "export", "--model", "nothing_here", "--out", "exp")
 
 
+def test_export_of_a_run_killed_before_its_first_checkpoint(world, capfd):
+    (world / "killed").mkdir()
+    shutil.copy(world / "run" / "recipe.yaml", world / "killed" / "recipe.yaml")
+    _refused(world, capfd, "export", "--model", "killed", "--out", "exp", expect="checkpoint")
+
+
 def test_flops_unknown_config(world, capfd):
     _refused(world, capfd, "flops", "--model-config", "no-such-model", expect="built-in")
 
