@@ -67,23 +67,32 @@ def _load(path: Path) -> torch.nn.Module:
 
 @torch.no_grad()
 def _greedy(model: torch.nn.Module, prompts: torch.Tensor, new: int) -> tuple[list, list, list]:
-    """Greedy continuation by full forwards (no cache, no padding), with logprobs.
+    """Greedy continuation (KV cache, no padding, no EOS stop), with logprobs.
 
     Returns:
         ``(tokens, logprobs of the greedy tokens while generating, logprobs of the same tokens
         from one teacher-forced pass over prompt + continuation)``, each ``N × new``.
     """
-    seq = prompts.clone()
-    step_lp = []
-    for _ in range(new):
-        logp = torch.log_softmax(model(input_ids=seq).logits[:, -1].float(), dim=-1)
-        nxt = logp.argmax(-1)
-        step_lp.append(logp.gather(1, nxt[:, None]))
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-    full = torch.log_softmax(model(input_ids=seq).logits.float(), dim=-1)
-    cont = seq[:, prompts.shape[1] :]
+    from transformers import GenerationConfig
+
+    gen_cfg = GenerationConfig(
+        max_new_tokens=new,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=gen_cfg
+    )
+    cont = out.sequences[:, prompts.shape[1] :]
+    assert cont.shape[1] == new
+    step = torch.stack([torch.log_softmax(lg.float(), -1) for lg in out.logits], 1)  # (N, new, V)
+    step_lp = step.gather(2, cont[..., None])[..., 0]
+    full = torch.log_softmax(model(input_ids=out.sequences).logits.float(), dim=-1)
     scored = full[:, prompts.shape[1] - 1 : -1].gather(2, cont[..., None])[..., 0]
-    return cont.tolist(), torch.cat(step_lp, 1).tolist(), scored.tolist()
+    return cont.tolist(), step_lp.tolist(), scored.tolist()
 
 
 def _prompts(vocab: int, seed: int) -> torch.Tensor:
