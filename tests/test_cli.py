@@ -230,3 +230,34 @@ def test_export_reference_format_round_trip(tmp_path, capsys):
     assert main([*args, "--format", "zeda-reference"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("zeda: error:")]
     assert len(err) == 1 and "mixtral" in err[0] and not (tmp_path / "ref2").exists()
+
+
+# ---- zeda calibrate ------------------------------------------------------------------------------
+
+
+def test_calibrate_cli_bakes_the_budget_into_the_export(tmp_path, capsys):
+    from zeda.tiny import tiny_corpus
+
+    model = tiny_model("qwen3_moe")
+    zeda.inject_zero_experts(model)
+    atomic_save(model, tmp_path / "m", tokenizer=tiny_tokenizer())
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(64)))
+    args = ["calibrate", "--model", str(tmp_path / "m"), "--data", str(data), "--seq-len", "32"]
+    assert main([*args, "--target-share", "0.3", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out share" in out and out.strip().splitlines()[-1].split() == [
+        "export",
+        str(tmp_path / "out"),
+    ]
+    bias = json.loads((tmp_path / "out" / "config.json").read_text())["zeda"]["zero_logit_bias"]
+    reloaded = load(tmp_path / "out")
+    with zeda.RouterTelemetry(reloaded) as tel, torch.no_grad():
+        reloaded(token_batch(4, 32))
+    assert isinstance(bias, float) and tel.zero_share == pytest.approx(0.3, abs=0.1)
+    assert all(layer.router.zero_logit_bias == bias for layer in zeda.find_moe_layers(reloaded))
+    # A share outside (0, 1) is refused before the model is loaded; the existing output stays.
+    assert main([*args, "--target-share", "1.5", "--out", str(tmp_path / "out2")]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+    assert main([*args, "--target-share", "0.3", "--out", str(tmp_path / "m"), "--overwrite"]) == 2
+    assert "input" in capsys.readouterr().err

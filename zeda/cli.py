@@ -5,7 +5,7 @@ zeda distill RECIPE.yaml [key=value ...] [--json]
 zeda inject --model DIR --out DIR [--num-zero-experts N] [--seed S] [--overwrite]
 zeda eval --model DIR --tasks T1,T2 --out DIR [--limit N] [--recipe R] [--teacher DIR] [--overwrite]
 zeda export --model DIR --out DIR [--format zeda|zeda-reference] [--overwrite]
-zeda calibrate --model DIR --target-share S --data FILE --out DIR [--overwrite]
+zeda calibrate --model DIR --target-share S --data FILE --out DIR [--heldout FILE] [--per-layer] [--overwrite]
 zeda flops --model-config NAME_OR_PATH [--zero-share S] [--num-zero-experts Z] [--json]
 zeda ls
 zeda validate RECIPE.yaml [...]
@@ -144,15 +144,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from zeda.zero.calibrate import calibrate_export
 
-    out = _check_output(args.out, [args.model, args.data], args.overwrite)
+    if not 0.0 < args.target_share < 1.0:  # before the model is loaded
+        raise ZedaError(f"--target-share {args.target_share} must be between 0 and 1 (exclusive)")
+    inputs = [args.model, args.data, *([args.heldout] if args.heldout else [])]
+    out = _check_output(args.out, inputs, args.overwrite)
     result = calibrate_export(
         args.model,
         target_share=args.target_share,
         data=args.data,
         out_dir=out,
+        heldout=args.heldout,
         overwrite=args.overwrite,
+        per_layer=args.per_layer,
+        seq_len=args.seq_len,
     )
-    print(result.summary() if hasattr(result, "summary") else result)
+    print(result.summary())
+    print()
     _print_paths(export=out)
     return 0
 
@@ -253,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data", required=True, help="calibration text (JSONL with a 'text' field)")
     s.add_argument("--out", required=True, help="output directory of the calibrated export")
+    s.add_argument("--heldout", default=None, help="held-out text (default: the last 20%% of --data)")
+    s.add_argument("--per-layer", action="store_true", help="solve one bias per MoE layer")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default 256)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_cmd_calibrate)
 
