@@ -1,0 +1,148 @@
+"""Measure the peak memory of real zeda training steps on CPU, one point per fresh process.
+
+Each point builds a real-shape model scaled down in depth (true hidden size, expert width and
+vocabulary; 1-2 decoder layers), runs `zeda.distill` for two optimisation steps (injection, PEFT
+LoRA on the experts, routers in full, teacher forward in `teacher_mode`, forward-KL loss at the
+full vocabulary, balance loss, backward, AdamW step, checkpoint) and records the high-water mark
+of its resident set from just after the model is built. The process's resident set after all
+imports (torch, transformers, PEFT, zeda, the tokenizer) is the baseline that is subtracted:
+the predictor models tensors, not the interpreter.
+
+The second step is the steady state: AdamW's moments already exist when its backward runs.
+
+Usage (one point; `run_validation.py` runs every point, each in its own process)::
+
+    python evals/plan/measure.py --model-config qwen3-30b-a3b --layers 2 --seq-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def _reset_peak() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM (the peak resident set) to the current RSS.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-config", default="qwen3-30b-a3b")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument(
+        "--experts", type=int, default=None, help="routed experts per layer (default: the config's)"
+    )
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--full-experts", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the result JSON here")
+    args = p.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import zeda
+    from zeda.config import RunConfig
+    from zeda.evaluation.flops import load_config
+    from zeda.planning import scaled_config
+
+    torch.set_num_threads(args.threads)
+    config = scaled_config(load_config(args.model_config), args.layers, args.experts)
+    if config.vocab_size >= 151_669:
+        tok = AutoTokenizer.from_pretrained(REPO / "tests/assets/qwen3_tokenizer")
+    else:
+        from zeda.tiny import tiny_tokenizer
+
+        tok = tiny_tokenizer(256)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    baseline_kib = _status_kib("VmRSS")
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    build_s = time.perf_counter() - t0
+    print(f"built in {build_s:.1f}s", file=sys.stderr, flush=True)
+    model_kib = _status_kib("VmRSS")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Enough text for 2 steps of batch x seq_len tokens, without tokenising the whole corpus.
+        need_chars = 12 * args.batch_size * args.seq_len * 2 + 20000
+        texts, n = [], 0
+        for line in (REPO / "evals/reference/data/train_sample.jsonl").open():
+            texts.append(line)
+            n += len(line)
+            if n > need_chars:
+                break
+        train = Path(tmp) / "train.jsonl"
+        train.write_text("".join(texts))
+        cfg = RunConfig()
+        overrides = [
+            f"model.dtype={args.dtype}",
+            f"data.train_file={train}",
+            f"data.seq_len={args.seq_len}",
+            f"train.batch_size={args.batch_size}",
+            "train.grad_accum=1",
+            "train.save_every=0",
+            "train.log_every=1",
+            f"train.output_dir={Path(tmp) / 'run'}",
+            "stage1.mode=text",
+            "stage1.kd=forward_kl",
+            "stage1.steps=2",
+            "stage2.enabled=false",
+            f"lora.r={args.lora_r}",
+            f"lora.alpha={2 * args.lora_r}",
+        ]
+        if args.full_experts:
+            overrides += ["lora.enabled=false", "lora.full_experts=true"]
+        cfg = zeda.config.apply_overrides(cfg, overrides)
+        _reset_peak()
+        t0 = time.perf_counter()
+        _, result = zeda.distill(model, cfg, tok)
+        step_s = time.perf_counter() - t0
+        peak_kib = _status_kib("VmHWM")
+
+    row = {
+        "model_config": args.model_config,
+        "layers": args.layers,
+        "experts": zeda.get_spec(config.model_type).num_experts(config),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "lora_r": args.lora_r,
+        "full_experts": args.full_experts,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "baseline_rss_gib": baseline_kib / 2**20,
+        "model_rss_gib": (model_kib - baseline_kib) / 2**20,
+        "measured_peak_gib": (peak_kib - baseline_kib) / 2**20,
+        "build_s": round(build_s, 1),
+        "distill_s": round(step_s, 1),
+        "final_loss": result.last.get("loss"),
+        "torch": torch.__version__,
+    }
+    text = json.dumps(row)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

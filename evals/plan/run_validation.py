@@ -1,0 +1,112 @@
+"""Validate `zeda plan` against measured peak RSS of real zeda training steps on CPU.
+
+Every point runs `evals/plan/measure.py` in a fresh process (true hidden size, expert width and
+vocabulary; 1-2 layers; fewer experts where noted, to stay within a few GiB), then predicts the
+same run with `zeda.planning.plan` (overhead 0: a CPU has no CUDA context) and writes
+``evals/plan/results.json`` and ``evals/plan/results.md``. Measured points are cached under
+``evals/plan/points/``; ``--force`` re-measures.
+
+    python evals/plan/run_validation.py            # the committed table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+#: (name, measure.py arguments)
+POINTS: list[tuple[str, list[str]]] = [
+    ("qwen3_L1_E32_T128", ["--layers", "1", "--experts", "32", "--seq-len", "128"]),
+    ("qwen3_L2_E32_T128", ["--layers", "2", "--experts", "32", "--seq-len", "128"]),
+    ("qwen3_L1_E32_T512", ["--layers", "1", "--experts", "32", "--seq-len", "512"]),
+    ("qwen3_L2_E64_T512", ["--layers", "2", "--experts", "64", "--seq-len", "512"]),
+    ("qwen3_L1_E32_T256_full", ["--layers", "1", "--experts", "32", "--seq-len", "256", "--full-experts"]),
+    ("qwen3_L1_E128_T256", ["--layers", "1", "--seq-len", "256"]),
+    (
+        "glm47flash_L1_E16_T256",
+        ["--model-config", "glm-4.7-flash", "--layers", "1", "--experts", "16", "--seq-len", "256"],
+    ),
+]
+
+
+def predict(row: dict) -> object:
+    """`zeda.planning.plan` for the run that `measure.py` made for ``row``."""
+    from zeda.config import RunConfig, apply_overrides
+    from zeda.evaluation.flops import load_config
+    from zeda.planning import plan, scaled_config
+
+    config = scaled_config(load_config(row["model_config"]), row["layers"], row["experts"])
+    cfg = RunConfig()
+    overrides = [
+        f"model.dtype={row['dtype']}",
+        f"data.seq_len={row['seq_len']}",
+        f"train.batch_size={row['batch_size']}",
+        "train.grad_accum=1",
+        "stage1.mode=text",
+        "stage1.kd=forward_kl",
+        "stage2.enabled=false",
+        f"lora.r={row['lora_r']}",
+    ]
+    if row["full_experts"]:
+        overrides += ["lora.enabled=false", "lora.full_experts=true"]
+    return plan(apply_overrides(cfg, overrides), 1, None, model_config=config, overhead_gib=0.0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--force", action="store_true", help="re-measure cached points")
+    p.add_argument("--only", nargs="*", default=None, help="point names")
+    args = p.parse_args()
+    points_dir = HERE / "points"
+    points_dir.mkdir(exist_ok=True)
+    rows = []
+    for name, extra in POINTS:
+        if args.only and name not in args.only:
+            continue
+        out = points_dir / f"{name}.json"
+        if args.force or not out.exists():
+            cmd = [sys.executable, str(HERE / "measure.py"), *extra, "--out", str(out)]
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        row = json.loads(out.read_text())
+        pred = predict(row)
+        row.update(
+            name=name,
+            predicted_peak_gib=pred.total / 2**30,
+            predicted_phase=pred.phase,
+            predicted_components_gib={k: v / 2**30 for k, v in pred.components.items()},
+        )
+        row["error"] = row["predicted_peak_gib"] / row["measured_peak_gib"] - 1
+        rows.append(row)
+        print(
+            f"{name}: measured {row['measured_peak_gib']:.3f} GiB, predicted {row['predicted_peak_gib']:.3f} "
+            f"({row['error']:+.1%}, {pred.phase})",
+            flush=True,
+        )
+    (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [
+        "| point | layers | experts | tokens | LoRA / full | measured GiB | predicted GiB | error | predicted peak phase |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['layers']} | {r['experts']} | {r['batch_size'] * r['seq_len']} | "
+            f"{'full experts' if r['full_experts'] else 'LoRA r' + str(r['lora_r'])} | "
+            f"{r['measured_peak_gib']:.3f} | {r['predicted_peak_gib']:.3f} | {r['error']:+.1%} | {r['predicted_phase']} |"
+        )
+    worst = max(abs(r["error"]) for r in rows) if rows else float("nan")
+    lines.append("")
+    lines.append(f"Largest error: {worst:.1%} (limit 15%).")
+    (HERE / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if worst <= 0.15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

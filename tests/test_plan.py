@@ -1,0 +1,164 @@
+"""`zeda plan` (peak memory per GPU from a recipe) and the vendored Qwen3 tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zeda.config import RunConfig, apply_overrides
+from zeda.errors import ZedaError
+from zeda.evaluation.flops import flop_report
+from zeda.planning import GIB, add_plan_command, plan, plan_cli, resolve_model_config, scaled_config
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_RECIPE = REPO / "recipes/qwen3/30b_a3b_zeda.yaml"
+MIXTRAL_RECIPE = REPO / "recipes/mixtral/8x7b_zeda.yaml"
+TOKENIZER_DIR = REPO / "tests/assets/qwen3_tokenizer"
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_plan_command(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["plan", *argv])
+
+
+def test_components_add_up_to_the_total():
+    for recipe in (QWEN3_RECIPE, MIXTRAL_RECIPE):
+        for gpus in (1, 8):
+            p = plan(recipe, gpus, 80)
+            assert sum(p.components.values()) == pytest.approx(p.total, rel=1e-12)
+            assert p.total == max(p.phases.values())
+            assert p.to_dict()["total_gib"] == pytest.approx(p.total / GIB)
+
+
+def test_sharding_divides_state_but_not_activations():
+    one, eight = plan(QWEN3_RECIPE, 1), plan(QWEN3_RECIPE, 8)
+    for key in ("weights (bfloat16, frozen)", "expert copies (trained, full_experts)", "AdamW moments"):
+        assert eight.components[key] == pytest.approx(one.components[key] / 8)
+    assert one.phase == eight.phase == "loss forward"
+    for key in ("activations", "logits + KD loss", "runtime overhead"):
+        assert eight.components[key] == pytest.approx(one.components[key])
+    assert "FSDP gathered layers" not in one.components
+    assert eight.components["FSDP gathered layers"] > 0
+
+
+def test_weights_and_optimizer_state_follow_the_config():
+    p = plan(QWEN3_RECIPE, 8)
+    rep = flop_report("qwen3-30b-a3b", num_zero_experts=64)
+    assert p.components["weights (bfloat16, frozen)"] == pytest.approx(rep.total_params * 2 / 8)
+    routed = rep.params_by_component["routed_experts"]
+    assert p.components["expert copies (trained, full_experts)"] == pytest.approx(routed * 2 / 8)
+    trained = (routed + rep.params_by_component["router"]) * 2 / 8
+    assert p.components["AdamW moments"] == pytest.approx(2 * trained)
+    # LoRA recipe: fp32 factors r*E*(in+out) per fused expert weight, no expert copies.
+    m = plan(MIXTRAL_RECIPE, 1)
+    h, i, e, layers = 4096, 14336, 8, 32
+    assert m.components["LoRA adapters (fp32)"] == pytest.approx(16 * e * (2 * i + h + i + h) * layers * 4)
+    assert "expert copies (trained, full_experts)" not in m.components
+
+
+@pytest.mark.parametrize(
+    ("name", "params_b"),
+    [("qwen3-30b-a3b", 30.5), ("glm-4.7-flash", 29.9), ("mixtral-8x7b", 46.7), ("deepseek-v3", 671.0)],
+)
+def test_builtin_configs_give_plausible_totals(name, params_b):
+    p = plan(MIXTRAL_RECIPE, 8, 80, model_config=name)
+    weights_gib = p.components["weights (bfloat16, frozen)"] * 8 / GIB
+    assert weights_gib == pytest.approx(params_b * 1e9 * 2 / GIB, rel=0.05)
+    assert p.components["weights (bfloat16, frozen)"] < p.total < 2000 * GIB
+    assert p.components["activations"] > 0 and p.components["runtime overhead"] == GIB
+
+
+def test_fits_threshold_and_exit_code(capsys):
+    p = plan(QWEN3_RECIPE, 8, None, gradient_checkpointing=True, loss_chunk_tokens=1024)
+    assert p.fits is None
+    total = p.total / GIB
+    assert plan(QWEN3_RECIPE, 8, total + 0.01, gradient_checkpointing=True, loss_chunk_tokens=1024).fits
+    assert not plan(QWEN3_RECIPE, 8, total - 0.01, gradient_checkpointing=True, loss_chunk_tokens=1024).fits
+    # DeepSeek-V3's bf16 weights alone are 156 GiB per GPU on 8 GPUs.
+    assert not plan(MIXTRAL_RECIPE, 8, 80, model_config="deepseek-v3").fits
+    argv = [str(QWEN3_RECIPE), "--gpus", "8", "--gradient-checkpointing", "--loss-chunk-tokens", "1024"]
+    assert plan_cli(_cli([*argv, "--gpu-memory", f"{total + 1}"])) == 0
+    assert "fits in" in capsys.readouterr().out
+    assert plan_cli(_cli([*argv, "--gpu-memory", f"{total - 1}", "--json"])) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_checkpointing_and_chunking_shrink_the_peak():
+    base = plan(QWEN3_RECIPE, 8)
+    ckpt = plan(QWEN3_RECIPE, 8, gradient_checkpointing=True)
+    chunked = plan(QWEN3_RECIPE, 8, loss_chunk_tokens=512)
+    assert ckpt.phases["stage1/loss forward"] < base.phases["stage1/loss forward"]
+    assert chunked.phases["stage1/loss forward"] < base.phases["stage1/loss forward"]
+    assert any("gradient checkpointing" in n for n in plan(QWEN3_RECIPE, 8, 80).notes)
+
+
+def test_model_config_resolution():
+    assert resolve_model_config("Qwen/Qwen3-30B-A3B")[1] == "qwen3-30b-a3b"
+    assert resolve_model_config("mistralai/Mixtral-8x7B-Instruct-v0.1")[1] == "mixtral-8x7b"
+    assert resolve_model_config("zai-org/GLM-4.7-Flash")[1] == "glm-4.7-flash"
+    with pytest.raises(ZedaError, match="--model-config"):
+        resolve_model_config("someone/unknown-model")
+    with pytest.raises(ZedaError, match="gpus"):
+        plan(QWEN3_RECIPE, 0)
+    cfg = scaled_config(resolve_model_config("deepseek-v3")[0], 2, 16)
+    assert (cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.n_routed_experts) == (2, 0, 16)
+    assert cfg.hidden_size == 7168 and cfg.vocab_size == 129280
+
+
+def test_prediction_matches_a_measured_step(tmp_path):
+    """A real zeda.distill step (2 optimiser steps) in a fresh process: peak RSS within 20%."""
+    config = {
+        "model_type": "qwen3_moe",
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 512,
+        "intermediate_size": 1024,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "point.json"
+    cmd = [sys.executable, str(REPO / "evals/plan/measure.py"), "--model-config", str(path)]
+    cmd += ["--layers", "2", "--seq-len", "1024", "--out", str(out)]
+    subprocess.run(
+        cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
+    )
+    row = json.loads(out.read_text())
+    cfg = apply_overrides(
+        RunConfig(),
+        ["model.dtype=bfloat16", "data.seq_len=1024", "train.batch_size=1", "stage2.enabled=false"],
+    )
+    predicted = plan(
+        cfg, 1, model_config=scaled_config(resolve_model_config(str(path))[0], 2), overhead_gib=0
+    )
+    assert predicted.phase == "loss forward"
+    assert predicted.total / GIB == pytest.approx(row["measured_peak_gib"], rel=0.2)
+
+
+def test_vendored_qwen3_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    assert tok.vocab_size == 151_643
+    assert len(tok) == 151_669  # 26 added special tokens
+    vocab = resolve_model_config("qwen3-30b-a3b")[0].vocab_size
+    assert vocab == 151_936 and max(tok.get_vocab().values()) < vocab
+    assert tok("Hello world")["input_ids"] == [9707, 1879]
+    assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 151_643)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (TOKENIZER_DIR / "LICENSE").is_file() and (TOKENIZER_DIR / "README.md").is_file()

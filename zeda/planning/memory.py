@@ -1,0 +1,338 @@
+"""`zeda plan`: predicted peak memory per GPU of a zeda distillation run, from a recipe alone.
+
+Nothing is built or loaded: the prediction reads the recipe (`zeda.config.RunConfig`) and the
+model's config (a built-in config from ``zeda/configs``, a ``config.json`` or a model directory).
+It models what zeda's training step keeps alive at its peak:
+
+- **Static state**: the frozen weights (``model.dtype``), the trained copies PEFT keeps next to
+  the frozen originals (routers, and the experts with ``lora.full_experts``), the LoRA factors
+  (fp32: PEFT keeps adapters of bf16/fp16 models in fp32), and AdamW's two moments (same dtype
+  as each trained tensor).
+- **Peak phase**, the largest of:
+  - *loss forward*: activations saved for backward, the merged expert weights ``W + s·BA`` that
+    PEFT's ``target_parameters`` LoRA materialises per MoE layer and autograd keeps for backward
+    (all of a layer's experts, whatever the batch: the first MoE layer keeps only ``down_proj``,
+    because its input needs no gradient), teacher and student logits at the full vocabulary and
+    the KD loss's fp32 ``(tokens, vocab)`` temporaries;
+  - *expert backward*: the same activations and merged weights, plus the per-expert gradient
+    slices that autograd expands to the full ``(E, ...)`` expert stack and accumulates
+    (measured: about twice one layer's expert weights), plus the gradients;
+  - *optimizer step*: gradients plus the temporary of AdamW's foreach update (one copy of the
+    trained tensors);
+  - in stage 2 also the generation's KV cache.
+- **Sharding**: with ``gpus > 1`` (FSDP full shard) weights, trained copies, gradients and
+  optimiser state are divided by the number of GPUs; the layers FSDP gathers at a time
+  (two decoder layers, or the embedding and lm_head) are added back unsharded. Activations,
+  logits and merged expert weights are per GPU and are not divided.
+
+Assumptions that the CPU validation (``evals/plan/results.md``) does not cover are stated in
+`MemoryPlan.notes`: expert activations assume every top-k slot is a real expert (the start of
+training; they shrink by the zero share later), attention is a fused (flash / memory-efficient)
+kernel with no ``T x T`` buffer, and the runtime overhead of a GPU (CUDA context, cuBLAS and
+NCCL workspaces) is a fixed ``overhead_gib``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from zeda.config import RunConfig, apply_overrides, load_recipe
+from zeda.errors import ZedaError
+from zeda.evaluation.flops import load_config
+from zeda.families import get_spec
+from zeda.planning.shapes import (
+    layer_activation_bytes,
+    merged_expert_bytes,
+    model_shape,
+    resolve_model_config,
+)
+
+__all__ = ["GIB", "MemoryPlan", "plan"]
+
+GIB = float(2**30)
+DEFAULT_LOSS_CHUNK_TOKENS: int | None = None
+"""Tokens per KD-loss chunk when neither the recipe nor `zeda.distillation.losses` defines one
+(``None``: the whole micro-batch, as the unchunked losses do)."""
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Bytes per (token, vocab) element at the loss's forward peak, besides the two logit tensors.
+# forward/reverse KL: masked copies of both logits (2P) + fp32 copy/log-softmax x2, exp, diff,
+# product (20); measured 6.5 fp32 units at bf16 and 8.0 at fp32 (evals/plan/README.md).
+_LOSS_EXTRA = {"kl": (2, 20), "nll": (1, 8), "pg": (0, 12)}
+_EXPERT_GRAD_FACTOR = 2.15
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one GPU (bytes), split by component.
+
+    Attributes:
+        model: Model config name.
+        gpus: Data-parallel GPUs (FSDP full shard when > 1).
+        gpu_memory_gib: Memory of one GPU, or None (no verdict).
+        dtype: Parameter dtype.
+        stage: The stage whose step has the highest peak (``stage1`` or ``stage2``).
+        phase: The phase of that step at its peak.
+        tokens: Tokens per micro-batch per GPU at the peak (batch x sequence length).
+        components: Bytes per component at the peak; they sum to ``total``.
+        total: Predicted peak bytes per GPU.
+        phases: Peak bytes of every (stage, phase) considered.
+        notes: Assumptions and hints.
+    """
+
+    model: str
+    gpus: int
+    gpu_memory_gib: float | None
+    dtype: str
+    stage: str
+    phase: str
+    tokens: int
+    components: dict[str, float]
+    total: float
+    phases: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether ``total`` fits in ``gpu_memory_gib`` (None when no GPU size was given)."""
+        if self.gpu_memory_gib is None:
+            return None
+        return self.total <= self.gpu_memory_gib * GIB
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable), with ``fits`` and GiB totals."""
+        d = asdict(self)
+        d.update(fits=self.fits, total_gib=self.total / GIB)
+        return d
+
+    def table(self) -> str:
+        """A short text table: one line per component, the total and the verdict."""
+        width = max(len(k) for k in self.components) + 2
+        head = (
+            f"zeda plan: {self.model}, {self.dtype}, {self.gpus} GPU(s)"
+            f"{' FSDP full shard' if self.gpus > 1 else ''}; peak in {self.stage} ({self.phase}), "
+            f"{self.tokens} tokens per micro-batch per GPU"
+        )
+        lines = [head, f"{'component':<{width}}GiB per GPU"]
+        lines += [f"{k:<{width}}{v / GIB:10.2f}" for k, v in self.components.items() if v > 0]
+        lines.append(f"{'total':<{width}}{self.total / GIB:10.2f}")
+        if self.gpu_memory_gib is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB per GPU")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _chunk_from(cfg: RunConfig) -> int | None:
+    """A KD-loss chunk size from the recipe (any ``*chunk*`` key) or the losses module."""
+    for section in (cfg.stage1, cfg.stage2, cfg.train):
+        for name, value in vars(section).items():
+            if "chunk" in name and isinstance(value, int) and value > 0:
+                return value
+    from zeda.distillation import losses
+
+    for name in dir(losses):
+        value = getattr(losses, name)
+        if "CHUNK" in name and isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_LOSS_CHUNK_TOKENS
+
+
+def plan(
+    recipe: str | Path | RunConfig,
+    gpus: int = 1,
+    gpu_memory_gib: float | None = None,
+    *,
+    model_config: str | Mapping[str, Any] | PretrainedConfig | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    loss_chunk_tokens: int | None = None,
+    gradient_checkpointing: bool | None = None,
+    overhead_gib: float = 1.0,
+) -> MemoryPlan:
+    """Predict the peak memory per GPU of a zeda distillation run.
+
+    Args:
+        recipe: A recipe path or a `RunConfig`.
+        gpus: Data-parallel GPUs; more than one means FSDP full shard.
+        gpu_memory_gib: Memory of one GPU in GiB, for the fits / does-not-fit verdict.
+        model_config: The model's config (built-in name, ``config.json``, model directory, dict or
+            config); default: resolved from ``model.name_or_path`` (see `resolve_model_config`).
+        overrides: ``section.key=value`` recipe overrides.
+        loss_chunk_tokens: Tokens per KD-loss chunk; default: the recipe's or the losses
+            module's chunk size if there is one, else the whole micro-batch.
+        gradient_checkpointing: Recompute each decoder layer in backward; default: the recipe's
+            ``train.gradient_checkpointing`` if it exists, else off (zeda's loop does not enable it).
+        overhead_gib: Fixed runtime overhead (CUDA context, cuBLAS/NCCL workspaces); 0 for CPU.
+
+    Returns:
+        The `MemoryPlan`.
+
+    Raises:
+        ZedaError: on a bad recipe, an unknown model or a bad argument.
+    """
+    if gpus < 1:
+        raise ZedaError(f"--gpus must be >= 1, got {gpus}")
+    cfg = recipe if isinstance(recipe, RunConfig) else load_recipe(recipe, list(overrides))
+    if isinstance(recipe, RunConfig) and overrides:
+        cfg = apply_overrides(cfg, list(overrides))
+    if model_config is None:
+        config, name = resolve_model_config(cfg.model.name_or_path)
+    else:
+        config = load_config(model_config)
+        name = model_config if isinstance(model_config, str) else str(config.model_type)
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        dtype = str(raw).removeprefix("torch.")
+    if dtype not in _DTYPE_BYTES:
+        raise ZedaError(f"model.dtype {dtype!r} is not one of {', '.join(_DTYPE_BYTES)}")
+    p = _DTYPE_BYTES[dtype]
+    spec = get_spec(config.model_type)
+    zero = cfg.inject.resolve_num_zero(spec.num_experts(config))
+    s = model_shape(config, zero)
+    chunk = loss_chunk_tokens if loss_chunk_tokens is not None else _chunk_from(cfg)
+    ckpt = (
+        gradient_checkpointing
+        if gradient_checkpointing is not None
+        else bool(getattr(cfg.train, "gradient_checkpointing", False))
+    )
+    lora = cfg.lora
+    use_lora = lora.enabled and not lora.full_experts
+    shard = float(gpus)
+    notes: list[str] = []
+
+    # ---- static state ----
+    n_moe = len(s.moe_layers)
+    total_params = sum(s.params.values())
+    routed = s.params["routed_experts"]
+    weights = total_params * p / shard
+    router_copy = (s.router_params * p if lora.train_router else 0) / shard
+    expert_copy = (routed * p if lora.full_experts else 0) / shard
+    up_b, down_b = merged_expert_bytes(s, p)
+    width_sum = ((2 if s.gated else 1) * s.expert_width + s.hidden) + (s.expert_width + s.hidden)
+    lora_params = lora.r * s.experts * width_sum * n_moe if use_lora else 0
+    lora_bytes = lora_params * 4 / shard
+    grads = router_copy + expert_copy + lora_bytes  # each trained tensor's gradient, same dtype
+    adam = 2 * grads
+    gathered = 0.0
+    if gpus > 1:
+        layer_params = (total_params - s.params["embedding"] - s.params["lm_head"]) / max(s.layers, 1)
+        layer_bytes = layer_params * p + (routed / max(n_moe, 1) * p if lora.full_experts else 0)
+        gathered = max(2 * layer_bytes, (s.params["embedding"] + s.params["lm_head"]) * p)
+    static = {
+        f"weights ({dtype}, frozen)": weights,
+        "router copies (trained)": router_copy,
+        "expert copies (trained, full_experts)": expert_copy,
+        "LoRA adapters (fp32)": lora_bytes,
+        "AdamW moments": adam,
+        "FSDP gathered layers": gathered,
+        "runtime overhead": overhead_gib * GIB,
+    }
+
+    # ---- per stage: tokens, activations, merged weights, logits ----
+    stages: list[tuple[str, int, int, str]] = []  # (stage, sequences, seq_len, loss kind)
+    if cfg.stage1.enabled:
+        kind = "nll" if cfg.stage1.kd == "nll" else "kl"
+        stages.append(("stage1", cfg.train.batch_size, cfg.data.seq_len, kind))
+    if cfg.stage2.enabled:
+        seqs = math.ceil(cfg.stage2.num_prompts_per_step / (cfg.train.grad_accum * gpus))
+        stages.append(("stage2", seqs, cfg.data.seq_len, "pg" if cfg.stage2.loss == "pg" else "kl"))
+    if not stages:
+        raise ZedaError("both stages are disabled: nothing to plan")
+    first_moe = s.moe_layers[0] if s.moe_layers else s.layers
+    best: tuple[float, str, str, int, dict[str, float]] | None = None
+    phases: dict[str, float] = {}
+    for stage, seqs, seq_len, kind in stages:
+        n = seqs * seq_len
+        acts_layers = [
+            layer_activation_bytes(s, p, n, i in s.moe_layers, attention_saved=i > first_moe)
+            for i in range(s.layers)
+        ]
+        acts = sum(acts_layers) + (4 * s.hidden + 2 * p * s.hidden) * n  # final norm, lm_head input
+        merged = 0.0
+        if use_lora and n_moe:
+            merged = down_b + (n_moe - 1) * (up_b + down_b)
+        if ckpt:
+            # Layer inputs only, plus one layer recomputed (with its merged expert weights).
+            acts = s.layers * n * p * s.hidden + max(acts_layers)
+            merged = (up_b + down_b) if use_lora and n_moe else 0.0
+        c = n if chunk is None else min(chunk, n)
+        extra_p, extra_fp32 = _LOSS_EXTRA[kind]
+        logits_n = 1 if kind == "nll" else 2
+        loss = s.vocab * (logits_n * p * n + (extra_p * p + extra_fp32) * c)
+        # Per-expert gradient slices are expanded to the whole (E, ...) stack and accumulated: 6.1-6.5
+        # units of E*I*H*P per layer in probes (evals/plan/README.md), ~2.15x the layer's weights.
+        expert_grad = (
+            _EXPERT_GRAD_FACTOR * (up_b + down_b) if (use_lora or lora.full_experts) and n_moe else 0.0
+        )
+        candidates = {
+            "loss forward": {
+                "activations": acts,
+                "merged LoRA expert weights": merged,
+                "logits + KD loss": loss,
+            },
+            "expert backward": {
+                "activations": acts,
+                "merged LoRA expert weights": merged,
+                "gradients": grads,
+                "expert weight-gradient buffers": expert_grad,
+            },
+            "optimizer step": {"gradients": grads, "AdamW update temporary": grads},
+        }
+        if stage == "stage2":
+            cache = seqs * seq_len * s.layers * s.kv_cache_width * p
+            candidates["generation"] = {"KV cache": cache, "logits + KD loss": seqs * s.vocab * 4}
+        for phase, parts in candidates.items():
+            value = sum(static.values()) + sum(parts.values())
+            phases[f"{stage}/{phase}"] = value
+            if best is None or value > best[0]:
+                best = (value, stage, phase, n, parts)
+    assert best is not None
+    total, stage, phase, tokens, parts = best
+    components = {**static, **parts}
+    components = {k: v for k, v in components.items() if v > 0}
+
+    notes.append(
+        "expert activations assume every top-k slot is a real expert (start of training); they shrink "
+        "by the zero share as it rises"
+    )
+    if chunk is None:
+        notes.append(
+            "KD loss unchunked: fp32 (tokens x vocab) temporaries for the whole micro-batch "
+            "(pass --loss-chunk-tokens to see a chunked loss)"
+        )
+    if not ckpt and total > (gpu_memory_gib or float("inf")) * GIB:
+        alt = plan(
+            cfg,
+            gpus,
+            gpu_memory_gib,
+            model_config=config,
+            loss_chunk_tokens=chunk or 1024,
+            gradient_checkpointing=True,
+            overhead_gib=overhead_gib,
+        )
+        notes.append(
+            f"with gradient checkpointing and a {chunk or 1024}-token loss chunk: "
+            f"{alt.total / GIB:.1f} GiB per GPU"
+        )
+    return MemoryPlan(
+        model=str(name),
+        gpus=gpus,
+        gpu_memory_gib=gpu_memory_gib,
+        dtype=dtype,
+        stage=stage,
+        phase=phase,
+        tokens=tokens,
+        components=components,
+        total=total,
+        phases=phases,
+        notes=notes,
+    )
