@@ -62,6 +62,11 @@ class _UnsupportedZedaConfig(PretrainedConfig):
     def __init__(self, **kwargs: Any) -> None:
         raise ValueError(unsupported_message(self.zeda_family))
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+        """``AutoConfig.from_pretrained`` ends here: refuse the family."""
+        raise ValueError(unsupported_message(cls.zeda_family))
+
 
 def _unsupported_class(family: str) -> type[PretrainedConfig]:
     name = "Zeda" + "".join(p.capitalize() for p in family.split("_")) + "UnsupportedConfig"
