@@ -76,6 +76,11 @@ def test_ls_and_validate(capsys):
     assert main(["validate", "recipes/reference/quickstart.yaml"]) == 0
 
 
+def test_plan_verb(capsys):
+    assert main(["plan", "recipes/reference/quickstart.yaml", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
 def test_unknown_recipe_key_fails(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  batchsize: 4\n")

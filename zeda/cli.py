@@ -7,6 +7,7 @@ zeda eval --model DIR --tasks T1,T2 --out DIR [--limit N] [--recipe R] [--teache
 zeda export --model DIR --out DIR [--format zeda|zeda-reference] [--overwrite]
 zeda calibrate --model DIR --target-share S --data FILE --out DIR [--heldout FILE] [--per-layer] [--overwrite]
 zeda flops --model-config NAME_OR_PATH [--zero-share S] [--num-zero-experts Z] [--json]
+zeda plan RECIPE.yaml [key=value ...] [--gpus N] [--gpu-memory GB] [--json]
 zeda ls
 zeda validate RECIPE.yaml [...]
 
@@ -273,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context-len", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=_cmd_flops)
+
+    from zeda.planning import add_plan_command  # zeda plan RECIPE [--gpus N] [--gpu-memory GB]
+
+    add_plan_command(sub)
 
     s = sub.add_parser("ls", help="supported families and built-in configs")
     s.set_defaults(fn=_cmd_ls)
