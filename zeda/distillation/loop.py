@@ -78,7 +78,6 @@ def distill(
     if tokenizer is None:
         raise ZedaError("distill needs the model's tokenizer")
     zdata.validate_data(config)
-    run = run_dir or prepare_run_dir(config, run_inputs(config))
     ga = config.train.grad_accum
     accelerator = accelerator or Accelerator(gradient_accumulation_steps=ga)
     if accelerator.gradient_accumulation_steps != ga:
@@ -87,6 +86,8 @@ def distill(
             f"train.grad_accum={ga}; build it with Accelerator(gradient_accumulation_steps={ga})"
         )
     main = accelerator.is_main_process
+    run = run_dir or prepare_run_dir(config, run_inputs(config))
+    accelerator.wait_for_everyone()  # every rank decides on the directory before any rank writes
     ckpt = find_checkpoint(run.path) if run.resuming else None
     if ckpt is not None:
         _check_resumable(run.path, config)
