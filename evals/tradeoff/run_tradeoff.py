@@ -41,7 +41,8 @@ import zeda
 from zeda.config import load_recipe
 from zeda.distillation.data import pack_texts, read_jsonl
 from zeda.evaluation.baselines import attach_router_policy, calibrate
-from zeda.zero.routing import RouterTelemetry, router_settings
+from zeda.evaluation.telemetry import RouterTelemetry
+from zeda.zero.routing import router_settings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -51,7 +52,7 @@ ROOT = HERE.parent.parent
 def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, bs: int = 8) -> dict:
     """Perplexity, top-1 agreement and KL(original‖model) on ``blocks`` ``(N, T)``, plus skipped share."""
     nll = agree = kl = n = 0.0
-    with RouterTelemetry() as tel:
+    with RouterTelemetry(model) as tel:
         for i, ref in zip(range(0, len(blocks), bs), reference_logits, strict=True):
             ids = blocks[i : i + bs]
             logits = model(input_ids=ids).logits[:, :-1].float()
