@@ -40,8 +40,7 @@ def test_sharding_divides_state_but_not_activations():
     one, eight = plan(QWEN3_RECIPE, 1), plan(QWEN3_RECIPE, 8)
     for key in ("weights (bfloat16, frozen)", "expert copies (trained, full_experts)", "AdamW moments"):
         assert eight.components[key] == pytest.approx(one.components[key] / 8)
-    assert one.phase == eight.phase == "loss forward"
-    for key in ("activations", "logits + KD loss", "runtime overhead"):
+    for key in ("activations", "runtime overhead"):  # per GPU whatever the sharding
         assert eight.components[key] == pytest.approx(one.components[key])
     assert "FSDP gathered layers" not in one.components
     assert eight.components["FSDP gathered layers"] > 0
@@ -92,9 +91,10 @@ def test_fits_threshold_and_exit_code(capsys):
 def test_checkpointing_and_chunking_shrink_the_peak():
     base = plan(QWEN3_RECIPE, 8)
     ckpt = plan(QWEN3_RECIPE, 8, gradient_checkpointing=True)
-    chunked = plan(QWEN3_RECIPE, 8, loss_chunk_tokens=512)
+    wide = plan(QWEN3_RECIPE, 8, loss_chunk_tokens=4096)
     assert ckpt.phases["stage1/loss forward"] < base.phases["stage1/loss forward"]
-    assert chunked.phases["stage1/loss forward"] < base.phases["stage1/loss forward"]
+    # zeda's losses chunk ~2**24 fp32 elements (110 tokens at V = 151,936); a wider chunk costs more.
+    assert base.phases["stage1/loss forward"] < wide.phases["stage1/loss forward"]
     assert any("gradient checkpointing" in n for n in plan(QWEN3_RECIPE, 8, 80).notes)
 
 

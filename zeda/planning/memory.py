@@ -12,8 +12,9 @@ It models what zeda's training step keeps alive at its peak:
   - *loss forward*: activations saved for backward, the merged expert weights ``W + s·BA`` that
     PEFT's ``target_parameters`` LoRA materialises per MoE layer and autograd keeps for backward
     (all of a layer's experts, whatever the batch: the first MoE layer keeps only ``down_proj``,
-    because its input needs no gradient), teacher and student logits at the full vocabulary and
-    the KD loss's fp32 ``(tokens, vocab)`` temporaries;
+    because its input needs no gradient), teacher and student logits at the full vocabulary, the
+    loss's gradient buffer in their dtype and the fp32 temporaries of one token chunk (zeda's
+    losses run over chunks of ~2**24 fp32 elements);
   - *expert backward*: the same activations and merged weights, plus the per-expert gradient
     slices that autograd expands to the full ``(E, ...)`` expert stack and accumulates
     (measured: about twice one layer's expert weights), plus the gradients;
@@ -56,14 +57,14 @@ from zeda.planning.shapes import (
 __all__ = ["GIB", "MemoryPlan", "plan"]
 
 GIB = float(2**30)
-DEFAULT_LOSS_CHUNK_TOKENS: int | None = None
-"""Tokens per KD-loss chunk when neither the recipe nor `zeda.distillation.losses` defines one
-(``None``: the whole micro-batch, as the unchunked losses do)."""
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Bytes per (token, vocab) element at the loss's forward peak, besides the two logit tensors.
-# forward/reverse KL: masked copies of both logits (2P) + fp32 copy/log-softmax x2, exp, diff,
-# product (20); measured 6.5 fp32 units at bf16 and 8.0 at fp32 (evals/plan/README.md).
-_LOSS_EXTRA = {"kl": (2, 20), "nll": (1, 8), "pg": (0, 12)}
+# zeda's losses (zeda.distillation.losses) run over token chunks of ~2**24 fp32 elements: per
+# loss the full-vocabulary tensors are the logits themselves and one gradient buffer in their
+# dtype; the fp32 work of a chunk is a constant. Measured for forward KL at V = 151,936
+# (evals/plan/probe.py loss): 3.4 bytes per (token, vocab) element beside the teacher logits at
+# bf16 (student logits + gradient buffer) and ~10 fp32 chunk-sized temporaries.
+_LOSS_FULL_COPIES = {"kl": 3, "nll": 2, "pg": 2}  # (tokens, vocab) tensors in the logits' dtype
+_CHUNK_FP32_COPIES = 10
 _EXPERT_GRAD_FACTOR = 2.15
 
 
@@ -131,19 +132,11 @@ class MemoryPlan:
         return self.table()
 
 
-def _chunk_from(cfg: RunConfig) -> int | None:
-    """A KD-loss chunk size from the recipe (any ``*chunk*`` key) or the losses module."""
-    for section in (cfg.stage1, cfg.stage2, cfg.train):
-        for name, value in vars(section).items():
-            if "chunk" in name and isinstance(value, int) and value > 0:
-                return value
+def _chunk_rows(vocab: int) -> int:
+    """Tokens per loss chunk, as `zeda.distillation.losses` picks them for this vocabulary."""
     from zeda.distillation import losses
 
-    for name in dir(losses):
-        value = getattr(losses, name)
-        if "CHUNK" in name and isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_LOSS_CHUNK_TOKENS
+    return losses.default_chunk_rows(vocab)
 
 
 def plan(
@@ -166,8 +159,8 @@ def plan(
         model_config: The model's config (built-in name, ``config.json``, model directory, dict or
             config); default: resolved from ``model.name_or_path`` (see `resolve_model_config`).
         overrides: ``section.key=value`` recipe overrides.
-        loss_chunk_tokens: Tokens per KD-loss chunk; default: the recipe's or the losses
-            module's chunk size if there is one, else the whole micro-batch.
+        loss_chunk_tokens: Tokens per loss chunk; default: what zeda's losses use
+            (`zeda.distillation.losses.default_chunk_rows`, ~2**24 fp32 elements).
         gradient_checkpointing: Recompute each decoder layer in backward; default: the recipe's
             ``train.gradient_checkpointing`` if it exists, else off (zeda's loop does not enable it).
         overhead_gib: Fixed runtime overhead (CUDA context, cuBLAS/NCCL workspaces); 0 for CPU.
@@ -198,7 +191,7 @@ def plan(
     spec = get_spec(config.model_type)
     zero = cfg.inject.resolve_num_zero(spec.num_experts(config))
     s = model_shape(config, zero)
-    chunk = loss_chunk_tokens if loss_chunk_tokens is not None else _chunk_from(cfg)
+    chunk = loss_chunk_tokens if loss_chunk_tokens is not None else _chunk_rows(s.vocab)
     ckpt = (
         gradient_checkpointing
         if gradient_checkpointing is not None
@@ -264,10 +257,8 @@ def plan(
             # Layer inputs only, plus one layer recomputed (with its merged expert weights).
             acts = s.layers * n * p * s.hidden + max(acts_layers)
             merged = (up_b + down_b) if use_lora and n_moe else 0.0
-        c = n if chunk is None else min(chunk, n)
-        extra_p, extra_fp32 = _LOSS_EXTRA[kind]
-        logits_n = 1 if kind == "nll" else 2
-        loss = s.vocab * (logits_n * p * n + (extra_p * p + extra_fp32) * c)
+        c = min(chunk, n)
+        loss = s.vocab * (_LOSS_FULL_COPIES[kind] * p * n + _CHUNK_FP32_COPIES * 4 * c)
         # Per-expert gradient slices are expanded to the whole (E, ...) stack and accumulated: 6.1-6.5
         # units of E*I*H*P per layer in probes (evals/plan/README.md), ~2.15x the layer's weights.
         expert_grad = (
@@ -304,25 +295,17 @@ def plan(
         "expert activations assume every top-k slot is a real expert (start of training); they shrink "
         "by the zero share as it rises"
     )
-    if chunk is None:
-        notes.append(
-            "KD loss unchunked: fp32 (tokens x vocab) temporaries for the whole micro-batch "
-            "(pass --loss-chunk-tokens to see a chunked loss)"
-        )
     if not ckpt and total > (gpu_memory_gib or float("inf")) * GIB:
         alt = plan(
             cfg,
             gpus,
             gpu_memory_gib,
             model_config=config,
-            loss_chunk_tokens=chunk or 1024,
+            loss_chunk_tokens=chunk,
             gradient_checkpointing=True,
             overhead_gib=overhead_gib,
         )
-        notes.append(
-            f"with gradient checkpointing and a {chunk or 1024}-token loss chunk: "
-            f"{alt.total / GIB:.1f} GiB per GPU"
-        )
+        notes.append(f"with gradient checkpointing: {alt.total / GIB:.1f} GiB per GPU")
     return MemoryPlan(
         model=str(name),
         gpus=gpus,

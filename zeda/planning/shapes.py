@@ -62,6 +62,8 @@ def scaled_config(
             setattr(config, key, value)
     if getattr(config, "layer_types", None):
         config.layer_types = list(config.layer_types[:num_layers])
+    if getattr(config, "mlp_layer_types", None):  # GLM-4.7-Flash lists dense/sparse per layer
+        config.mlp_layer_types = ["sparse"] * num_layers
     if num_experts is not None:
         setattr(config, spec.num_experts_key, num_experts)
         if getattr(config, "n_group", None):
