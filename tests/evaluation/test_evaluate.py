@@ -276,3 +276,10 @@ def test_expert_saturation_is_reported(full_result: EvalResult, tmp_path: Path) 
     out = flagged.save(tmp_path / "sat")
     assert "SATURATED" in (out / "report.md").read_text()
     assert json.loads((out / "results.json").read_text())["saturated_layers"] == {"1": 9.5}
+
+
+def test_unknown_baseline_fails_before_any_compute(workdir: Path) -> None:
+    with pytest.raises(
+        zeda.ZedaError, match=r"unknown baseline\(s\) top_q in eval.baselines; use .*adaptive_k"
+    ):
+        evaluate(_injected(), _cfg(workdir, "eval.baselines=[top_p,top_q]"), tiny_tokenizer(), progress=False)

@@ -31,6 +31,7 @@ from torch import nn
 
 from zeda.config import EvalConfig, RunConfig
 from zeda.errors import ZedaError
+from zeda.evaluation.baselines import POLICY_KINDS
 from zeda.evaluation.curve import add_curve, flop_dict
 from zeda.evaluation.heldout import HeldOut
 from zeda.evaluation.result import EvalResult
@@ -119,6 +120,11 @@ def evaluate(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
+    unknown = [k for k in ecfg.baselines if k not in POLICY_KINDS]
+    if unknown:
+        raise ZedaError(
+            f"unknown baseline(s) {', '.join(unknown)} in eval.baselines; use {', '.join(POLICY_KINDS)}"
+        )
     layers = find_moe_layers(model)
     if not layers:
         raise ZedaError(f"{type(model).__name__} has no MoE layers to evaluate")
