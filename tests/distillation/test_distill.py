@@ -289,3 +289,21 @@ def test_two_fresh_runs_in_separate_processes_are_bit_equal(corpus, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         outs.append((tmp_path / name / "checkpoint" / "trainable.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_the_model_is_prepared_once_for_both_stages(corpus, tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    cfg = cfg_for(
+        corpus,
+        tmp_path / "run",
+        "stage1.steps=1",
+        "stage2.enabled=true",
+        "stage2.steps=1",
+        "stage2.num_prompts_per_step=2",
+        "stage2.max_new_tokens=3",
+        "data.max_prompts=4",
+    )
+    distill(tiny_model("qwen3_moe"), cfg, tiny_tokenizer(), accelerator=accelerator)
+    assert len(accelerator._models) == 1  # one wrap, not one per stage

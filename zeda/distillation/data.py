@@ -130,7 +130,8 @@ def pack_texts(texts: list[str], tokenizer: Any, seq_len: int, max_tokens: int |
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Whole documents are longer than the model context on purpose (cut into blocks below).
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:
@@ -178,7 +179,7 @@ def prompts_from_texts(
     """Cut the first ``prompt_tokens`` tokens of each document into a continuation prompt (``limit`` None = all)."""
     out = []
     for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"][:prompt_tokens]
+        ids = tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"][:prompt_tokens]
         if len(ids) >= max(4, prompt_tokens // 2):
             out.append(tokenizer.decode(ids))
         if limit is not None and len(out) >= limit:

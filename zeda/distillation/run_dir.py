@@ -85,7 +85,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def prepare_run_dir(cfg: RunConfig, inputs: list[Path], explicit: bool = False) -> RunDir:
     """Check ``train.output_dir`` against the inputs and the resume/overwrite flags.
 
-    Nothing is written or deleted here (the old run is replaced by `RunDir.commit`).
+    Nothing of the old run is touched here (it is replaced by `RunDir.commit`); only a stale
+    staging sibling left by an earlier attempt is cleared.
 
     Args:
         cfg: The run configuration.

@@ -149,7 +149,7 @@ class Trainer:
 
     def _finite_everywhere(self, loss_ok: bool) -> tuple[bool, bool]:
         """(loss finite, gradients finite) on every rank; all ranks agree, so none waits on another."""
-        grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None)
+        grads_ok = _all_finite([p.grad for p in self.params if p.grad is not None])
         flags = torch.tensor([float(not loss_ok), float(not grads_ok)], device=self.accelerator.device)
         flags = self.accelerator.reduce(flags, reduction="sum")
         return bool(flags[0] == 0), bool(flags[1] == 0)
@@ -208,7 +208,7 @@ class Trainer:
                 acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            weights_ok = all(bool(torch.isfinite(p).all()) for p in self.params)
+            weights_ok = _all_finite(self.params)
             flag = acc.reduce(torch.tensor([float(not weights_ok)], device=acc.device), reduction="sum")
             if flag.item() == 0:
                 optimizer.zero_grad()
@@ -262,3 +262,10 @@ class Trainer:
             bal=f"{row.get('balance', 0):.4f}",
             zero=f"{row['zero_share']:.3f}",
         )
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one device sync, not one per tensor)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
