@@ -71,7 +71,7 @@ def test_defaults() -> None:
     assert cfg.stage1.mode == "text" and cfg.stage1.kd == "forward_kl" and cfg.stage1.lr == 2e-4
     assert not cfg.stage2.enabled and cfg.stage2.loss == "pg"
     assert cfg.eval.tasks == ["ref_perplexity"] and cfg.eval.zero_bias_sweep == []
-    assert cfg.eval.baselines == ["keep_top_m", "top_p", "threshold"]
+    assert cfg.eval.baselines == ["keep_top_m", "top_p", "top_p_no_renorm", "threshold", "adaptive_k"]
     # list defaults are not shared between instances
     a, b = RunConfig(), RunConfig()
     a.eval.tasks.append("x")
@@ -587,3 +587,15 @@ def test_recipe_differences_examples() -> None:
     assert recipe_differences(s2, apply_overrides(s2, ["stage2.lr=1e-6"])) == ["stage2.lr: 5e-05 -> 1e-06"]
     # switching balance.w for target_zero_share changes two keys
     assert len(recipe_differences(old, apply_overrides(old, ["balance.w=3"]))) == 2
+
+
+def test_unknown_baseline_kind_fails_before_any_compute():
+    with pytest.raises(ZedaError, match="eval.baselines.*unknown"):
+        apply_overrides(RunConfig(), ["eval.baselines=[top_k_magic]"])
+
+
+def test_baseline_kinds_are_the_ones_the_library_calibrates():
+    from zeda.evaluation.baselines import POLICY_KINDS
+    from zeda.evaluation.config import BASELINE_KINDS
+
+    assert set(POLICY_KINDS) == set(BASELINE_KINDS) >= {"top_p", "top_p_no_renorm", "adaptive_k"}

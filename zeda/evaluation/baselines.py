@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from zeda.errors import ZedaError
+from zeda.evaluation.config import BASELINE_KINDS
 from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.families import spec_for_model
 from zeda.zero.inject import find_moe_layers, is_injected
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 _NO_RENORM = "_no_renorm"
 _RULES = ("keep_top_m", "top_p", "threshold")
-POLICY_KINDS: tuple[str, ...] = (*_RULES, *(r + _NO_RENORM for r in _RULES), "adaptive_k")
+POLICY_KINDS: tuple[str, ...] = BASELINE_KINDS
 """The training-free baselines `calibrate` knows."""
 
 __all__ = [
