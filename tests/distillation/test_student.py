@@ -122,3 +122,18 @@ def test_same_seed_same_lora_init():
 def test_nothing_to_train_is_refused():
     with pytest.raises(zeda.ZedaError, match="nothing to train"):
         build_student(tiny_model("olmoe"), _cfg(enabled=False, train_router=False))
+
+
+def test_build_student_from_an_injected_checkpoint_directory(tmp_path):
+    from zeda.io import atomic_save
+
+    model = tiny_model("olmoe")
+    zeda.inject_zero_experts(model)
+    atomic_save(model, tmp_path / "injected")
+    ids = token_batch(2, 8)
+    student = build_student(tmp_path / "injected", RunConfig())
+    assert zeda.is_injected(student) and any(p.requires_grad for p in student.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, model(ids).logits)
+    with pytest.raises(zeda.ZedaError, match="needs the run config"):
+        build_student(tmp_path / "injected")
