@@ -108,6 +108,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     result.save(out, overwrite=args.overwrite)
     print(result.summary_table())
+    print()
     _print_paths(report=out / "report.md", results=out / "results.json")
     return 0
 
