@@ -111,7 +111,7 @@ def prepare(work: Path, layers: int) -> dict:
         {"model": "q30", "label": "original", "path": str(q_orig), "share": 0.0},
         *[
             {"model": "q30", "label": f"zeda@{int(s * 100)}%", "path": str(q_export), "force": s, "share": s}
-            for s in (*SHARES, 1.0)
+            for s in (1.0, 0.5, 0.0, 0.25, 0.75)  # the ablation (f) and 50% first
         ],
     ]
     return {
@@ -126,8 +126,10 @@ def summarise(raw: list[dict]) -> list[dict]:
     rows = []
     by = {(r["model"], r["label"]): r for r in raw}
     for model in ("ref", "q30"):
-        orig = by[(model, "original")]
-        full = by[(model, "zeda@100%")]
+        orig = by.get((model, "original"))
+        full = by.get((model, "zeda@100%"))
+        if orig is None or full is None:
+            continue
         for r in raw:
             if r["model"] != model or r["label"] in ("original", "zeda@100%"):
                 continue
@@ -185,9 +187,17 @@ def main() -> None:
     ap.add_argument(
         "--passes", type=int, default=2, help="passes over all runs (alternating order); min kept"
     )
+    ap.add_argument("--models", default="ref,q30", help="comma-separated subset of ref,q30")
+    ap.add_argument(
+        "--summarise-only", action="store_true", help="re-summarise WORK/raw.json (e.g. a cut-short run)"
+    )
     args = ap.parse_args()
+    if args.summarise_only:
+        _write(args, json.loads((REPO / args.work / "raw.json").read_text()), None)
+        return
     spec = prepare(REPO / args.work, args.layers)
     spec.update(repeats=args.repeats, new_tokens=args.new_tokens, passes=args.passes)
+    spec["runs"] = [r for r in spec["runs"] if r["model"] in args.models.split(",")]
     work = REPO / args.work
     (work / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -205,13 +215,16 @@ def main() -> None:
         env=env,
         check=True,
     )
-    raw = json.loads((work / "raw.json").read_text())
+    _write(args, json.loads((work / "raw.json").read_text()), load_before)
+
+
+def _write(args: argparse.Namespace, raw: dict, load_before: float | None) -> None:
     meta = raw.pop("meta")
     meta.update(
         command="python evals/serve/bench_vllm.py " + " ".join(sys.argv[1:]),
         repeats=args.repeats,
         passes=args.passes,
-        load_before=round(load_before, 2),
+        load_before=None if load_before is None else round(load_before, 2),
         load_after=round(os.getloadavg()[0], 2),
     )
     rows = summarise(raw["runs"])
@@ -286,10 +299,6 @@ def measure(run: dict, prompts: list[list[int]], vocab: int, repeats: int, new: 
 
 
 def worker(spec_path: str, out_path: str) -> None:
-    import platform
-
-    import torch
-    import vllm
 
     spec = json.loads(Path(spec_path).read_text())
     best: dict[int, dict] = {}
@@ -310,7 +319,17 @@ def worker(spec_path: str, out_path: str) -> None:
             sys.stderr.write(
                 f"[bench] pass {p} {run['model']} {run['label']}: {r['tok_s']} ({time.time() - t:.0f}s)\n"
             )
-    results = [best[i] for i in range(len(spec["runs"]))]
+            _dump(out_path, [best[j] for j in sorted(best)])
+    _dump(out_path, [best[i] for i in range(len(spec["runs"]))])
+
+
+def _dump(out_path: str, results: list[dict]) -> None:
+    """Write what has been measured so far (a cut-short run still leaves its measurements)."""
+    import platform
+
+    import torch
+    import vllm
+
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -324,6 +343,7 @@ def worker(spec_path: str, out_path: str) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu,
+        "load_average_at_write": round(os.getloadavg()[0], 2),
     }
     Path(out_path).write_text(json.dumps({"meta": meta, "runs": results}))
 
