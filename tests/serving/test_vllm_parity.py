@@ -101,7 +101,7 @@ def _prompts(vocab: int, seed: int) -> torch.Tensor:
 
 
 def _zero_share(model: torch.nn.Module, prompts: torch.Tensor) -> float:
-    with zeda.RouterTelemetry() as tel, torch.no_grad():
+    with zeda.RouterTelemetry(model) as tel, torch.no_grad():
         model(input_ids=prompts)
     return tel.zero_share
 
