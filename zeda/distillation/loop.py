@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +128,16 @@ def distill(
     return student, trainer.result
 
 
+def _micro_index(t: Trainer) -> Callable[[int, int], int]:
+    """A distinct index per (optimisation step, micro-step, rank): every one gets its own rows."""
+    ga, world, rank = t.cfg.train.grad_accum, t.accelerator.num_processes, t.accelerator.process_index
+    return lambda step, micro: (step * ga + micro) * world + rank
+
+
 def _stage1(t: Trainer) -> Stage:
     """Stage 1: the teacher's sequences (packed text or teacher rollouts)."""
-    cfg, s1, ga, bs = t.cfg, t.cfg.stage1, t.cfg.train.grad_accum, t.cfg.train.batch_size
-    world, rank = t.accelerator.num_processes, t.accelerator.process_index
-
-    def micro_index(step: int, micro: int) -> int:
-        # Every micro-step of every rank gets its own rows.
-        return (step * ga + micro) * world + rank
+    cfg, s1, bs = t.cfg, t.cfg.stage1, t.cfg.train.batch_size
+    micro_index = _micro_index(t)
 
     if s1.mode == "text":
         blocks = zdata.pack_texts(
@@ -169,10 +172,11 @@ def _stage1(t: Trainer) -> Stage:
 
 def _stage2(t: Trainer) -> Stage:
     """Stage 2: on-policy reverse KL on the student's own samples."""
-    cfg, s2, ga = t.cfg, t.cfg.stage2, t.cfg.train.grad_accum
+    cfg, s2 = t.cfg, t.cfg.stage2
     world, rank = t.accelerator.num_processes, t.accelerator.process_index
+    micro_index = _micro_index(t)
     prompts = zdata.load_prompts(cfg, t.tokenizer)
-    parts = ga * world
+    parts = cfg.train.grad_accum * world
     if s2.num_prompts_per_step < parts:
         raise ZedaError(
             f"stage2.num_prompts_per_step={s2.num_prompts_per_step} is fewer than train.grad_accum x processes "
@@ -190,14 +194,11 @@ def _stage2(t: Trainer) -> Stage:
             [prompts[int(i)] for i in part],
             s2.max_new_tokens,
             s2.temperature,
-            seed=cfg.train.seed + 1 + micro_seed(step, micro),
+            seed=cfg.train.seed + 1 + micro_index(step, micro),
             batch_size=len(part),
             desc="student samples",
         )
         return pad_sequences(samples, t.tokenizer.pad_token_id)
-
-    def micro_seed(step: int, micro: int) -> int:
-        return (step * ga + micro) * world + rank
 
     def kd(b: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         if s2.loss == "pg":
