@@ -24,6 +24,7 @@ REPO = HERE.parents[1]
 POINTS: list[tuple[str, list[str]]] = [
     ("qwen3_L1_E32_T128", ["--layers", "1", "--experts", "32", "--seq-len", "128"]),
     ("qwen3_L2_E32_T128", ["--layers", "2", "--experts", "32", "--seq-len", "128"]),
+    ("qwen3_L1_E8_T512", ["--layers", "1", "--experts", "8", "--seq-len", "512"]),
     ("qwen3_L1_E32_T512", ["--layers", "1", "--experts", "32", "--seq-len", "512"]),
     ("qwen3_L2_E64_T512", ["--layers", "2", "--experts", "64", "--seq-len", "512"]),
     ("qwen3_L1_E32_T256_full", ["--layers", "1", "--experts", "32", "--seq-len", "256", "--full-experts"]),
@@ -62,6 +63,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="re-measure cached points")
     p.add_argument("--only", nargs="*", default=None, help="point names")
+    p.add_argument("--cached", action="store_true", help="only the points already measured")
     args = p.parse_args()
     points_dir = HERE / "points"
     points_dir.mkdir(exist_ok=True)
@@ -70,6 +72,8 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         out = points_dir / f"{name}.json"
+        if args.cached and not out.exists():
+            continue
         if args.force or not out.exists():
             cmd = [sys.executable, str(HERE / "measure.py"), *extra, "--out", str(out)]
             print("$", " ".join(cmd[1:]), flush=True)
@@ -90,6 +94,19 @@ def main() -> int:
             flush=True,
         )
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    head = [
+        "# `zeda plan` validation: predicted vs measured peak memory of real zeda training steps (CPU)",
+        "",
+        "Command: `python evals/plan/run_validation.py` (each point: `python evals/plan/measure.py ...` in a",
+        "fresh process, arguments in `POINTS` of run_validation.py; cached under `evals/plan/points/`;",
+        "`--cached` tabulates the measured points only).",
+        f"zeda at commit {commit.stdout.strip() or '(not a git checkout)'}; torch {rows[0]['torch'] if rows else '?'}; bf16;",
+        "batch 1; LoRA r8 on the experts unless `full experts`; 2 optimiser steps of `zeda.distill`",
+        "(stage 1 text mode, forward KL), measured peak RSS minus the RSS after imports.",
+        "Shapes: true hidden size, expert width and vocabulary of the named model, 1-2 layers, E as listed.",
+        "",
+    ]
     lines = [
         "| point | layers | experts | tokens | LoRA / full | measured GiB | predicted GiB | error | predicted peak phase |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -103,7 +120,7 @@ def main() -> int:
     worst = max(abs(r["error"]) for r in rows) if rows else float("nan")
     lines.append("")
     lines.append(f"Largest error: {worst:.1%} (limit 15%).")
-    (HERE / "table.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(lines))
     return 0 if worst <= 0.15 else 1
 
