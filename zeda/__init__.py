@@ -28,6 +28,7 @@ from zeda.io import atomic_save, export, load, load_tokenizer
 from zeda.pipeline import RunResult, run
 from zeda.zero import experts as _experts  # noqa: F401  (registers the zeda experts backends)
 from zeda.zero import modeling as _modeling  # noqa: F401  (registers zeda_<family> Auto classes)
+from zeda.zero.calibrate import CalibrationResult, calibrate
 from zeda.zero.inject import InjectionReport, inject_zero_experts
 from zeda.zero.routing import SlotPolicy, router_settings
 from zeda.zero.structure import find_moe_layers, is_injected
@@ -38,6 +39,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationResult",
     "DistillResult",
     "EvalResult",
     "InjectionReport",
@@ -48,6 +50,7 @@ __all__ = [
     "SlotPolicy",
     "ZedaError",
     "atomic_save",
+    "calibrate",
     "distill",
     "evaluate",
     "export",
