@@ -279,7 +279,13 @@ def test_expert_saturation_is_reported(full_result: EvalResult, tmp_path: Path) 
 
 
 def test_unknown_baseline_fails_before_any_compute(workdir: Path) -> None:
+    # The recipe refuses it at validation, before a model is even loaded.
+    with pytest.raises(zeda.ZedaError, match=r"eval.baselines.*unknown \['top_q'\].*adaptive_k"):
+        _cfg(workdir, "eval.baselines=[top_p,top_q]")
+    # A config built in Python without validation is refused by evaluate before any forward.
+    cfg = _cfg(workdir)
+    cfg.eval.baselines = ["top_p", "top_q"]
     with pytest.raises(
         zeda.ZedaError, match=r"unknown baseline\(s\) top_q in eval.baselines; use .*adaptive_k"
     ):
-        evaluate(_injected(), _cfg(workdir, "eval.baselines=[top_p,top_q]"), tiny_tokenizer(), progress=False)
+        evaluate(_injected(), cfg, tiny_tokenizer(), progress=False)
