@@ -154,7 +154,9 @@ def check_exportable(model: nn.Module) -> None:
             f"not {family}; export it with format='zeda'"
         )
     if get_spec(family).router_kind == "sigmoid_bias" and int(getattr(config, "n_group", 1) or 1) > 1:
-        raise ZedaError(f"n_group={config.n_group}: the zeda-reference format groups zero experts differently")
+        raise ZedaError(
+            f"n_group={config.n_group}: the zeda-reference format groups zero experts differently"
+        )
     bias = current_zero_logit_bias(model)
     if bias not in (None, MASK_BIAS):
         raise ZedaError(
