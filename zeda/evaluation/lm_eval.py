@@ -150,6 +150,26 @@ class ZedaLM(HFLM):
         self._telemetry = list(telemetry)
         self._inputs: set[tuple[int, ...]] = set()
 
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """HFLM's encoding without the tokenizer's "longer than model_max_length" warning.
+
+        lm-eval encodes whole documents and cuts them into model-sized windows itself
+        (``loglikelihood_rolling``), so a long document is expected here, not an indexing error.
+        """
+        tok = self.tokenizer
+        limit = tok.model_max_length
+        tok.model_max_length = int(1e30)
+        try:
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        finally:
+            tok.model_max_length = limit
+
     def _loglikelihood_tokens(
         self,
         requests: list[tuple[tuple[str, str], list[int], list[int]]],
