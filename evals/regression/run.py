@@ -104,7 +104,6 @@ def run_suite(suite: dict[str, Any], work: Path) -> tuple[Any, dict[str, Any]]:
     """Distill (or load) and evaluate one suite; return ``(EvalResult, info)``."""
     import zeda
     from zeda.config import load_recipe
-    from zeda.pipeline import load_model_and_tokenizer
 
     model_dir = _path(suite["model"])
     if not (model_dir / "config.json").exists():
@@ -129,8 +128,9 @@ def run_suite(suite: dict[str, Any], work: Path) -> tuple[Any, dict[str, Any]]:
 
         tok = AutoTokenizer.from_pretrained(_path(suite["converted"]))
     else:
-        model, tok = load_model_and_tokenizer(cfg)
-        model, res = zeda.distill(model, cfg, tok)
+        model = zeda.load(cfg.model.name_or_path, dtype=cfg.model.dtype)
+        tok = zeda.load_tokenizer(cfg.model.name_or_path, model)
+        model, res = zeda.distill(model, cfg, tok)  # injects the original, then both stages
         info["distill"] = res.to_dict()
     info["distill_seconds"] = time.perf_counter() - t0
     result = zeda.evaluate(
