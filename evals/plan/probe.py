@@ -57,8 +57,8 @@ def probe_loss(tokens: int, dtype: torch.dtype) -> None:
 
 def probe_experts(experts: int, layers: int, tokens: int) -> None:
     import zeda
-    from zeda.config import LoraConfig
-    from zeda.distillation.student import make_student
+    from zeda.config import RunConfig, apply_overrides
+    from zeda.distillation.student import build_student
     from zeda.tiny import tiny_model
 
     h, i = 2048, 768
@@ -75,7 +75,7 @@ def probe_experts(experts: int, layers: int, tokens: int) -> None:
         num_key_value_heads=4,
     ).to(torch.bfloat16)
     zeda.inject_zero_experts(model, experts_implementation="zeda")
-    student = make_student(model, LoraConfig(r=8))
+    student = build_student(model, apply_overrides(RunConfig(), ["lora.r=8"]))
     unit = experts * i * h * 2 / 2**20
     ids = torch.randint(0, 256, (1, tokens))
     base = _mib()

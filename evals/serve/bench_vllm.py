@@ -75,7 +75,7 @@ def prepare(work: Path, layers: int) -> dict:
         zeda.inject_zero_experts(m, num_zero_experts=16, seed=0)
         zeda.export(m, ref_export, overwrite=True)
     m = AutoModelForCausalLM.from_pretrained(ref_export, dtype=torch.float32).eval()
-    with zeda.RouterTelemetry() as tel, torch.no_grad():
+    with zeda.RouterTelemetry(m) as tel, torch.no_grad():
         m(input_ids=torch.tensor(ref_prompts))
     ref_share = tel.zero_share
     del m
