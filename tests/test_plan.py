@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from zeda.cli import _cmd_plan as plan_cli
+from zeda.cli import build_parser
 from zeda.config import RunConfig, apply_overrides
 from zeda.errors import ZedaError
 from zeda.evaluation.flops import flop_report
-from zeda.planning import GIB, add_plan_command, plan, plan_cli, resolve_model_config, scaled_config
+from zeda.planning import GIB, plan, resolve_model_config, scaled_config
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_RECIPE = REPO / "recipes/qwen3/30b_a3b_zeda.yaml"
@@ -22,9 +24,7 @@ TOKENIZER_DIR = REPO / "tests/assets/qwen3_tokenizer"
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_plan_command(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["plan", *argv])
+    return build_parser().parse_args(["plan", *argv])
 
 
 def test_components_add_up_to_the_total():

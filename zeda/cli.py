@@ -182,6 +182,24 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan's table (or JSON); exit 0 if it fits (or no GPU size given), 1 if not."""
+    from zeda.planning import plan
+
+    result = plan(
+        args.recipe,
+        args.gpus,
+        args.gpu_memory,
+        model_config=args.model_config,
+        overrides=args.overrides,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+        gradient_checkpointing=True if args.gradient_checkpointing else None,
+        overhead_gib=args.overhead,
+    )
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+    return 0 if result.fits is not False else 1
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     from zeda.evaluation.flops import builtin_config_names
     from zeda.families import all_specs
@@ -276,9 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=_cmd_flops)
 
-    from zeda.planning import add_plan_command  # zeda plan RECIPE [--gpus N] [--gpu-memory GB]
-
-    add_plan_command(sub)
+    s = sub.add_parser("plan", help="predict peak memory per GPU of a recipe and whether it fits")
+    s.add_argument("recipe", help="recipe YAML")
+    s.add_argument("overrides", nargs="*", help="section.key=value recipe overrides")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (FSDP full shard when > 1)")
+    s.add_argument("--gpu-memory", type=float, default=None, help="memory of one GPU in GiB (e.g. 80)")
+    s.add_argument("--model-config", default=None, help="built-in name, config.json or model dir")
+    s.add_argument("--loss-chunk-tokens", type=int, default=None, help="tokens per KD-loss chunk")
+    s.add_argument("--gradient-checkpointing", action="store_true", help="assume layer recomputation")
+    s.add_argument("--overhead", type=float, default=1.0, help="fixed runtime overhead in GiB")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=_cmd_plan)
 
     s = sub.add_parser("ls", help="supported families and built-in configs")
     s.set_defaults(fn=_cmd_ls)

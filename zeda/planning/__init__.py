@@ -1,15 +1,12 @@
 """Memory planning: `plan` predicts the peak memory per GPU of a zeda run from its recipe."""
 
-from zeda.planning.command import add_plan_command, plan_cli
 from zeda.planning.memory import GIB, MemoryPlan, plan
 from zeda.planning.shapes import resolve_model_config, scaled_config
 
 __all__ = [
     "GIB",
     "MemoryPlan",
-    "add_plan_command",
     "plan",
-    "plan_cli",
     "resolve_model_config",
     "scaled_config",
 ]
