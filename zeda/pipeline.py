@@ -25,12 +25,12 @@ from zeda.config import RunConfig, load_recipe
 from zeda.distillation.data import validate_data
 from zeda.distillation.loop import DistillResult, distill
 from zeda.distillation.run_dir import prepare_run_dir, run_inputs
+from zeda.distillation.student import inject_for_run
 from zeda.errors import ZedaError
 from zeda.evaluation.result import EvalResult
 from zeda.evaluation.run_eval import evaluate as evaluate_model
 from zeda.io import export, load, load_tokenizer
-from zeda.zero.inject import InjectionReport, inject_zero_experts
-from zeda.zero.structure import is_injected
+from zeda.zero.inject import InjectionReport
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +157,7 @@ def run(
     )
 
     # 2. Zero experts: Z rows per router (skipped when the checkpoint is already injected).
-    injection = None
-    if not is_injected(model):
-        injection = inject_zero_experts(
-            model,
-            num_zero_experts=cfg.inject.num_zero_experts,
-            seed=cfg.inject.seed,
-            experts_implementation=cfg.model.experts_implementation or "zeda",
-        )
-        logger.info("injected %s", injection.to_dict())
+    injection = inject_for_run(model, cfg)
 
     # 3. Stage 1 and stage 2 self-distillation against the model's own teacher mode
     #    (LoRA on the experts, routers trained in full, the group balance loss sets the share).

@@ -30,7 +30,7 @@ from zeda.config import LoraConfig as ZedaLoraConfig
 from zeda.config import RunConfig, load_recipe
 from zeda.errors import ZedaError
 from zeda.families import spec_for_model
-from zeda.zero.inject import find_moe_layers, inject_zero_experts, is_injected
+from zeda.zero.inject import InjectionReport, find_moe_layers, inject_zero_experts, is_injected
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,20 @@ def _is_run_dir(path: Path) -> bool:
     )
 
 
+def inject_for_run(model: nn.Module, cfg: RunConfig) -> InjectionReport | None:
+    """Inject zero experts as the recipe's ``inject`` section says; None if already injected."""
+    if is_injected(model):
+        return None
+    report = inject_zero_experts(
+        model,
+        num_zero_experts=cfg.inject.num_zero_experts,
+        seed=cfg.inject.seed,
+        experts_implementation=cfg.model.experts_implementation or "zeda",
+    )
+    logger.info("injected %s", report.to_dict())
+    return report
+
+
 def build_student(
     source: nn.Module | str | os.PathLike, cfg: RunConfig | None = None, *, load_checkpoint: bool = True
 ) -> PeftModel:
@@ -149,13 +163,7 @@ def build_student(
         raise ZedaError("build_student needs the run config")
     if is_student(source):
         return source
-    if not is_injected(source):
-        inject_zero_experts(
-            source,
-            num_zero_experts=cfg.inject.num_zero_experts,
-            seed=cfg.inject.seed,
-            experts_implementation=cfg.model.experts_implementation or "zeda",
-        )
+    inject_for_run(source, cfg)
     torch.manual_seed(cfg.train.seed)
     return _wrap(source, cfg.lora)
 
