@@ -375,6 +375,22 @@ kind). It is a tiny model and not suited to any real-world use.
 """
 
 
+def head_tokens(tok, path: Path, n: int) -> torch.Tensor:
+    """The first ``n`` tokens of a jsonl split, documents joined by EOS (as ``build_data.tokenize``).
+
+    Returns:
+        ``(n,)`` int32.
+    """
+    ids: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            ids.extend(tok(json.loads(line)["text"])["input_ids"])
+            ids.append(tok.eos_token_id)
+            if len(ids) >= n:
+                break
+    return torch.tensor(ids[:n], dtype=torch.int32)
+
+
 def _first_model() -> dict:
     """The first reference model's figures, for the card's comparison line."""
     r = json.loads((REF / "model" / "training_results.json").read_text())
@@ -429,9 +445,21 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
         # The same weights with the correction bias switched off, on fewer tokens.
         same_ppl, _ = evaluate(saved, test, args.seq_len, args.no_bias_eval_tokens)
         biases = [r.e_score_correction_bias.clone() for r in routers(saved)]
-        for r in routers(saved):
-            r.e_score_correction_bias.zero_()
+        with torch.no_grad():
+            for r in routers(saved):
+                r.e_score_correction_bias.zero_()
         nob_ppl, nob_load = evaluate(saved, test, args.seq_len, args.no_bias_eval_tokens)
+        # A small figure the test recomputes from the committed files alone (model + data/test.jsonl).
+        head = head_tokens(tok, REF / "data" / "test.jsonl", args.check_blocks * args.seq_len)
+        if not torch.equal(head, test[: head.numel()]):
+            raise SystemExit(
+                "train_model: evals/reference/data/test.jsonl does not start like cache/tokens_test.pt"
+            )
+        check_ppl_no_bias, _ = evaluate(saved, head, args.seq_len, head.numel())
+        with torch.no_grad():
+            for r, b in zip(routers(saved), biases, strict=True):
+                r.e_score_correction_bias.copy_(b)
+        check_ppl, _ = evaluate(saved, head, args.seq_len, head.numel())
         planned = ck["total_steps"]
         threads = ck.get("threads", args.threads)
         results = {
@@ -463,6 +491,12 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
             "correction_bias": [
                 {"min": float(b.min()), "max": float(b.max()), "std": float(b.std())} for b in biases
             ],
+            "check": {
+                "tokens": head.numel(),
+                "source": "first tokens of evals/reference/data/test.jsonl, documents joined by EOS",
+                "ppl": check_ppl,
+                "ppl_no_bias": check_ppl_no_bias,
+            },
             "params": sum(p.numel() for p in saved.parameters()),
             "first_model": _first_model(),
             "command": args.rebuild_command
@@ -512,6 +546,9 @@ def main() -> None:
     ap.add_argument("--finalize", action="store_true", help="evaluate the last checkpoint and write --out")
     ap.add_argument("--eval-tokens", type=int, default=200_000)
     ap.add_argument("--no-bias-eval-tokens", type=int, default=50_000)
+    ap.add_argument(
+        "--check-blocks", type=int, default=8, help="blocks of the small figure the test recomputes"
+    )
     ap.add_argument(
         "--rebuild-command",
         default=None,
