@@ -1,0 +1,203 @@
+"""Convert the MoE blocks of a freshly built SGLang model to route over ``E`` real + ``Z`` zero experts.
+
+Written against SGLang 0.5.23 (``sglang.srt.layers.moe.topk.TopK``, ``FusedMoE``,
+``ReplicatedLinear``); it edits the model instance only, no SGLang class is modified. Per MoE block
+(a module with ``gate``, ``topk`` (a ``TopK``) and ``experts`` (a ``FusedMoE``)):
+
+1. The gate gets ``E + Z`` rows (and sigmoid routers an ``E + Z`` ``e_score_correction_bias``),
+   so the export's grown router loads under its usual names.
+2. ``topk`` is replaced by a ``TopK`` whose ``custom_routing_function`` is `ZedaRouting`: zeda's
+   math over ``E + Z``, zero slots returned as expert id ``-1`` with weight 0.
+3. The experts are untouched: E experts, loaded by SGLang's own loader. SGLang's Triton fused
+   MoE on CUDA skips blocks whose expert id is ``-1`` (``fused_moe_kernel``: "Padding and
+   nonlocal routes both use -1, including without EP"), so zero slots do no expert work there.
+   Other runner backends (and SGLang's CPU paths, whose native MoE indexes with the id) get the
+   dropped slots on expert 0 with weight 0 instead: correct, but computed; a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from sglang.srt.layers.linear import ReplicatedLinear
+from sglang.srt.layers.moe import get_moe_a2a_backend
+from sglang.srt.layers.moe.topk import TopK
+from sglang.srt.runtime_context import get_exec
+from sglang.srt.utils import is_cuda
+from torch import nn
+
+from .routing import ZedaRouting, layer_zero_logit_bias
+
+logger = logging.getLogger(__name__)
+
+FORCED_SHARE_ENV = "ZEDA_SGLANG_FORCED_ZERO_SHARE"
+"""Environment variable forcing a zero share (benchmarks, tests); see `forced_zero_share`."""
+
+
+def forced_zero_share(config: Any) -> float | None:
+    """The forced zero share requested for this server, if any.
+
+    ``--json-model-override-args '{"zeda_forced_zero_share": s}'`` or the environment variable
+    ``ZEDA_SGLANG_FORCED_ZERO_SHARE=s`` (the override wins). The zero experts then take no part
+    in selection (the original router) and exactly ``floor(s·T·k)`` of the lowest-weight slots
+    of each forward are dropped without renormalising; ``s = 0`` is the original model.
+
+    Raises:
+        ValueError: for a share outside [0, 1].
+    """
+    value = getattr(config, "zeda_forced_zero_share", None)
+    if value is None:
+        env = os.environ.get(FORCED_SHARE_ENV, "").strip()
+        value = float(env) if env else None
+    if value is None:
+        return None
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"zeda forced zero share must be in [0, 1], got {share}")
+    return share
+
+
+def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """``(layer id, block)`` of every MoE block, sorted by layer."""
+    found = [
+        (int(m.topk.layer_id), m)
+        for m in model.modules()
+        if isinstance(getattr(m, "topk", None), TopK) and hasattr(m, "gate") and hasattr(m, "experts")
+    ]
+    return sorted(found, key=lambda item: item[0])
+
+
+def _kernel_skips_dropped(experts: nn.Module) -> bool:
+    backend = getattr(experts, "runner_backend", None)
+    return bool(is_cuda() and backend is not None and backend.is_triton())
+
+
+def _grow_gate(block: nn.Module, e: int, z: int) -> nn.Module:
+    """Give ``block.gate`` ``E + Z`` rows; returns the new gate."""
+    old = block.gate
+    if isinstance(old, ReplicatedLinear):
+        gate = ReplicatedLinear(
+            old.input_size,
+            e + z,
+            bias=getattr(old, "bias", None) is not None,
+            params_dtype=old.params_dtype,
+            quant_config=None,
+        )
+        block.gate = gate
+        return gate
+    # GLM's Glm4MoeGate: plain fp32 parameters read by the default weight loader.
+    weight = getattr(old, "weight", None)
+    bias = getattr(old, "e_score_correction_bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape[0] != e:
+        raise ValueError(f"zeda_sglang: unsupported MoE gate {type(old).__name__}")
+    old.weight = nn.Parameter(
+        torch.empty(e + z, weight.shape[1], dtype=weight.dtype, device=weight.device), requires_grad=False
+    )
+    if isinstance(bias, torch.Tensor):
+        old.e_score_correction_bias = nn.Parameter(
+            torch.empty(e + z, dtype=bias.dtype, device=bias.device), requires_grad=False
+        )
+    return old
+
+
+def install_zero_experts(model: nn.Module, config: Any, moe_layer_indices: Callable[[Any], list[int]]) -> int:
+    """Convert every MoE block of a freshly built SGLang model (before weight loading).
+
+    Args:
+        model: An SGLang ``...ForCausalLM`` of a supported family.
+        config: Its hf config; ``config.zeda`` describes the zero experts.
+        moe_layer_indices: ``config -> [decoder layer indices with an MoE block]``, to map a
+            per-layer ``zero_logit_bias`` list onto layers (pipeline stages included).
+
+    Returns:
+        The number of MoE blocks converted.
+
+    Raises:
+        ValueError: without zero experts in the config, with a quantized checkpoint, with
+            expert-parallel load balancing or an all-to-all MoE backend, or with shared experts
+            fused into the routed top-k.
+    """
+    zeda = dict(getattr(config, "zeda", None) or {})
+    z = int(zeda.get("num_zero_experts", 0))
+    if z < 1:
+        raise ValueError(
+            f"zeda_sglang: {config.model_type!r} config lacks zeda.num_zero_experts; is this a zeda export?"
+        )
+    if getattr(model, "quant_config", None) is not None:
+        raise ValueError("zeda_sglang: quantized checkpoints are not supported")
+    moe_args = get_exec().moe
+    if getattr(moe_args, "enable_eplb", False) or getattr(moe_args, "ep_dispatch_algorithm", None):
+        raise ValueError(
+            "zeda_sglang: expert-parallel load balancing (EPLB) is not supported with zero experts"
+        )
+    if int(getattr(moe_args, "ep_num_redundant_experts", 0) or 0):
+        raise ValueError("zeda_sglang: redundant experts (--ep-num-redundant-experts) are not supported")
+    if not get_moe_a2a_backend().is_none():
+        raise ValueError(
+            "zeda_sglang: all-to-all MoE backends (--moe-a2a-backend) route inside their kernels; use 'none'"
+        )
+    bias_spec = getattr(config, "zeda_zero_logit_bias", None)
+    if bias_spec is None:
+        bias_spec = zeda.get("zero_logit_bias")
+    forced = forced_zero_share(config)
+    ordinal = {layer: i for i, layer in enumerate(moe_layer_indices(config))}
+    blocks = _moe_blocks(model)
+    computed = 0
+    for layer, block in blocks:
+        old_cfg = block.topk.topk_config
+        if old_cfg.num_shared_topk_slots:
+            raise ValueError(
+                "zeda_sglang: shared experts fused into the routed top-k are not supported; "
+                "launch with --disable-shared-experts-fusion"
+            )
+        e = int(block.experts.num_experts)
+        gate = _grow_gate(block, e, z)
+        kind = "sigmoid_bias" if old_cfg.correction_bias is not None else "softmax"
+        skips = _kernel_skips_dropped(block.experts)
+        computed += not skips
+        routing = ZedaRouting(
+            kind=kind,
+            num_experts=e,
+            num_zero_experts=z,
+            top_k=int(old_cfg.top_k),
+            renormalize=bool(old_cfg.renormalize),
+            zero_logit_bias=layer_zero_logit_bias(bias_spec, ordinal.get(layer, layer)),
+            forced_share=forced,
+            gate=gate if kind == "sigmoid_bias" else None,
+            num_expert_group=int(old_cfg.num_expert_group or 1) if old_cfg.use_grouped_topk else 1,
+            topk_group=int(old_cfg.topk_group or 1) if old_cfg.use_grouped_topk else 1,
+            kernel_skips_dropped=skips,
+        )
+        topk = TopK(
+            top_k=int(old_cfg.top_k),
+            layer_id=layer,
+            renormalize=bool(old_cfg.renormalize),
+            custom_routing_function=routing,
+            # kept so SGLang folds the factor into the weights exactly where it did before
+            routed_scaling_factor=old_cfg.routed_scaling_factor,
+            apply_routed_scaling_factor_on_output=old_cfg.apply_routed_scaling_factor_on_output,
+        )
+        topk.bind_runner_backend(
+            getattr(block.experts, "runner_backend", None),
+            routing_method_type=getattr(block.experts, "routing_method_type", None),
+        )
+        block.topk = topk
+    if computed:
+        logger.warning(
+            "zeda_sglang: %d of %d MoE blocks run on an experts kernel that does not skip expert id -1 "
+            "(only the Triton fused MoE on CUDA does); their zero slots go to expert 0 with weight 0: "
+            "correct, but computed. On a GPU launch with --moe-runner-backend triton.",
+            computed,
+            len(blocks),
+        )
+    logger.info(
+        "zeda_sglang: %d MoE blocks route over E + %d zero experts%s",
+        len(blocks),
+        z,
+        "" if forced is None else f" (forced zero share {forced})",
+    )
+    return len(blocks)
