@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from zeda.config import RunConfig, load_recipe
 from zeda.distillation.data import validate_data
 from zeda.distillation.loop import DistillResult, distill
 from zeda.distillation.run_dir import prepare_run_dir, run_inputs
-from zeda.distillation.student import inject_for_run
+from zeda.distillation.sharding import cpu_fsdp2_plugin, is_sharded
+from zeda.distillation.student import inject_for_run, load_run
 from zeda.errors import ZedaError
 from zeda.evaluation.result import EvalResult
 from zeda.evaluation.run_eval import evaluate as evaluate_model
@@ -143,6 +145,10 @@ def run(
     #    checkpoint), the export directory, the tokenizer (not empty, not larger than the model's
     #    vocabulary) and the model (config, family, every weight present and readable).
     validate_data(cfg)
+    # The process state, CPU when the launch says so (as accelerate's AcceleratorState decides);
+    # then FSDP launch options that the CPU path cannot honour are refused here.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    cpu_fsdp2_plugin(state.distributed_type)
     inputs = run_inputs(cfg)
     run_dir = prepare_run_dir(cfg, inputs, explicit=explicit_out)
     _check_export_dir(export_dir, inputs)
@@ -162,10 +168,16 @@ def run(
     # 3. Stage 1 and stage 2 self-distillation against the model's own teacher mode
     #    (LoRA on the experts, routers trained in full, the group balance loss sets the share).
     student, result = distill(model, cfg, tokenizer, run_dir=run_dir)
-    state = PartialState()
+    del model  # the student wraps it
     state.wait_for_everyone()
     if not state.is_main_process:  # evaluation and export run once, on the main process
         return RunResult(injection, result, None, None, str(out))
+    if is_sharded(student):
+        # Each rank holds only its shards (FSDP2), and the main process cannot run them alone:
+        # rebuild the full student from the original weights and the run's consolidated
+        # checkpoint (the full trained tensors, written at the last step).
+        del student
+        student, tokenizer, _, _ = load_run(out)
 
     # 4. Evaluation against the teacher (the same weights in teacher mode), then the
     #    training-free baselines calibrated to the same measured share (``eval.baselines``).

@@ -1,7 +1,11 @@
-"""One rank of a 2-process CPU (gloo) distillation under accelerate FSDP2, launched by test_fsdp.py.
+"""One rank of a 2-process CPU (gloo) FSDP2 distillation, launched by test_fsdp.py with
+``ACCELERATE_USE_CPU=true accelerate launch --use_fsdp --fsdp_version 2 ...``.
 
-Usage: ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 fsdp_worker.py OUT_DIR JSON_OVERRIDES
-Writes OUT_DIR/rank{r}.json: this rank's loss at every micro-step and the class of the prepared model.
+Usage: fsdp_worker.py OUT_DIR RECIPE_YAML
+Trains the recipe's model (loaded from ``model.name_or_path``) with `zeda.distill` on an
+`Accelerator` built from the launch's options, then writes OUT_DIR/rank{r}.json: accelerate's
+distributed type, the class of the trained module, its FSDP units, and for every parameter whether
+it is a DTensor with this rank's local and the full element counts.
 """
 
 from __future__ import annotations
@@ -11,47 +15,35 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
-import zeda.distillation.trainer as trainer_mod
-from zeda.config import RunConfig, apply_overrides
+from zeda.config import load_recipe
 from zeda.distillation.loop import distill
-from zeda.distillation.student import build_student
-from zeda.tiny import tiny_model, tiny_tokenizer
+from zeda.io import load, load_tokenizer
 
 
 def main() -> None:
-    out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
-    cfg = apply_overrides(RunConfig(), overrides)
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2,
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
-        reshard_after_forward=True,
-        state_dict_type="SHARDED_STATE_DICT",
-    )
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, gradient_accumulation_steps=cfg.train.grad_accum)
-    seen: dict = {
-        "losses": [],
-        "prepared": None,
-        "sharded": 0,
-        "distributed_type": str(accelerator.distributed_type),
+    out, recipe = Path(sys.argv[1]), sys.argv[2]
+    cfg = load_recipe(recipe)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    student, _ = distill(load(cfg.model.name_or_path), cfg, tokenizer, accelerator)
+    params = {
+        n: {
+            "dtensor": isinstance(p, DTensor),
+            "local": p.to_local().numel() if isinstance(p, DTensor) else p.numel(),
+            "full": p.numel(),
+            "trainable": p.requires_grad,
+        }
+        for n, p in student.named_parameters()
     }
-
-    # Record this rank's micro-step losses (the step itself is zeda's, unchanged).
-    real_step = trainer_mod.Trainer.step
-
-    def recording_step(self, stage, batch):
-        loss, parts = real_step(self, stage, batch)
-        seen["losses"].append(float(loss.detach()))
-        if seen["prepared"] is None:
-            seen["prepared"] = type(self.model).__name__
-            seen["sharded"] = sum(type(p).__name__ == "DTensor" for p in self.model.parameters())
-        return loss, parts
-
-    trainer_mod.Trainer.step = recording_step
-    student = build_student(tiny_model("qwen3_moe"), cfg)
-    distill(student, cfg, tiny_tokenizer(), accelerator)
+    seen = {
+        "distributed_type": str(accelerator.distributed_type),
+        "model": type(student).__name__,
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in student.modules()),
+        "params": params,
+    }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
     accelerator.end_training()
 

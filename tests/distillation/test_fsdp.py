@@ -1,82 +1,169 @@
-"""Sharded training on CPU: what accelerate 1.15 does with an FSDP2 plugin on two gloo processes.
+"""Sharded (FSDP2) training on CPU: two gloo processes under ``accelerate launch --use_fsdp``.
 
-accelerate enables FSDP only for accelerator-backed process groups (MULTI_GPU, MULTI_XPU,
-MULTI_NPU, ...; ``accelerate/state.py``, the ``DistributedType.FSDP`` switch). On CPU
-(``cpu=True`` / ``ACCELERATE_USE_CPU``) the state is ``MULTI_CPU`` and the FSDP plugin is
-ignored: the model is wrapped in DistributedDataParallel, unsharded. DeepSpeed's plugin is
-ignored the same way. So FSDP/ZeRO-3 cannot be exercised on this CPU-only CI; this test pins
-that fact (it fails the day accelerate shards on CPU, so that the sharded checks get written)
-and checks the part that does run: two processes with the FSDP2 recipe give the loss trajectory
-of one process with the same global batch.
+accelerate 1.15 applies FSDP only to accelerator-backed process groups; on CPU it would wrap the
+model in DDP and ignore the FSDP options (``DistributedType.MULTI_CPU``). zeda shards the student
+itself in that case (`zeda.distillation.sharding`). These tests check, on a tiny Qwen3-MoE:
+
+- every rank holds only its shards (DTensor parameters, local element count below the full one);
+- the loss trajectory of 2 sharded processes equals, step by step, that of 1 process with the same
+  global batch;
+- the consolidated checkpoint of a sharded run resumes (model and optimiser state) on the
+  trajectory of an uninterrupted run;
+- ``zeda distill`` under FSDP exports a consolidated model whose logits equal those of the
+  1-process student.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import zeda
-from zeda.config import RunConfig, apply_overrides
-from zeda.distillation.student import build_student
+from zeda.config import RunConfig, apply_overrides, save_recipe
+from zeda.io import atomic_save, load, load_tokenizer
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+STEPS = 4
+ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "true",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONPATH": str(Path(__file__).parents[2]),
+}
 
 
-def _free_port() -> int:
+def _free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return str(s.getsockname()[1])
 
 
-def _overrides(tmp_path: Path, batch_size: int, out: str) -> list[str]:
-    corpus = tmp_path / "train.jsonl"
-    if not corpus.exists():
-        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(96)))
+def _fsdp_launch() -> list[str]:
+    """accelerate's FSDP2 launch of 2 CPU processes (a fixed free port: port 0 can hang here)."""
     return [
-        f"data.train_file={corpus}",
-        f"data.eval_file={corpus}",
-        "data.seq_len=32",
-        "stage1.steps=3",
-        "stage1.lr=1e-2",
-        f"train.batch_size={batch_size}",
-        "train.log_every=1",
-        "train.save_every=0",
-        "train.warmup_ratio=0",
-        f"train.output_dir={tmp_path / out}",
-        "balance.target_zero_share=0.5",
-    ]
-
-
-def test_fsdp2_plugin_on_two_cpu_processes(tmp_path):
-    # Two ranks x 2 sequences under the FSDP2 plugin (fixed free port: torchrun's port 0 can
-    # hang in the store rendezvous on this machine).
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), str(WORKER), str(tmp_path),
-        json.dumps(_overrides(tmp_path, 2, "run2")),
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
+        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "Qwen3MoeDecoderLayer",
+        "--fsdp_cpu_ram_efficient_loading", "false",
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).parents[2])}  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    # accelerate 1.15 on CPU: MULTI_CPU + DDP, the FSDP plugin ignored, no DTensor shards.
+
+def _recipe(root: Path, out: str, batch_size: int, steps: int, *extra: str) -> RunConfig:
+    return apply_overrides(
+        RunConfig(),
+        [
+            f"model.name_or_path={root / 'model'}",
+            f"data.train_file={root / 'train.jsonl'}",
+            f"data.eval_file={root / 'train.jsonl'}",
+            "data.seq_len=32",
+            f"stage1.steps={steps}",
+            "stage1.lr=1e-2",
+            f"train.batch_size={batch_size}",
+            "train.log_every=1",
+            "train.save_every=0",
+            "train.warmup_ratio=0",
+            "train.lr_schedule=constant",  # a resume may then extend the stage without changing the lr
+            f"train.output_dir={root / out}",
+            "balance.target_zero_share=0.5",
+            *extra,
+        ],
+    )
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved tiny model, a corpus, and the 1-process reference run (4 sequences per step)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    atomic_save(tiny_model("qwen3_moe"), root / "model", tokenizer=tiny_tokenizer())
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(96)))
+    cfg = _recipe(root, "one", 4, STEPS)
+    student, _ = zeda.distill(load(root / "model"), cfg, load_tokenizer(root / "model"))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = student.eval()(input_ids=ids).logits
+    return {"root": root, "losses": _losses(root / "one"), "ids": ids, "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def sharded_half(world):
+    """2 FSDP2 processes x 2 sequences train the first half of the steps (fixture: the resume test
+    continues this run)."""
+    root = world["root"]
+    save_recipe(_recipe(root, "two", 2, STEPS // 2), root / "two.yaml")
+    res = subprocess.run(
+        [*_fsdp_launch(), str(WORKER), str(root), str(root / "two.yaml")],
+        env=ENV, capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_sharded_processes_hold_shards_and_follow_the_one_process_trajectory(world, sharded_half):
+    ranks = sharded_half
+    # accelerate alone would not shard on CPU (MULTI_CPU); zeda's FSDP2 did: one unit per
+    # decoder layer plus the root, every parameter (frozen or trained) a DTensor shard.
     assert {r["distributed_type"] for r in ranks} == {"DistributedType.MULTI_CPU"}
-    assert {r["prepared"] for r in ranks} == {"DistributedDataParallel"}
-    assert {r["sharded"] for r in ranks} == {0}
+    assert {r["model"] for r in ranks} == {"FSDPPeftModel"}
+    layers = tiny_model("qwen3_moe").config.num_hidden_layers
+    assert {r["fsdp_units"] for r in ranks} == {layers + 1}
+    for name in ranks[0]["params"]:
+        p0, p1 = ranks[0]["params"][name], ranks[1]["params"][name]
+        assert p0["dtensor"] and p1["dtensor"], name
+        assert p0["full"] == p1["full"] and p0["local"] + p1["local"] == p0["full"], name
+    for r in ranks:
+        local = sum(p["local"] for p in r["params"].values())
+        full = sum(p["full"] for p in r["params"].values())
+        assert 0 < local < full and local == pytest.approx(full / 2, rel=0.05)
+        trained = [p for p in r["params"].values() if p["trainable"]]
+        assert trained and sum(p["local"] for p in trained) < sum(p["full"] for p in trained)
 
-    # One process, 4 sequences per step (the same global batch: rank 0 takes rows 0-1, rank 1 2-3).
-    cfg = apply_overrides(RunConfig(), _overrides(tmp_path, 4, "run1"))
-    _, result = zeda.distill(build_student(tiny_model("qwen3_moe"), cfg), cfg, tiny_tokenizer())
-    one = [json.loads(line)["loss"] for line in (tmp_path / "run1" / "metrics.jsonl").open()]
-    two = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
-    assert len(one) == len(two) == 3
-    assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
+    # The logged loss is the global batch's; it equals 1 process with 4 sequences per step.
+    two = _losses(world["root"] / "two")
+    assert len(two) == STEPS // 2
+    assert two == pytest.approx(world["losses"][: STEPS // 2], rel=1e-4, abs=1e-6)
+
+
+def test_sharded_checkpoint_resumes_and_exports_consolidated(world, sharded_half, tmp_path):
+    root = world["root"]
+    run = tmp_path / "two"
+    shutil.copytree(root / "two", run)  # this test's own copy of the half-trained sharded run
+    ckpt = run / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text()) == {"stage": "stage1", "step": STEPS // 2}
+    # The checkpoint is consolidated: full tensors and the optimiser state of every parameter.
+    optim = torch.load(ckpt / "optim.pt", weights_only=True)["optimizer"]
+    assert len(optim["state"]) == len(optim["param_groups"][0]["params"]) > 0
+
+    # `zeda distill` under FSDP2: resume to STEPS, then export (consolidated on the main process).
+    cfg = _recipe(root, "two", 2, STEPS, "train.resume=true", f"train.output_dir={run}")
+    save_recipe(cfg, tmp_path / "resume.yaml")
+    cmd = [*_fsdp_launch(), "-m", "zeda.cli", "distill", str(tmp_path / "resume.yaml")]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+
+    # Resumed on the uninterrupted trajectory: the step after the resume depends on the restored
+    # weights, the one after that also on the restored Adam moments.
+    assert _losses(run) == pytest.approx(world["losses"], rel=1e-4, abs=1e-6)
+    assert json.loads((ckpt / "state.json").read_text()) == {"stage": "stage1", "step": STEPS}
+
+    # The export reloads as a plain model with the 1-process student's logits.
+    exported = load(run / "export")
+    with torch.no_grad():
+        logits = exported(input_ids=world["ids"]).logits
+    torch.testing.assert_close(logits, world["logits"], rtol=1e-4, atol=1e-4)

@@ -5,6 +5,12 @@ Layout of ``<run>/checkpoint/``: ``trainable.safetensors`` (LoRA factors and rou
 ``torch.load(weights_only=True)`` so a crafted file cannot run code) and ``state.json``
 (``{"stage", "step"}``), written last: a directory with ``state.json`` is complete.
 
+The tensors and the optimiser state are always the full, consolidated ones, whatever the run's
+layout (one process, DistributedDataParallel or FSDP2 shards): `gather_train_state` gathers them
+with ``torch.distributed.checkpoint.state_dict`` (optimiser state keyed by parameter name) and
+`restore_optimizer` shards them back onto the optimiser of any layout. A checkpoint written by
+two sharded processes therefore resumes on one process and vice versa, and exports as is.
+
 A save writes ``.checkpoint.tmp``, moves the old checkpoint to ``.checkpoint.old``, renames the
 new one into place and deletes the old one. A crash between those renames leaves a complete
 ``.checkpoint.old``, which `find_checkpoint` then returns. Non-finite weights are never saved.
@@ -16,20 +22,27 @@ import json
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from zeda.errors import ZedaError
 
 __all__ = [
     "CHECKPOINT",
     "find_checkpoint",
+    "gather_train_state",
     "load_optim_state",
     "load_trainable",
     "read_state",
+    "restore_optimizer",
     "save_checkpoint",
     "trim_metrics",
 ]
@@ -51,17 +64,62 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def save_checkpoint(
-    run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, optimizer: Any, scheduler: Any
-) -> None:
-    """Atomically write ``run_dir/checkpoint``.
+def gather_train_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, names: set[str]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full trained tensors and optimiser state of a model, gathered from any layout.
+
+    A collective: every rank must call it. The main process gets full CPU tensors, the others
+    empty dicts (``StateDictOptions(full_state_dict=True, cpu_offload=True)``); frozen
+    parameters are neither gathered nor returned.
+
+    Args:
+        model: The model the step runs (unwrapped, DDP-wrapped or FSDP2-sharded).
+        optimizer: Its optimiser (a plain torch optimiser, not accelerate's wrapper).
+        names: The trainable parameter names of the unwrapped model (the keys to keep).
+
+    Returns:
+        ``(tensors, optimizer_state)``: tensors by parameter name (shapes of the unsharded
+        parameters) and the optimiser state keyed by parameter name.
+    """
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    trained = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    tensors = get_model_state_dict(model, options=trained)
+    optim = get_optimizer_state_dict(model, optimizer, options=full)
+    # Buffers are not frozen parameters, so they are still in the state dict: keep parameters.
+    return {n: t for n, t in tensors.items() if n in names}, optim
+
+
+def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full, name-keyed optimiser state (from `gather_train_state`) into ``optimizer``.
+
+    Every rank passes the same full state; each keeps the part of its own shards.
+
+    Raises:
+        ZedaError: if the stored state does not name this model's trainable parameters.
+    """
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not groups or not all(isinstance(n, str) for g in groups for n in g.get("params", [])):
+        raise ZedaError("the checkpoint's optimiser state is not keyed by parameter name; start a new run")
+    # torch initialises an empty optimiser state with one zero-gradient step, only without gradients.
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ZedaError(
+            f"the checkpoint's optimiser state does not match this model ({first[:160]})"
+        ) from None
+
+
+def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, optim_state: dict) -> None:
+    """Atomically write ``run_dir/checkpoint`` (main process only).
 
     Args:
         run_dir: The run directory.
         tensors: The full (gathered) trained tensors by parameter name.
         state: Progress, e.g. ``{"stage": "stage1", "step": 4}``.
-        optimizer: The optimiser (its ``state_dict()`` is saved).
-        scheduler: The learning-rate scheduler.
+        optim_state: ``{"optimizer": full name-keyed optimiser state, "scheduler": its state}``.
 
     Raises:
         ZedaError: if any tensor is not finite (the previous checkpoint is kept).
@@ -75,7 +133,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    torch.save(optim_state, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if _complete(final):
         shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,8 @@ where the batch comes from and in the distillation term:
   loss is the policy-gradient reverse KL (or the full-vocabulary reverse KL).
 
 accelerate handles devices, data parallelism and gradient accumulation; the model is prepared
-once for both stages.
+once for both stages (`zeda.distillation.sharding.prepare_student`: accelerate's preparation, or
+FSDP2 sharding on a CPU launch that asked for FSDP, which accelerate ignores on CPU).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from zeda.distillation.losses import (
 )
 from zeda.distillation.rollouts import Batch, generate, pad_sequences, teacher_rollouts, text_batch
 from zeda.distillation.run_dir import RunDir, prepare_run_dir, run_inputs
+from zeda.distillation.sharding import cpu_fsdp2_plugin, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, DistillResult, Stage, Trainer
 from zeda.errors import ZedaError
@@ -86,6 +88,7 @@ def distill(
             f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps but "
             f"train.grad_accum={ga}; build it with Accelerator(gradient_accumulation_steps={ga})"
         )
+    cpu_fsdp2_plugin(accelerator.distributed_type)  # refuse unusable FSDP launch options before writing
     main = accelerator.is_main_process
     run = run_dir or prepare_run_dir(config, run_inputs(config))
     accelerator.wait_for_everyone()  # every rank decides on the directory before any rank writes
@@ -105,8 +108,9 @@ def distill(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    # 2. One preparation for both stages (accelerate places, wraps and shards the model).
-    trainer = Trainer(student, accelerator.prepare(student), config, accelerator, run, tokenizer)
+    # 2. One preparation for both stages (accelerate places, wraps and shards the model; FSDP2 on
+    #    a CPU launch is applied by zeda, since accelerate ignores it there).
+    trainer = Trainer(student, prepare_student(accelerator, student), config, accelerator, run, tokenizer)
 
     # 3. Stage 1, then stage 2; a resumed run skips what its checkpoint already covers.
     order = ["stage1", "stage2"]

@@ -12,12 +12,19 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from zeda.config import RunConfig
 from zeda.distillation.balance import BalanceTracker, RouterCapture
-from zeda.distillation.checkpoint import find_checkpoint, load_optim_state, save_checkpoint
+from zeda.distillation.checkpoint import (
+    find_checkpoint,
+    gather_train_state,
+    load_optim_state,
+    restore_optimizer,
+    save_checkpoint,
+)
 from zeda.distillation.rollouts import Batch, forward_logits
 from zeda.distillation.run_dir import RunDir
 from zeda.errors import ZedaError
@@ -136,7 +143,7 @@ class Trainer:
         start = 0
         if resume:
             state = load_optim_state(find_checkpoint(self.run_dir.path))
-            optimizer.load_state_dict(state["optimizer"])
+            restore_optimizer(self.model, optimizer, state["optimizer"])  # any layout: 1 process, DDP, FSDP2
             scheduler.load_state_dict(state["scheduler"])
             # The recipe's lr wins over the stored one, so "lower the lr and resume" works.
             scheduler.base_lrs = [stage.lr] * len(optimizer.param_groups)
@@ -183,7 +190,7 @@ class Trainer:
             self._apply_update(stage, step, optimizer, scheduler, loss_ok)
             done, window_steps = step + 1, window_steps + 1
             if done % cfg.log_every == 0 or done == stage.steps:
-                row = {k: v / window_steps for k, v in window.items()}
+                row = self._global_mean({k: v / window_steps for k, v in window.items()})
                 dt = time.perf_counter() - t0
                 row.update(
                     stage=stage.name,
@@ -231,25 +238,34 @@ class Trainer:
         )
 
     def save(self, state: dict, optimizer: Any, scheduler: Any) -> None:
-        """Checkpoint the gathered trained tensors (main process writes), then commit a staged run."""
+        """Checkpoint the consolidated trained tensors and optimiser state (gathered from every
+        rank's shards; the main process writes), then commit a staged run."""
         acc = self.accelerator
-        tensors = {}
-        for n, p in self.student.named_parameters():
-            if p.requires_grad:
-                full = p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor shards gather here
-                tensors[n] = full.detach().cpu()
+        names = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        raw = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        tensors, optim_state = gather_train_state(self.model, raw, names)  # every rank takes part
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_checkpoint(
                 self.run_dir.path,
                 tensors,
                 state,
-                optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                scheduler,
+                {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
             )
         acc.wait_for_everyone()
         self.run_dir.commit(acc.is_main_process)
         acc.wait_for_everyone()
+
+    def _global_mean(self, row: dict[str, float]) -> dict[str, float]:
+        """The mean over ranks of each logged value, so the logged loss is the one whose gradient
+        the update applies (data parallelism and FSDP average gradients over ranks), not the main
+        process's part of it."""
+        if self.accelerator.num_processes == 1 or not row:
+            return row
+        keys = sorted(row)
+        values = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist(), strict=True))
 
     def _log(self, row: dict, bar: Any) -> None:
         self.result.final_zero_share, self.result.last = row["zero_share"], row
@@ -265,7 +281,11 @@ class Trainer:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one device sync, not one per tensor)."""
+    """Whether every element of every tensor is finite (one device sync, not one per tensor).
+
+    DTensor shards (FSDP2) are checked locally: the callers reduce the answer over ranks.
+    """
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())

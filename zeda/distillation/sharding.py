@@ -1,0 +1,126 @@
+"""Preparing the student for training, and FSDP2 sharding where accelerate does not shard: CPU.
+
+accelerate (1.15) switches to ``DistributedType.FSDP`` only for accelerator-backed process groups
+(``MULTI_GPU``, ``MULTI_XPU``, ... in ``accelerate/state.py``). A CPU (gloo) launch stays
+``MULTI_CPU``: ``accelerator.prepare`` wraps the model in DistributedDataParallel and ignores the
+FSDP options it was launched with, so nothing is sharded. `prepare_student` keeps accelerate's
+preparation everywhere except in that one case, a CPU launch that asked for FSDP version 2::
+
+    ACCELERATE_USE_CPU=true accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 \\
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_cpu_ram_efficient_loading false ...
+
+There `shard_fsdp2` applies torch's ``fully_shard`` the way accelerate's own
+``fsdp2_prepare_model`` does on GPUs: one FSDP unit per module picked by the launch's wrap policy
+(accelerate's ``fsdp2_prepare_auto_wrap_policy``, i.e. the decoder layers for
+``TRANSFORMER_BASED_WRAP``), then the root. accelerate stays in charge of everything else (launch,
+process group, gradient accumulation, backward, DTensor-aware clipping, reductions), and on GPUs
+its FSDP2 path is the one used. No accelerate class is modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch import nn
+
+from zeda.errors import ZedaError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["cpu_fsdp2_plugin", "is_sharded", "prepare_student", "shard_fsdp2"]
+
+
+def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParallelPlugin | None:
+    """The FSDP2 options of a CPU launch that asked for FSDP, which accelerate itself would ignore.
+
+    The options are read by accelerate's own `FullyShardedDataParallelPlugin` from the launch's
+    environment (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_AUTO_WRAP_POLICY``, ...; what
+    ``accelerate launch --use_fsdp ...`` sets in every process).
+
+    Args:
+        distributed_type: The accelerate state's distributed type.
+
+    Returns:
+        The plugin, or None when this is not a CPU launch that asked for FSDP.
+
+    Raises:
+        ZedaError: for an FSDP option the CPU path cannot honour (one line).
+    """
+    if distributed_type != DistributedType.MULTI_CPU:
+        return None
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ZedaError(
+            f"FSDP version {plugin.fsdp_version} was asked for on CPU; zeda shards CPU runs with FSDP "
+            "version 2 only (accelerate launch --fsdp_version 2)"
+        )
+    if plugin.cpu_ram_efficient_loading:
+        # transformers then leaves the weights of every rank but 0 unloaded, for accelerate's GPU
+        # path to broadcast; the CPU path loads the model on every rank instead.
+        raise ZedaError(
+            "FSDP on CPU needs every rank to load the model: launch with --fsdp_cpu_ram_efficient_loading false"
+        )
+    if plugin.activation_checkpointing:
+        raise ZedaError("FSDP activation checkpointing is not supported on CPU; launch without it")
+    return plugin
+
+
+def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 (``torch.distributed.fsdp.fully_shard``) on the default mesh.
+
+    Every module the plugin's wrap policy selects (bottom-up, like accelerate's
+    ``fsdp2_prepare_model``) becomes its own FSDP unit, then the root does. Parameters become
+    ``DTensor`` shards (dim 0 split across ranks); frozen and trainable parameters are sharded alike.
+
+    Args:
+        model: The student, unsharded and on the CPU, with identical values on every rank.
+        plugin: The launch's FSDP2 options (wrap policy, ``reshard_after_forward``).
+
+    Returns:
+        ``model`` itself, now an ``FSDPModule``.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.other import get_module_children_bottom_up
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    units = 0
+    if policy is not None:
+        for module in get_module_children_bottom_up(model)[:-1]:  # the root is wrapped last
+            if policy(module) and not isinstance(module, FSDPModule):
+                fully_shard(module, reshard_after_forward=plugin.reshard_after_forward)
+                units += 1
+    # The root keeps torch's default (no reshard after forward), as accelerate does.
+    fully_shard(model)
+    logger.info("FSDP2 on CPU: %d wrapped modules + the root", units)
+    return model
+
+
+def prepare_student(accelerator: Accelerator, student: nn.Module) -> nn.Module:
+    """Prepare the student once for both stages.
+
+    ``accelerator.prepare`` everywhere (devices, DDP, accelerate's FSDP2 / DeepSpeed on GPUs),
+    except on a CPU launch that asked for FSDP2, where `shard_fsdp2` shards it (see the module
+    docstring for why).
+
+    Returns:
+        The module the training step calls (the student itself when sharded in place).
+    """
+    plugin = cpu_fsdp2_plugin(accelerator.distributed_type)
+    if plugin is None:
+        return accelerator.prepare(student)
+    if accelerator.mixed_precision != "no":
+        raise ZedaError("FSDP on CPU runs in the model's dtype: launch with --mixed_precision no")
+    return shard_fsdp2(student, plugin)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor shard (FSDP2, on CPU or GPU)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
