@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zeda.distillation import losses
 from zeda.distillation.losses import (
     distill_loss,
     forward_kl,
@@ -223,9 +224,12 @@ def _reference(kind: str, s, t, labels, mask, tau):
     return (per * w).sum() / w.sum()
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "nll"])
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_chunked_loss_and_gradient_match_plain_autograd(kind, chunk) -> None:
+def test_chunked_loss_and_gradient_match_plain_autograd(kind, chunk, dense, monkeypatch) -> None:
+    # Both chunk layouts: gathered kept rows, and contiguous slices of all rows (masked zeroed).
+    monkeypatch.setattr(losses, "DENSE_MIN_KEPT", 0.0 if dense else 1.1)
     g = torch.Generator().manual_seed(11)
     s0, t = torch.randn(2, 5, 13, generator=g) * 2, torch.randn(2, 5, 13, generator=g) * 2
     labels = torch.randint(0, 13, (2, 5), generator=g)
@@ -243,6 +247,38 @@ def test_chunked_loss_and_gradient_match_plain_autograd(kind, chunk) -> None:
     (got * 3.0).backward()  # a non-unit upstream gradient
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(s.grad, 3.0 * ref_s.grad)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "nll"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_chunks_ignore_non_finite_masked_rows(kind, dtype) -> None:
+    """Packed text (all rows kept but the last of each sequence) takes the dense layout: the
+    masked rows are computed, so inf/nan there must not reach the loss or any gradient row."""
+    g = torch.Generator().manual_seed(13)
+    s0, t0 = torch.randn(3, 6, 17, generator=g) * 2, torch.randn(3, 6, 17, generator=g) * 2
+    labels = torch.randint(0, 17, (3, 6), generator=g)
+    mask = torch.ones(3, 6)
+    mask[:, -1] = 0
+    assert mask.mean() >= losses.DENSE_MIN_KEPT
+    ref_s = s0.clone().requires_grad_(True)
+    ref = _reference(kind, ref_s, t0, labels, mask, 1.0)
+    ref.backward()
+    s_bad, t_bad = s0.clone(), t0.clone()
+    s_bad[:, -1, 0], s_bad[:, -1, 1] = float("nan"), float("inf")
+    t_bad[:, -1, 2] = float("-inf")
+    s = s_bad.to(dtype).requires_grad_(True)
+    if kind == "nll":
+        got = token_nll(s, labels, mask, chunk_rows=4)
+    else:
+        fn = forward_kl if kind == "forward_kl" else reverse_kl
+        got = fn(s, t_bad.to(dtype), mask, chunk_rows=4)
+    got.backward()
+    tol = {} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
+    assert torch.isfinite(got) and torch.isfinite(s.grad.float()).all()
+    assert torch.all(s.grad[:, -1] == 0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(s.grad.float(), ref_s.grad, **tol)
 
 
 def test_token_logprobs_match_log_softmax_with_gradient() -> None:

@@ -54,6 +54,69 @@ def _kept_rows(mask: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     return idx, flat.float().to(logits.device)[idx]
 
 
+#: Kept share of the rows from which chunks are contiguous slices of all rows (masked rows are
+#: computed and then zeroed) instead of gathered kept rows (an index_select and an index_copy
+#: per chunk). Packed text keeps all rows but one per sequence.
+DENSE_MIN_KEPT = 0.75
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for ``(n, V)`` rows, as one batched GEMV (no ``(n, V)`` temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _chunk_loss(
+    kind: str,
+    s: Tensor,
+    t: Tensor | None,
+    y: Tensor | None,
+    tau: float,
+    want_grad: bool,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row losses ``(n,)`` of one chunk and their gradients ``(n, V)`` (float32, unweighted).
+
+    Args:
+        kind: The loss.
+        s: ``(n, V)`` student logits; ``t``: ``(n, V)`` teacher logits (KL kinds);
+            ``y``: ``(n,)`` labels (nll).
+        tau: Temperature (applied to the gradient too).
+        want_grad: Whether to form the gradient.
+        out: ``(n, V)`` float32 buffer the gradient is written into; otherwise the gradient
+            reuses the chunk's own buffers.
+    """
+    x = s.float()
+    log_p = torch.log_softmax(x / tau if tau != 1.0 else x, dim=-1)
+    if kind == "nll":
+        per_row = -log_p.gather(-1, y[:, None]).squeeze(-1)
+        if not want_grad:
+            return per_row, None
+        g = torch.exp(log_p, out=out) if out is not None else log_p.exp_()
+        g.scatter_add_(-1, y[:, None], torch.full_like(per_row[:, None], -1.0))
+        return per_row, g
+    z = t.float()
+    log_q = torch.log_softmax(z / tau if tau != 1.0 else z, dim=-1)
+    if kind == "forward_kl":
+        q = log_q.exp()
+        per_row = _rowdot(q, log_q.sub_(log_p))  # sum q (log q - log p)
+        if not want_grad:
+            return per_row, None
+        g = (torch.exp(log_p, out=out) if out is not None else log_p.exp_()).sub_(q)  # p - q
+    else:
+        diff = torch.sub(log_p, log_q, out=log_q)  # log p - log q
+        p = log_p.exp_()
+        per_row = _rowdot(p, diff)
+        if not want_grad:
+            return per_row, None
+        # p (log p - log q - L)
+        g = (
+            torch.sub(diff, per_row[:, None], out=out) if out is not None else diff.sub_(per_row[:, None])
+        ).mul_(p)
+    if tau != 1.0:
+        g.div_(tau)
+    return per_row, g
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """``sum_i w_i * loss_i`` over kept rows; the gradient is formed chunk by chunk in forward.
 
@@ -63,6 +126,11 @@ class _ChunkedLoss(torch.autograd.Function):
     - ``forward_kl``: ``sum q (log q - log p)``; grad ``(p - q) / tau``.
     - ``reverse_kl``: ``L = sum p (log p - log q)``; grad ``p * (log p - log q - L) / tau``.
     - ``nll``: ``-log p[y]``; grad ``p - onehot(y)`` (tau = 1).
+
+    When most rows are kept (`DENSE_MIN_KEPT`), chunks are contiguous slices of all rows: no
+    gather and no scatter, and the gradient is written straight into its buffer; masked rows get
+    weight 0 and their gradient rows are zero-filled (so non-finite values there never leak).
+    Otherwise chunks gather the kept rows.
     """
 
     @staticmethod
@@ -70,30 +138,47 @@ class _ChunkedLoss(torch.autograd.Function):
         vocab = student.shape[-1]
         s_flat = student.reshape(-1, vocab)
         t_flat = None if teacher is None else teacher.detach().reshape(-1, vocab)
-        grad = torch.zeros_like(s_flat) if ctx.needs_input_grad[0] else None
+        y_flat = None if labels is None else labels.reshape(-1)
+        n_rows = s_flat.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        dense = idx.numel() > 0 and idx.numel() >= DENSE_MIN_KEPT * n_rows
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for start in range(0, idx.numel(), chunk):
-            rows, w = idx[start : start + chunk], weights[start : start + chunk]
-            log_p = torch.log_softmax(s_flat.index_select(0, rows).float() / tau, dim=-1)
-            p = log_p.exp()
-            if kind == "nll":
-                y = labels.reshape(-1).index_select(0, rows)
-                per_row = -log_p.gather(-1, y[:, None]).squeeze(-1)
-                g = p
-                g.scatter_add_(-1, y[:, None], torch.full_like(per_row[:, None], -1.0))
+        if dense:
+            w_all = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
+            w_all[idx] = weights
+            dropped = torch.ones(n_rows, dtype=torch.bool, device=student.device)
+            dropped[idx] = False
+            grad = torch.empty_like(s_flat) if want_grad else None
+            spans = [(a, min(a + chunk, n_rows)) for a in range(0, n_rows, chunk)]
+        else:
+            grad = torch.zeros_like(s_flat) if want_grad else None
+            spans = [(a, min(a + chunk, idx.numel())) for a in range(0, idx.numel(), chunk)]
+        for a, b in spans:
+            if dense:
+                rows, w = None, w_all[a:b]
+                s, t = s_flat[a:b], None if t_flat is None else t_flat[a:b]
+                y = None if y_flat is None else y_flat[a:b]
             else:
-                log_q = torch.log_softmax(t_flat.index_select(0, rows).float() / tau, dim=-1)
-                if kind == "forward_kl":
-                    q = log_q.exp()
-                    per_row = (q * (log_q - log_p)).sum(-1)
-                    g = (p - q) / tau
-                else:
-                    diff = log_p - log_q
-                    per_row = (p * diff).sum(-1)
-                    g = p * (diff - per_row[:, None]) / tau
-            total = total + (per_row * w).sum()
-            if grad is not None:
-                grad.index_copy_(0, rows, (g * w[:, None]).to(grad.dtype))
+                rows, w = idx[a:b], weights[a:b]
+                s = s_flat.index_select(0, rows)
+                t = None if t_flat is None else t_flat.index_select(0, rows)
+                y = None if y_flat is None else y_flat.index_select(0, rows)
+            direct = dense and grad is not None and grad.dtype == torch.float32
+            per_row, g = _chunk_loss(kind, s, t, y, tau, want_grad, grad[a:b] if direct else None)
+            if dense:
+                per_row = torch.where(w > 0, per_row, 0.0)  # a masked row may hold inf/nan
+            total = total + torch.dot(per_row, w)
+            if g is None:
+                continue
+            g.mul_(w[:, None])
+            if dense:
+                off = torch.nonzero(dropped[a:b]).squeeze(-1)
+                if off.numel():
+                    g.index_fill_(0, off, 0.0)
+                if not direct:
+                    grad[a:b].copy_(g)
+            else:
+                grad.index_copy_(0, rows, g.to(grad.dtype))
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.shape = student.shape
         return total
@@ -103,7 +188,11 @@ class _ChunkedLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad.numel() == 0:
             return (None,) * 8
-        return (grad.mul_(grad_out.to(grad.dtype)).view(ctx.shape), None, None, None, None, None, None, None)
+        # The usual upstream gradient is exactly 1 (the loss is a normalised mean fed straight to
+        # backward): skip a full pass over (B, T, V) then. On CPU reading it costs no device sync.
+        if not (grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0):
+            grad.mul_(grad_out.to(grad.dtype))
+        return (grad.view(ctx.shape), None, None, None, None, None, None, None)
 
 
 def _token_mean(
@@ -121,8 +210,10 @@ def _token_mean(
             f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student.shape)} differ"
         )
     chunk = chunk_rows or default_chunk_rows(student.shape[-1])
-    total = _ChunkedLoss.apply(student, teacher, labels, idx, weights, kind, float(temperature), chunk)
-    return total / weights.sum().clamp_min(1e-12)
+    # Normalise the weights up front: the loss is then the Function's output itself and its
+    # upstream gradient is usually exactly 1 (see `_ChunkedLoss.backward`).
+    weights = weights / weights.sum().clamp_min(1e-12)
+    return _ChunkedLoss.apply(student, teacher, labels, idx, weights, kind, float(temperature), chunk)
 
 
 def forward_kl(
