@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +94,9 @@ class Stage:
 class Trainer:
     """Runs stages on a prepared model: the shared step, checkpoints, metrics, the non-finite stop."""
 
+    #: ``name -> context manager`` wrapped around each part of `step` (benchmarks time them).
+    section_timer: Callable[[str], AbstractContextManager] = staticmethod(lambda name: nullcontext())
+
     def __init__(
         self,
         student: nn.Module,
@@ -116,20 +120,27 @@ class Trainer:
         self.result = DistillResult(output_dir=str(run.final), target_zero_share=b.resolve_target_share(e, z))
 
     def step(self, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Teacher → student → capture → loss, for one micro-batch."""
+        """Teacher → student → capture → loss, for one micro-batch.
+
+        Each part runs inside ``self.section_timer(name)`` (``"teacher forward"``,
+        ``"student forward"``, ``"loss"``), a no-op unless a benchmark sets one.
+        """
         batch = batch.to(self.accelerator.device)
         t_logits = None
         if stage.needs_teacher_logits:
-            with torch.no_grad(), teacher_mode(self.student):
+            with self.section_timer("teacher forward"), torch.no_grad(), teacher_mode(self.student):
                 t_logits = forward_logits(self.student, batch)
-        with RouterCapture(self.student) as cap:
+        with self.section_timer("student forward"), RouterCapture(self.student) as cap:
             s_logits = forward_logits(self.model, batch)
-        balance = self.tracker.loss(cap.records, batch.attention_mask.reshape(-1))
-        kd, parts = stage.kd(batch, s_logits, t_logits)
-        loss = kd + balance.to(kd.device)
-        parts.update(
-            loss=float(loss.detach()), balance=float(balance.detach()), tokens=int(batch.attention_mask.sum())
-        )
+        with self.section_timer("loss"):
+            balance = self.tracker.loss(cap.records, batch.attention_mask.reshape(-1))
+            kd, parts = stage.kd(batch, s_logits, t_logits)
+            loss = kd + balance.to(kd.device)
+            parts.update(
+                loss=float(loss.detach()),
+                balance=float(balance.detach()),
+                tokens=int(batch.attention_mask.sum()),
+            )
         return loss, parts
 
     def _optimizer(self, stage: Stage, resume: dict | None) -> tuple[Any, Any, int]:
