@@ -115,7 +115,7 @@ def _expert_ffn(
     h = _linear(x, up[e], up_b[e] if up_b is not None else None, module.is_transposed)
     h = _activate(module, h)
     h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
-    if module.has_post_expert_norm:
+    if getattr(module, "has_post_expert_norm", False):  # the flag is absent in transformers 5.19
         h = module.post_expert_norm(h)
     return h
 
@@ -218,7 +218,7 @@ def zeda_grouped_forward(
     h = grouped_linear(
         h, down, offsets, down_b[experts] if down_b is not None else None, module.is_transposed
     )
-    if module.has_post_expert_norm:
+    if getattr(module, "has_post_expert_norm", False):  # the flag is absent in transformers 5.19
         h = module.post_expert_norm(h)
     h = h * top_k_weights.reshape(-1)[slots, None]
     out = torch.zeros(hidden_states.shape, dtype=h.dtype, device=h.device)
