@@ -40,7 +40,7 @@ def main() -> None:
     }
     seen = {
         "distributed_type": str(accelerator.distributed_type),
-        "model": type(student).__name__,
+        "model": type(student.get_base_model()).__name__,
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in student.modules()),
         "params": params,
     }

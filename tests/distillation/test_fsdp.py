@@ -120,7 +120,7 @@ def test_two_sharded_processes_hold_shards_and_follow_the_one_process_trajectory
     # accelerate alone would not shard on CPU (MULTI_CPU); zeda's FSDP2 did: one unit per
     # decoder layer plus the root, every parameter (frozen or trained) a DTensor shard.
     assert {r["distributed_type"] for r in ranks} == {"DistributedType.MULTI_CPU"}
-    assert {r["model"] for r in ranks} == {"FSDPPeftModel"}
+    assert {r["model"] for r in ranks} == {"FSDPZedaQwen3MoeForCausalLM"}
     layers = tiny_model("qwen3_moe").config.num_hidden_layers
     assert {r["fsdp_units"] for r in ranks} == {layers + 1}
     for name in ranks[0]["params"]:
@@ -167,3 +167,23 @@ def test_sharded_checkpoint_resumes_and_exports_consolidated(world, sharded_half
     with torch.no_grad():
         logits = exported(input_ids=world["ids"]).logits
     torch.testing.assert_close(logits, world["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_rollouts_and_on_policy_stage(world, tmp_path):
+    # Teacher rollouts (stage 1) and student samples (stage 2) generate on every rank with a
+    # sharded model: generation goes through the FSDP root and keeps the ranks in step.
+    root = world["root"]
+    cfg = _recipe(
+        root, "rollout", 2, 2,
+        "data.max_prompts=8", "stage1.mode=rollout", "stage1.kd=nll", "stage1.max_new_tokens=4",
+        "stage1.rollout_batch_size=8", "stage2.enabled=true", "stage2.steps=1",
+        "stage2.num_prompts_per_step=4", "stage2.max_new_tokens=3", f"train.output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    save_recipe(cfg, tmp_path / "rollout.yaml")
+    cmd = [*_fsdp_launch(), "-m", "zeda.cli", "distill", str(tmp_path / "rollout.yaml")]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("stage1", 1), ("stage1", 2), ("stage2", 1)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (tmp_path / "run" / "export" / "config.json").is_file()

@@ -74,29 +74,38 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
     """Shard ``model`` in place with FSDP2 (``torch.distributed.fsdp.fully_shard``) on the default mesh.
 
     Every module the plugin's wrap policy selects (bottom-up, like accelerate's
-    ``fsdp2_prepare_model``) becomes its own FSDP unit, then the root does. Parameters become
-    ``DTensor`` shards (dim 0 split across ranks); frozen and trainable parameters are sharded alike.
+    ``fsdp2_prepare_model``) becomes its own FSDP unit, then the transformers model at the root
+    does. Parameters become ``DTensor`` shards (dim 0 split across ranks); frozen and trainable
+    parameters are sharded alike.
 
     Args:
         model: The student, unsharded and on the CPU, with identical values on every rank.
         plugin: The launch's FSDP2 options (wrap policy, ``reshard_after_forward``).
 
     Returns:
-        ``model`` itself, now an ``FSDPModule``.
+        ``model`` itself (a PEFT wrapper stays one; the model inside is now an ``FSDPModule``).
     """
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from accelerate.utils.other import get_module_children_bottom_up
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    # The root unit is the transformers model itself, not a PEFT wrapper around it:
+    # ``PeftModel.generate`` (teacher rollouts, stage-2 samples) calls the inner model directly,
+    # which would skip a wrapper's all-gather.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, root)
     units = 0
     if policy is not None:
-        for module in get_module_children_bottom_up(model)[:-1]:  # the root is wrapped last
+        for module in get_module_children_bottom_up(root)[:-1]:  # the root is wrapped last
             if policy(module) and not isinstance(module, FSDPModule):
                 fully_shard(module, reshard_after_forward=plugin.reshard_after_forward)
                 units += 1
     # The root keeps torch's default (no reshard after forward), as accelerate does.
-    fully_shard(model)
+    fully_shard(root)
+    # transformers' own FSDP2 marks its model so, and ``generate`` then keeps every rank stepping
+    # until all have finished (``synced_gpus``): ranks sample different prompts, and a rank that
+    # stopped early would leave the others waiting in an all-gather.
+    root._is_fsdp_managed_module = True
     logger.info("FSDP2 on CPU: %d wrapped modules + the root", units)
     return model
 
