@@ -5,7 +5,8 @@ Usage: fsdp_worker.py OUT_DIR RECIPE_YAML
 Trains the recipe's model (loaded from ``model.name_or_path``) with `zeda.distill` on an
 `Accelerator` built from the launch's options, then writes OUT_DIR/rank{r}.json: accelerate's
 distributed type, the class of the trained module, its FSDP units, and for every parameter whether
-it is a DTensor with this rank's local and the full element counts.
+it is a DTensor with this rank's local and the full element counts, and whether transformers'
+``generate`` sees an FSDP-managed model (it then keeps the ranks in step).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from transformers.distributed.fsdp import is_fsdp_managed_module
 
 from zeda.config import load_recipe
 from zeda.distillation.loop import distill
@@ -42,6 +44,7 @@ def main() -> None:
         "distributed_type": str(accelerator.distributed_type),
         "model": type(student.get_base_model()).__name__,
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in student.modules()),
+        "generate_syncs_ranks": is_fsdp_managed_module(student.get_base_model()),
         "params": params,
     }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))

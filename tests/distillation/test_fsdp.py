@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 import zeda
 from zeda.config import RunConfig, apply_overrides, save_recipe
+from zeda.distillation.sharding import cpu_fsdp2_plugin
 from zeda.io import atomic_save, load, load_tokenizer
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
@@ -123,6 +125,7 @@ def test_two_sharded_processes_hold_shards_and_follow_the_one_process_trajectory
     assert {r["model"] for r in ranks} == {"FSDPZedaQwen3MoeForCausalLM"}
     layers = tiny_model("qwen3_moe").config.num_hidden_layers
     assert {r["fsdp_units"] for r in ranks} == {layers + 1}
+    assert {r["generate_syncs_ranks"] for r in ranks} == {True}
     for name in ranks[0]["params"]:
         p0, p1 = ranks[0]["params"][name], ranks[1]["params"][name]
         assert p0["dtensor"] and p1["dtensor"], name
@@ -187,3 +190,21 @@ def test_sharded_rollouts_and_on_policy_stage(world, tmp_path):
     assert [(r["stage"], r["step"]) for r in rows] == [("stage1", 1), ("stage1", 2), ("stage2", 1)]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_fsdp_launch_options_the_cpu_path_cannot_honour_are_refused(monkeypatch):
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        monkeypatch.delenv(key, raising=False)
+    assert cpu_fsdp2_plugin(DistributedType.MULTI_CPU) is None  # no FSDP asked for: DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert cpu_fsdp2_plugin(DistributedType.MULTI_GPU) is None  # GPUs: accelerate's own FSDP2
+    assert cpu_fsdp2_plugin(DistributedType.MULTI_CPU).fsdp_version == 2
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # accelerate launch's default
+    with pytest.raises(zeda.ZedaError, match="--fsdp_cpu_ram_efficient_loading false") as err:
+        cpu_fsdp2_plugin(DistributedType.MULTI_CPU)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(zeda.ZedaError, match="version 2 only"):
+        cpu_fsdp2_plugin(DistributedType.MULTI_CPU)

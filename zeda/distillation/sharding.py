@@ -53,7 +53,11 @@ def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParal
         return None
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
-    plugin = FullyShardedDataParallelPlugin()
+    try:
+        plugin = FullyShardedDataParallelPlugin()
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ZedaError(f"invalid FSDP launch options: {first[:200]}") from None
     if plugin.fsdp_version != 2:
         raise ZedaError(
             f"FSDP version {plugin.fsdp_version} was asked for on CPU; zeda shards CPU runs with FSDP "
@@ -102,10 +106,7 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
                 units += 1
     # The root keeps torch's default (no reshard after forward), as accelerate does.
     fully_shard(root)
-    # transformers' own FSDP2 marks its model so, and ``generate`` then keeps every rank stepping
-    # until all have finished (``synced_gpus``): ranks sample different prompts, and a rank that
-    # stopped early would leave the others waiting in an all-gather.
-    root._is_fsdp_managed_module = True
+    _mark_fsdp_managed(model)
     logger.info("FSDP2 on CPU: %d wrapped modules + the root", units)
     return model
 
@@ -122,10 +123,22 @@ def prepare_student(accelerator: Accelerator, student: nn.Module) -> nn.Module:
     """
     plugin = cpu_fsdp2_plugin(accelerator.distributed_type)
     if plugin is None:
-        return accelerator.prepare(student)
+        prepared = accelerator.prepare(student)
+        if is_sharded(student):  # accelerate's FSDP2 (GPUs)
+            _mark_fsdp_managed(student)
+        return prepared
     if accelerator.mixed_precision != "no":
         raise ZedaError("FSDP on CPU runs in the model's dtype: launch with --mixed_precision no")
     return shard_fsdp2(student, plugin)
+
+
+def _mark_fsdp_managed(model: nn.Module) -> None:
+    """Mark the transformers model inside ``model`` as FSDP-managed, as transformers' own FSDP2
+    does: ``generate`` then keeps every rank stepping until all have finished (``synced_gpus``).
+    Ranks sample different prompts, and a rank that stopped early would leave the others waiting
+    in an all-gather."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    root._is_fsdp_managed_module = True
 
 
 def is_sharded(model: nn.Module) -> bool:
