@@ -15,6 +15,11 @@ usual, then converts every MoE block in place (no vLLM class is modified):
    of bounds with ``-1``).
 
 The expert weights themselves are untouched: E experts, loaded by vLLM's own loaders.
+
+With a forced zero share (benchmarks, tests) the zero experts take no part in selection, so
+steps 1-2 are skipped: the block keeps vLLM's own E-row gate (the first E rows of the export's
+router are loaded into it) and its own router, followed by the forced drops; at a forced 0% the
+block is left exactly as stock vLLM built it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .routing import compact_slots, layer_zero_logit_bias, zero_aware_route
+from .routing import DROPPED, compact_slots, forced_zero_mask, layer_zero_logit_bias, zero_aware_route
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,9 @@ class ZedaZeroRouter(BaseRouter):
         routed_scaling_factor: Multiplies the weights (1.0 where the runner scales outputs).
         zero_logit_bias: Added to this layer's zero-expert logits.
         forced_share: See `forced_zero_share`; None routes naturally.
+        stock: With a forced share, vLLM's own router of this layer: the zero experts take no
+            part in selection, so routing is exactly the original model's (same kernel, same
+            cost) followed by the forced drops.
     """
 
     def __init__(
@@ -101,8 +109,11 @@ class ZedaZeroRouter(BaseRouter):
         routed_scaling_factor: float = 1.0,
         zero_logit_bias: float = 0.0,
         forced_share: float | None = None,
+        stock: BaseRouter | None = None,
     ) -> None:
         super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=None)
+        if (forced_share is None) != (stock is None):
+            raise ValueError("zeda_vllm: the stock router is used exactly when a zero share is forced")
         self.num_experts = num_experts
         self.num_zero_experts = num_zero_experts
         self.kind = kind
@@ -113,6 +124,7 @@ class ZedaZeroRouter(BaseRouter):
         self.routed_scaling_factor = routed_scaling_factor
         self.zero_logit_bias = zero_logit_bias
         self.forced_share = forced_share
+        self.stock = stock
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -126,7 +138,19 @@ class ZedaZeroRouter(BaseRouter):
         *,
         input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route ``(T, E + Z)`` logits to ``(weights (T, k) fp32, ids (T, k) int32)``, -1 = no work."""
+        """Route ``(T, E + Z)`` logits to ``(weights (T, k) fp32, ids (T, k) int32)``, -1 = no work.
+
+        With a forced share the gate has only the E real rows (``(T, E)`` logits) and vLLM's own
+        router picks the slots; then exactly ``floor(share·T·k)`` of the weakest are dropped.
+        """
+        if self.stock is not None:
+            weights, ids = self.stock._compute_routing(
+                hidden_states, router_logits, indices_type, input_ids=input_ids
+            )
+            drop = forced_zero_mask(weights, float(self.forced_share))
+            weights = weights.float().masked_fill(drop, 0.0)
+            ids = ids.to(torch.int32).masked_fill(drop, DROPPED)
+            return weights.contiguous(), ids.contiguous()
         return zero_aware_route(
             router_logits,
             kind=self.kind,  # type: ignore[arg-type]
@@ -184,6 +208,20 @@ class ZedaRoutedExperts(RoutedExperts):
         )
 
 
+def _load_first_rows(param: torch.Tensor, e: int, z: int) -> None:
+    """Make ``param`` (E rows) load the first E rows of the export's ``E + Z``-row tensor."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    load = getattr(param, "weight_loader", default_weight_loader)
+
+    def first_rows(p: torch.Tensor, loaded: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if loaded.shape[0] == e + z:
+            loaded = loaded[:e]
+        return load(p, loaded, *args, **kwargs)
+
+    param.weight_loader = first_rows  # this parameter instance only
+
+
 def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """``(decoder layer index, block)`` of every fused-MoE block (with ``gate`` and ``experts``)."""
     found = []
@@ -234,6 +272,28 @@ def install_zero_experts(
         old_gate: GateLinear = block.gate
         stock = runner.router
         e = int(stock.global_num_experts)
+        old_bias = getattr(old_gate, "e_score_correction_bias", None)
+        if forced is not None:
+            # The zero experts take no part in selection: keep vLLM's own E-row gate (and
+            # correction bias), load the first E rows of the export's grown router into it, and
+            # route with vLLM's own router. At a forced 0% nothing else changes: the block is
+            # stock vLLM, so it costs exactly what the original model costs.
+            _load_first_rows(old_gate.weight, e, z)
+            if isinstance(old_bias, torch.Tensor):
+                _load_first_rows(old_bias, e, z)
+            if forced > 0.0:
+                runner.router = ZedaZeroRouter(
+                    top_k=int(stock.top_k),
+                    num_experts=e,
+                    num_zero_experts=z,
+                    kind="softmax",  # unused: the stock router routes
+                    renormalize=bool(getattr(stock, "renormalize", True)),
+                    gate=old_gate,
+                    forced_share=forced,
+                    stock=stock,
+                )
+                runner.routed_experts.__class__ = ZedaRoutedExperts
+            continue
         gate = GateLinear(
             old_gate.input_size,
             e + z,
@@ -242,7 +302,6 @@ def install_zero_experts(
             params_dtype=old_gate.weight.dtype,
             prefix=old_gate.prefix,
         )
-        old_bias = getattr(old_gate, "e_score_correction_bias", None)
         if isinstance(old_bias, torch.Tensor):
             gate.e_score_correction_bias = nn.Parameter(
                 torch.empty(e + z, dtype=old_bias.dtype, device=old_bias.device), requires_grad=False
@@ -268,7 +327,6 @@ def install_zero_experts(
             topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
             routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
             zero_logit_bias=layer_zero_logit_bias(bias_spec, ordinal.get(layer, layer)),
-            forced_share=forced,
         )
         runner.routed_experts.__class__ = ZedaRoutedExperts
     logger.info(

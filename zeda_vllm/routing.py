@@ -87,11 +87,13 @@ def _bias_zero_columns(logits: torch.Tensor, num_experts: int, bias: float) -> t
 
 
 def _select_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(logits, dim=-1)
-    top_v, top_i = torch.topk(probs, top_k, dim=-1)
     if renormalize:
-        top_v = top_v / top_v.sum(dim=-1, keepdim=True)
-    return top_v, top_i
+        # softmax over all, top-k, renormalise == top-k of the logits, softmax over those k
+        # (softmax is monotonic): k exponentials per token instead of E + Z, as vLLM's own router
+        top_l, top_i = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top_l, dim=-1), top_i
+    probs = torch.softmax(logits, dim=-1)
+    return torch.topk(probs, top_k, dim=-1)
 
 
 def _select_sigmoid_bias(

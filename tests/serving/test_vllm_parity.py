@@ -12,7 +12,8 @@ environment (``.venv-vllm``, built by ``.ci/build_vllm_venv.sh``) as a subproces
 Cases: the shipped reference qwen3_moe (32 experts, top-4, + 16 zero experts) with its natural
 routing, with a per-layer ``zeda.zero_logit_bias`` list, forced to 50% and to 0% zero share
 (0% must equal the original model served by stock vLLM), tiny glm4_moe (group-limited
-sigmoid routing, 4 groups, top-2 groups) and mixtral exports, and a refused family.
+sigmoid routing, 4 groups, top-2 groups) and mixtral exports, naturally and forced to 50%
+(vLLM's own router of the family, then the drops), and a refused family.
 """
 
 from __future__ import annotations
@@ -187,6 +188,12 @@ def _build_cases(root: Path) -> list[dict]:
         m = _load(out)
         p = _prompts(m.config.vocab_size, seed=2)
         cases.append(_case(f"{family}_tiny", out, p, _greedy(m, p, NEW_TOKENS), share=_zero_share(m, p)))
+        # forced share: vLLM's own router of the family (grouped sigmoid for glm4_moe) + drops
+        with zeda.teacher_mode(m), zeda.router_settings(m, forced_zero_share=0.5):
+            ref = _greedy(m, p, NEW_TOKENS)
+        cases.append(
+            _case(f"{family}_tiny_forced50", out, p, ref, {"zeda_forced_zero_share": 0.5}, share=0.5)
+        )
 
     # --- a family the plugin refuses ---
     m = _tiny_model("qwen2_moe", **shape)
@@ -262,7 +269,9 @@ def _check(case: dict, got: dict) -> dict:
         "qwen3_ref_forced0",
         "stock_original",
         "glm4_moe_tiny",
+        "glm4_moe_tiny_forced50",
         "mixtral_tiny",
+        "mixtral_tiny_forced50",
     ],
 )
 def test_greedy_and_logprob_parity(parity, name: str) -> None:
