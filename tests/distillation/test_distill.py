@@ -307,3 +307,28 @@ def test_the_model_is_prepared_once_for_both_stages(corpus, tmp_path):
     )
     distill(tiny_model("qwen3_moe"), cfg, tiny_tokenizer(), accelerator=accelerator)
     assert len(accelerator._models) == 1  # one wrap, not one per stage
+
+
+def test_router_lr_scale_gives_routers_their_own_learning_rate(corpus, tmp_path):
+    """Adam's first step moves each weight by about its group's lr: routers by lr x scale."""
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3_moe")
+    zeda.inject_zero_experts(model)
+    cfg = cfg_for(
+        corpus,
+        tmp_path / "run",
+        "stage1.steps=1",
+        "stage1.lr=0.001",
+        "lora.router_lr_scale=10",
+        "train.max_grad_norm=1e9",
+    )
+    student = build_student(model, cfg)
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    student, _ = distill(student, cfg, tok)
+    after = dict(student.named_parameters())
+    moved = {n: float((after[n].detach() - b).abs().max()) for n, b in before.items()}
+    router = [v for n, v in moved.items() if "modules_to_save" in n]
+    lora = [v for n, v in moved.items() if "lora_B" in n]
+    assert router and lora
+    assert all(v == pytest.approx(0.01, rel=0.05) for v in router)
+    assert all(v == pytest.approx(0.001, rel=0.05) for v in lora)

@@ -137,3 +137,44 @@ def test_build_student_from_an_injected_checkpoint_directory(tmp_path):
         torch.testing.assert_close(student(ids).logits, model(ids).logits)
     with pytest.raises(zeda.ZedaError, match="needs the run config"):
         build_student(tmp_path / "injected")
+
+
+def test_threshold_init_starts_at_the_target_share_and_rebuilds_identically(tmp_path):
+    """inject.init=threshold: zero rows at 0, bias calibrated so step 0 skips the target share;
+    building again from the same recipe gives the same bias (resume and export rely on it)."""
+    import json
+
+    from zeda.config import apply_overrides
+    from zeda.distillation.data import pack_texts
+    from zeda.distillation.student import inject_for_run
+    from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
+    from zeda.zero.inject import find_moe_layers
+    from zeda.zero.structure import current_zero_logit_bias
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(64)))
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            f"model.name_or_path={tmp_path / 'model'}",
+            f"data.train_file={data}",
+            "data.seq_len=32",
+            "inject.init=threshold",
+            "balance.target_zero_share=0.4",
+        ],
+    )
+    biases = []
+    for _ in range(2):
+        model = tiny_model("qwen3_moe")
+        inject_for_run(model, cfg)
+        for layer in find_moe_layers(model):
+            e = layer.router.num_experts
+            assert torch.count_nonzero(layer.router.weight[e:]) == 0
+        ids = pack_texts(tiny_corpus(64), tiny_tokenizer(), 32)[:8]
+        with zeda.RouterTelemetry(model) as tel, torch.no_grad():
+            model(ids)
+        assert tel.zero_share == pytest.approx(0.4, abs=0.1)
+        biases.append(current_zero_logit_bias(model))
+    assert biases[0] is not None and biases[0] == biases[1]

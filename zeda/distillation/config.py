@@ -35,11 +35,19 @@ class LoraConfig:
     """Fine-tune the expert FFN weights in full instead of LoRA (as the paper); needs enabled=false."""
     train_router: bool = True
     """Train the (extended) router weights in full."""
+    router_lr_scale: float = 1.0
+    """The routers' learning rate as a multiple of the stage's ``lr`` (LoRA factors and experts
+    use ``lr`` itself): routers are small and must move far to learn which slots to skip."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
         check_config(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
         check_config(self.alpha >= 1, "lora.alpha", f"must be >= 1, got {self.alpha}")
+        check_config(
+            self.router_lr_scale > 0 and math.isfinite(self.router_lr_scale),
+            "lora.router_lr_scale",
+            f"must be finite and > 0, got {self.router_lr_scale}",
+        )
         check_config(
             not (self.enabled and self.full_experts),
             "lora.full_experts",

@@ -145,7 +145,9 @@ class Trainer:
 
     def _optimizer(self, stage: Stage, resume: dict | None) -> tuple[Any, Any, int]:
         cfg = self.cfg.train
-        optimizer = torch.optim.AdamW(self.params, lr=stage.lr, weight_decay=cfg.weight_decay)
+        scales = self._lr_scales()
+        groups = [{"params": ps, "lr": stage.lr * scale} for scale, ps in scales.items() if ps]
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * stage.steps)
         if cfg.lr_schedule == "cosine":
             scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, stage.steps)
@@ -157,13 +159,24 @@ class Trainer:
             restore_optimizer(self.model, optimizer, state["optimizer"])  # any layout: 1 process, DDP, FSDP2
             scheduler.load_state_dict(state["scheduler"])
             # The recipe's lr wins over the stored one, so "lower the lr and resume" works.
-            scheduler.base_lrs = [stage.lr] * len(optimizer.param_groups)
-            for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-                group["initial_lr"] = stage.lr
-                group["lr"] = stage.lr * fn(scheduler.last_epoch)
+            peaks = [stage.lr * scale for scale, ps in scales.items() if ps]
+            scheduler.base_lrs = peaks
+            for group, fn, peak in zip(optimizer.param_groups, scheduler.lr_lambdas, peaks, strict=True):
+                group["initial_lr"] = peak
+                group["lr"] = peak * fn(scheduler.last_epoch)
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
             start = int(resume["step"])
         return self.accelerator.prepare(optimizer), scheduler, start
+
+    def _lr_scales(self) -> dict[float, list[nn.Parameter]]:
+        """Trainable parameters grouped by learning-rate multiple: routers get
+        ``lora.router_lr_scale``, everything else 1 (one group when the scale is 1)."""
+        scale = float(self.cfg.lora.router_lr_scale)
+        router_ids = {id(p) for r in zero_routers(self.model) for p in r.parameters()}
+        groups: dict[float, list[nn.Parameter]] = {1.0: [], scale: []}
+        for p in self.params:
+            groups[scale if id(p) in router_ids else 1.0].append(p)
+        return groups
 
     def _finite_everywhere(self, loss_ok: bool) -> tuple[bool, bool]:
         """(loss finite, gradients finite) on every rank; all ranks agree, so none waits on another."""

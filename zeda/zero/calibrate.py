@@ -32,7 +32,7 @@ from zeda.zero.teacher import teacher_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationResult", "calibrate", "calibrate_export"]
+__all__ = ["CalibrationResult", "calibrate", "calibrate_export", "start_at_share"]
 
 
 @dataclass
@@ -269,6 +269,44 @@ def calibrate(
         result.heldout_tokens = int(held.numel())
     logger.info("calibrated zero-logit bias %s: share %.4f (target %.4f)", bias, achieved, target_share)
     return result
+
+
+def start_at_share(
+    model: nn.Module,
+    target_share: float,
+    texts_or_batches: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> CalibrationResult:
+    """Start distillation where a training-free rule is: a logit threshold at ``target_share``.
+
+    Every zero expert's router row (and router bias, if any) is set to 0, so its logit is the
+    zero-logit bias alone; `calibrate` then solves that bias on the text so that the share of
+    skipped slots is ``target_share`` from the first step. A real expert is then kept exactly
+    when its router logit beats the bias: a per-layer logit-threshold rule that distillation
+    improves on, instead of random rows that start near 0% and spend the first part of
+    training reaching the target share.
+
+    Args:
+        model: A freshly injected model (not a student).
+        target_share: Skipped share to start at, in (0, 1).
+        texts_or_batches: Calibration text (with ``tokenizer``) or ``(B, T)`` token ids.
+        tokenizer: Needed for text.
+        **kwargs: Passed to `calibrate` (``seq_len``, ``max_tokens``, ``per_layer``, ...).
+
+    Returns:
+        The `CalibrationResult` (the bias is set on the routers and in ``config.zeda``).
+    """
+    if not is_injected(model):
+        raise ZedaError("start_at_share needs a model with zero experts (inject them first)")
+    with torch.no_grad():
+        for layer in find_moe_layers(model):
+            router, e = layer.router, layer.router.num_experts
+            for name in ("weight", "bias"):
+                t = getattr(router, name, None)
+                if isinstance(t, torch.Tensor) and t.shape[0] > e:
+                    t[e:] = 0
+    return calibrate(model, target_share, texts_or_batches, tokenizer, **kwargs)
 
 
 def calibrate_export(

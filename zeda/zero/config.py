@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from zeda.errors import check_config
 
@@ -18,6 +18,11 @@ class InjectConfig:
     """Zero experts Z added per MoE layer; ``None`` means E // 2 (E = real routed experts)."""
     seed: int = 0
     """Seed for the initialisation of the new router rows."""
+    init: Literal["random", "threshold"] = "random"
+    """``random``: new router rows drawn from the existing rows' statistics (the share starts
+    low and the balance loss raises it); ``threshold``: zero rows start at 0 with a zero-logit
+    bias calibrated on ``data.train_file`` so that step 0 already skips the balance target
+    share (a logit-threshold rule that distillation improves on)."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
