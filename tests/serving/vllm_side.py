@@ -25,7 +25,7 @@ def run_case(case: dict) -> dict:
         llm = LLM(
             model=case["model"],
             dtype="float32",
-            enforce_eager=True,
+            enforce_eager=case.get("enforce_eager", True),
             skip_tokenizer_init=True,
             max_model_len=64,
             max_num_seqs=64,
