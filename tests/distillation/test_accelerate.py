@@ -154,3 +154,46 @@ def test_a_nan_on_one_rank_stops_both_without_deadlock(tmp_path):
         assert "non-finite loss at stage1 step 1" in (tmp_path / f"error{r}.txt").read_text()
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state == {"stage": "stage1", "step": 1}
+
+
+def test_ddp_checkpoint_resumes_on_the_one_process_trajectory(tmp_path):
+    # The consolidated, name-keyed checkpoint under DDP: 2 processes x 2 sequences stop after 2
+    # steps, resume to 4, and log the trajectory of 1 uninterrupted process x 4 sequences.
+    import zeda
+    from zeda.io import load, load_tokenizer
+
+    tok = tiny_tokenizer()
+    atomic_save(tiny_model("qwen3_moe"), tmp_path / "model", tokenizer=tok)
+    corpus = _corpus(tmp_path)
+
+    def recipe(out: str, batch_size: int, steps: int, *extra: str) -> RunConfig:
+        return apply_overrides(
+            RunConfig(),
+            [
+                f"model.name_or_path={tmp_path / 'model'}",
+                f"data.train_file={corpus}",
+                "data.seq_len=32",
+                f"train.batch_size={batch_size}",
+                f"stage1.steps={steps}",
+                "stage1.lr=1e-2",
+                "train.log_every=1",
+                "train.save_every=0",
+                "train.warmup_ratio=0",
+                "train.lr_schedule=constant",
+                f"train.output_dir={tmp_path / out}",
+                "balance.target_zero_share=0.5",
+                *extra,
+            ],
+        )
+
+    for name, cfg in (("half", recipe("two", 2, 2)), ("resume", recipe("two", 2, 4, "train.resume=true"))):
+        save_recipe(cfg, tmp_path / f"{name}.yaml")
+        cmd = [*_torchrun(), "-m", "zeda.cli", "distill", str(tmp_path / f"{name}.yaml")]
+        res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    zeda.distill(load(tmp_path / "model"), recipe("one", 4, 4), load_tokenizer(tmp_path / "model"))
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").open()] for r in ("two", "one")
+    ]
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)

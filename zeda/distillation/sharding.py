@@ -12,9 +12,13 @@ preparation everywhere except in that one case, a CPU launch that asked for FSDP
 There `shard_fsdp2` applies torch's ``fully_shard`` the way accelerate's own
 ``fsdp2_prepare_model`` does on GPUs: one FSDP unit per module picked by the launch's wrap policy
 (accelerate's ``fsdp2_prepare_auto_wrap_policy``, i.e. the decoder layers for
-``TRANSFORMER_BASED_WRAP``), then the root. accelerate stays in charge of everything else (launch,
-process group, gradient accumulation, backward, DTensor-aware clipping, reductions), and on GPUs
-its FSDP2 path is the one used. No accelerate class is modified.
+``TRANSFORMER_BASED_WRAP``), then the transformers model as the root. accelerate stays in charge
+of everything else (launch, process group, gradient accumulation, backward, DTensor-aware
+clipping, reductions), and on GPUs its FSDP2 path is the one used. No accelerate class is modified.
+
+On CPU the options come from the launch environment (``FSDP_*``, set by ``accelerate launch``): an
+``Accelerator(fsdp_plugin=...)`` object is dropped by accelerate's state on CPU, so only its
+``ACCELERATE_USE_FSDP=true`` is visible.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParal
     if plugin.fsdp_version != 2:
         raise ZedaError(
             f"FSDP version {plugin.fsdp_version} was asked for on CPU; zeda shards CPU runs with FSDP "
-            "version 2 only (accelerate launch --fsdp_version 2)"
+            "version 2 only (accelerate launch --fsdp_version 2, or FSDP_VERSION=2 in the environment)"
         )
     if plugin.cpu_ram_efficient_loading:
         # transformers then leaves the weights of every rank but 0 unloaded, for accelerate's GPU
