@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
     rows = []
     for t in TOKENS:
@@ -106,6 +108,8 @@ def main() -> None:
         "rounds": args.rounds,
         "iters": args.iters,
         "shape": {"E": E, "Z": Z, "k": K, "logits_dtype": "bfloat16"},
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,8 @@ def main() -> None:
         "# Routing cost per MoE layer: zeda_vllm plugin vs vLLM's CPU router",
         "",
         f"Command: `.venv-vllm/bin/python evals/serve/bench_router_overhead.py --out {args.out}`; "
-        f"E={E}, Z={Z}, k={K}, bf16 logits, 1 torch thread, fastest of {args.rounds} rounds x {args.iters} calls.",
+        f"E={E}, Z={Z}, k={K}, bf16 logits, 1 torch thread, fastest of {args.rounds} rounds x {args.iters} calls; "
+        f"load average before/after: {meta['load_before']:.2f} / {meta['load_after']:.2f} (2 cores).",
         "",
         "| tokens | variant | µs per call | vs stock |",
         "|---|---|---|---|",
