@@ -213,13 +213,15 @@ def compact_slots(
     Returns:
         ``(layout, token_index or None, weights, ids)``.
     """
+    t, k = ids.shape
+    if t == 0:
+        return "dense", None, weights, ids
     keep = ids >= 0
     counts = keep.sum(dim=-1)
-    t, k = ids.shape
-    if t == 0 or bool(keep.all()):
+    k_min, k_max = torch.stack(torch.aminmax(counts)).tolist()  # one host sync, not three
+    if k_min == k:
         return "dense", None, weights, ids
-    k_min = int(counts.min())
-    if k_min >= 1 and k_min == int(counts.max()):
+    if k_min >= 1 and k_min == k_max:
         # boolean indexing keeps row-major order, so each token's slots stay together
         return (
             "uniform",
