@@ -70,18 +70,20 @@ def _model_factory(args: argparse.Namespace):
 
 
 class Timer:
-    """``timer(name)`` adds the wall time of its block to ``totals[name]``."""
+    """``timer(name)`` adds the wall (process CPU) time of its block to ``totals[name]`` (``cpu``)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.totals[name] += time.perf_counter() - t0
+            self.cpu[name] += time.process_time() - c0
 
 
 def _snapshot(model):
@@ -104,7 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per repeat and loop")
-    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--out", default=str(HERE / "results_vs_plain"))
     args = ap.parse_args()
 
@@ -217,7 +219,7 @@ def main() -> None:
         zt, pt = Timer(), Timer()
         timer = zt if i >= args.warmup else untimed
         trainer.section_timer = timer
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.tracker.start_step()
         with accelerator.accumulate(trainer.model):
             loss, _parts = trainer.step(stage, b)
@@ -227,27 +229,33 @@ def main() -> None:
         with timer("optimiser"):
             trainer._apply_update(stage, i, optimizer, scheduler, loss_ok)
         zt.totals["step (profiled)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        zt.cpu["step (profiled)"] = time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         kw = {"timer": pt} if i >= args.warmup else {}
         plain_loop.plain_step(teacher, p_student, tap, p_opt, b.input_ids, b.loss_mask, alpha, w, **kw)
         pt.totals["step (profiled)"] = time.perf_counter() - t0
+        pt.cpu["step (profiled)"] = time.process_time() - c0
         if i >= args.warmup:
-            z_rows.append(zt.totals)
-            p_rows.append(pt.totals)
+            z_rows.append(zt)
+            p_rows.append(pt)
     trainer.section_timer = Trainer.section_timer
     uptime_after = Path("/proc/loadavg").read_text().split()[:3]
 
     n = args.profile_steps
     names = (*PARTS, "step (profiled)")
     profile = {
-        "zeda": {k: statistics.median(r[k] for r in z_rows) for k in names},
-        "plain": {k: statistics.median(r[k] for r in p_rows) for k in names},
+        "zeda": {k: statistics.median(r.totals[k] for r in z_rows) for k in names},
+        "plain": {k: statistics.median(r.totals[k] for r in p_rows) for k in names},
+    }
+    profile_cpu = {
+        "zeda": {k: statistics.median(r.cpu[k] for r in z_rows) for k in names},
+        "plain": {k: statistics.median(r.cpu[k] for r in p_rows) for k in names},
     }
     z_tps, p_tps = tokens / med(z_all, 0), tokens / med(p_all, 0)
     cmd = "python evals/distill_bench/bench_vs_plain.py" + "".join(
-        f" --{k.replace('_', '-')} {v}"
+        f" --{k.replace('_', '-')} {os.path.relpath(v, REPO) if k == 'out' else v}"
         for k, v in vars(args).items()
-        if k != "out" and v is not None and v != ap.get_default(k)
+        if v is not None and v != ap.get_default(k)
     )
     result = {
         "command": cmd,
@@ -266,6 +274,7 @@ def main() -> None:
         "median_cpu_time_ratio": statistics.median(cpu_ratios),
         "step_seconds_wall_cpu": {"zeda": z_all, "plain": p_all},
         "profile_seconds_per_step": profile,
+        "profile_cpu_seconds_per_step": profile_cpu,
         "loadavg_before": uptime_before,
         "loadavg_after": uptime_after,
         "torch": torch.__version__,
@@ -297,11 +306,14 @@ def main() -> None:
         f"Per-part profile (seconds per step, median of {n} profiled steps after {args.warmup} warm-up, "
         "zeda and plain alternating step by step):",
         "",
-        "| part | zeda | plain |",
-        "|---|---|---|",
+        "| part | zeda wall | plain wall | zeda CPU | plain CPU |",
+        "|---|---|---|---|---|",
     ]
     for k in names:
-        lines.append(f"| {k} | {profile['zeda'][k]:.3f} | {profile['plain'][k]:.3f} |")
+        lines.append(
+            f"| {k} | {profile['zeda'][k]:.3f} | {profile['plain'][k]:.3f} "
+            f"| {profile_cpu['zeda'][k]:.3f} | {profile_cpu['plain'][k]:.3f} |"
+        )
     lines += [
         "",
         "zeda's loss forms the KD gradient in its forward (chunked), so its backward starts at the "
