@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
@@ -34,7 +35,7 @@ from zeda.errors import ZedaError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cpu_fsdp2_plugin", "is_sharded", "prepare_student", "shard_fsdp2"]
+__all__ = ["cpu_fsdp2_plugin", "is_sharded", "prepare_optimizer", "prepare_student", "shard_fsdp2"]
 
 
 def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParallelPlugin | None:
@@ -118,22 +119,48 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
 def prepare_student(accelerator: Accelerator, student: nn.Module) -> nn.Module:
     """Prepare the student once for both stages.
 
-    ``accelerator.prepare`` everywhere (devices, DDP, accelerate's FSDP2 / DeepSpeed on GPUs),
-    except on a CPU launch that asked for FSDP2, where `shard_fsdp2` shards it (see the module
-    docstring for why).
+    - A CPU launch that asked for FSDP2: `shard_fsdp2` (accelerate would ignore FSDP there).
+    - accelerate's FSDP2 (GPUs; read from accelerate 1.15's code, not run here): accelerate's
+      own preparation, given the transformers model inside the PEFT wrapper, so that it becomes
+      the root unit (``PeftModel.generate`` calls it directly; with the wrapper as root,
+      generation fails on a not-gathered shard, checked with accelerate's ``fsdp2_prepare_model``
+      on CPU), and given a placeholder optimiser, because accelerate's FSDP2 ``prepare`` takes a
+      model only together with an optimiser. zeda builds each stage's optimiser afterwards on
+      the sharded parameters (`prepare_optimizer`).
+    - Everything else (one process, DDP, DeepSpeed): ``accelerator.prepare``.
 
     Returns:
         The module the training step calls (the student itself when sharded in place).
     """
     plugin = cpu_fsdp2_plugin(accelerator.distributed_type)
-    if plugin is None:
-        prepared = accelerator.prepare(student)
-        if is_sharded(student):  # accelerate's FSDP2 (GPUs)
-            _mark_fsdp_managed(student)
-        return prepared
-    if accelerator.mixed_precision != "no":
-        raise ZedaError("FSDP on CPU runs in the model's dtype: launch with --mixed_precision no")
-    return shard_fsdp2(student, plugin)
+    if plugin is not None:
+        if accelerator.mixed_precision != "no":
+            raise ZedaError("FSDP on CPU runs in the model's dtype: launch with --mixed_precision no")
+        return shard_fsdp2(student, plugin)
+    if accelerator.is_fsdp2:
+        root = student.get_base_model() if hasattr(student, "get_base_model") else student
+        placeholder = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.0)
+        prepared, _ = accelerator.prepare(root, placeholder)
+        if prepared is not root:  # e.g. torch.compile'd: the PEFT wrapper would bypass it
+            raise ZedaError("accelerate returned a new module for FSDP2; run without dynamo/torch.compile")
+        _mark_fsdp_managed(student)
+        return student
+    return accelerator.prepare(student)
+
+
+def prepare_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Hand a stage's optimiser to accelerate.
+
+    Under accelerate's FSDP2 the optimiser is built on the already-sharded parameters and
+    ``accelerator.prepare`` refuses an optimiser without its model, so it is wrapped the way
+    accelerate's own preparation wraps one (`accelerate.optimizer.AcceleratedOptimizer`; read from
+    accelerate 1.15's code, not run here). Elsewhere: ``accelerator.prepare(optimizer)``.
+    """
+    if not accelerator.is_fsdp2:
+        return accelerator.prepare(optimizer)
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    return AcceleratedOptimizer(optimizer, device_placement=False, scaler=accelerator.scaler)
 
 
 def _mark_fsdp_managed(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ from zeda.distillation.checkpoint import (
 )
 from zeda.distillation.rollouts import Batch, forward_logits
 from zeda.distillation.run_dir import RunDir
+from zeda.distillation.sharding import prepare_optimizer
 from zeda.errors import ZedaError
 from zeda.zero.inject import teacher_mode
 from zeda.zero.routing import zero_routers
@@ -166,7 +167,7 @@ class Trainer:
                 group["lr"] = peak * fn(scheduler.last_epoch)
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
             start = int(resume["step"])
-        return self.accelerator.prepare(optimizer), scheduler, start
+        return prepare_optimizer(self.accelerator, optimizer), scheduler, start
 
     def _lr_scales(self) -> dict[float, list[nn.Parameter]]:
         """Trainable parameters grouped by learning-rate multiple: routers get
