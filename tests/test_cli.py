@@ -142,7 +142,7 @@ def test_readme_command_lines_parse():
     verbs = {a.dest for a in parser._subparsers._group_actions[0]._choices_actions}
     lines = []
     for block in _blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # join continued lines
             for part in line.split("#")[0].split("&&"):
                 words = shlex.split(part)
                 if words and words[0] == "zeda":
