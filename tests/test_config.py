@@ -573,9 +573,9 @@ def test_recipe_differences_examples() -> None:
     bad = apply_overrides(old, ["stage1.lr=1e-4", "lora.r=16", "stage1.steps=50", "train.seed=1"])
     lines = recipe_differences(old, bad)
     assert lines == [
-        "lora.r: 8 -> 16",
+        "lora.r: 32 -> 16",
         "stage1.steps: 100 -> 50 (a resumed run may add steps, not remove them)",
-        "stage1.lr: 0.0005 -> 0.0001",
+        "stage1.lr: 0.002 -> 0.0001",
         "train.seed: 0 -> 1",
     ]
     # the caller may accept more (e.g. a lower learning rate after a non-finite stop), never fewer steps
