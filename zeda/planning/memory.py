@@ -60,11 +60,12 @@ GIB = float(2**30)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # zeda's losses (zeda.distillation.losses) run over token chunks of ~2**24 fp32 elements: per
 # loss the full-vocabulary tensors are the logits themselves and one gradient buffer in their
-# dtype; the fp32 work of a chunk is a constant. Measured for forward KL at V = 151,936
-# (evals/plan/probe.py loss): 3.4 bytes per (token, vocab) element beside the teacher logits at
-# bf16 (student logits + gradient buffer) and ~10 fp32 chunk-sized temporaries.
+# dtype; the fp32 work of a chunk is a constant. Measured for forward KL at V = 151,936 with the
+# dense chunk layout (`python evals/plan/probe.py loss --tokens 256|1024 --dtype bfloat16`:
+# 3.33 and 1.58 fp32 N x V units): 4.0 bytes per (token, vocab) element beside the teacher
+# logits at bf16 (student logits + gradient buffer) and ~5.4 fp32 chunk-sized temporaries.
 _LOSS_FULL_COPIES = {"kl": 3, "nll": 2, "pg": 2}  # (tokens, vocab) tensors in the logits' dtype
-_CHUNK_FP32_COPIES = 10
+_CHUNK_FP32_COPIES = 6
 _EXPERT_GRAD_FACTOR = 2.15
 
 
