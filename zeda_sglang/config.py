@@ -15,19 +15,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from transformers import AutoConfig, Glm4MoeConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import AutoConfig, PretrainedConfig
+
+# The served families, their architecture names and their config classes are the vLLM plugin's
+# (pure transformers, no vLLM import): both engines load the same exports.
+from zeda_vllm.config import (
+    SUPPORTED_FAMILIES,
+    UNSUPPORTED_FAMILIES,
+    ZedaGlm4MoeConfig,
+    ZedaMixtralConfig,
+    ZedaQwen3MoeConfig,
+)
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "qwen3_moe": "ZedaQwen3MoeForCausalLM",
-    "glm4_moe": "ZedaGlm4MoeForCausalLM",
-    "mixtral": "ZedaMixtralForCausalLM",
-}
-"""zeda family (base ``model_type``) -> architecture name served by ``zeda_sglang.models``."""
-
-UNSUPPORTED_FAMILIES: tuple[str, ...] = ("qwen2_moe", "olmoe", "gpt_oss", "glm4_moe_lite", "deepseek_v3")
-"""zeda families that the SGLang models refuse (they load with zeda's transformers model)."""
 
 
 def unsupported_message(family: str) -> str:
@@ -36,24 +36,6 @@ def unsupported_message(family: str) -> str:
         f"zeda_sglang: zeda family {family!r} (model_type 'zeda_{family}') is not supported by the "
         f"SGLang models; supported families: {', '.join(sorted(SUPPORTED_FAMILIES))}"
     )
-
-
-class ZedaQwen3MoeConfig(Qwen3MoeConfig):
-    """Qwen3-MoE config of a zeda export."""
-
-    model_type = "zeda_qwen3_moe"
-
-
-class ZedaGlm4MoeConfig(Glm4MoeConfig):
-    """GLM-4.5/4.6/4.7 (glm4_moe) config of a zeda export."""
-
-    model_type = "zeda_glm4_moe"
-
-
-class ZedaMixtralConfig(MixtralConfig):
-    """Mixtral config of a zeda export."""
-
-    model_type = "zeda_mixtral"
 
 
 class _UnsupportedZedaConfig(PretrainedConfig):
