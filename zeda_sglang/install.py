@@ -18,7 +18,6 @@ Written against SGLang 0.5.23 (``sglang.srt.layers.moe.topk.TopK``, ``FusedMoE``
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,8 @@ from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.runtime_context import get_exec
 from sglang.srt.utils import is_cuda
 from torch import nn
+
+from zeda_vllm.routing import read_forced_share
 
 from .routing import ZedaRouting, layer_zero_logit_bias
 
@@ -49,16 +50,7 @@ def forced_zero_share(config: Any) -> float | None:
     Raises:
         ValueError: for a share outside [0, 1].
     """
-    value = getattr(config, "zeda_forced_zero_share", None)
-    if value is None:
-        env = os.environ.get(FORCED_SHARE_ENV, "").strip()
-        value = float(env) if env else None
-    if value is None:
-        return None
-    share = float(value)
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"zeda forced zero share must be in [0, 1], got {share}")
-    return share
+    return read_forced_share(config, FORCED_SHARE_ENV)
 
 
 def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:

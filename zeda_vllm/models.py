@@ -26,7 +26,6 @@ block is left exactly as stock vLLM built it.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +42,14 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .routing import DROPPED, compact_slots, forced_zero_mask, layer_zero_logit_bias, zero_aware_route
+from .routing import (
+    DROPPED,
+    compact_slots,
+    forced_zero_mask,
+    layer_zero_logit_bias,
+    read_forced_share,
+    zero_aware_route,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +70,7 @@ def forced_zero_share(hf_config: Any) -> float | None:
     Raises:
         ValueError: for a share outside [0, 1].
     """
-    value = getattr(hf_config, "zeda_forced_zero_share", None)
-    if value is None:
-        env = os.environ.get(FORCED_SHARE_ENV, "").strip()
-        value = float(env) if env else None
-    if value is None:
-        return None
-    share = float(value)
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"zeda forced zero share must be in [0, 1], got {share}")
-    return share
+    return read_forced_share(hf_config, FORCED_SHARE_ENV)
 
 
 class ZedaZeroRouter(BaseRouter):

@@ -16,8 +16,9 @@ Dropped slots are returned with expert id ``-1`` and weight 0 (the expert-map co
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -52,6 +53,25 @@ def layer_zero_logit_bias(value: float | Sequence[float] | None, moe_ordinal: in
             "give one float per MoE layer or a single float"
         )
     return float(values[moe_ordinal])
+
+
+def read_forced_share(config: Any, env_var: str) -> float | None:
+    """The forced zero share of a served model: ``config.zeda_forced_zero_share`` (engine
+    ``hf_overrides``), else the environment variable ``env_var``; None when neither is set.
+
+    Raises:
+        ValueError: for a share outside [0, 1].
+    """
+    value = getattr(config, "zeda_forced_zero_share", None)
+    if value is None:
+        env = os.environ.get(env_var, "").strip()
+        value = float(env) if env else None
+    if value is None:
+        return None
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"zeda forced zero share must be in [0, 1], got {share}")
+    return share
 
 
 def forced_zero_mask(weights: torch.Tensor, share: float) -> torch.Tensor:
