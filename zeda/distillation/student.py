@@ -119,15 +119,16 @@ def inject_for_run(model: nn.Module, cfg: RunConfig) -> InjectionReport | None:
         experts_implementation=cfg.model.experts_implementation or "zeda",
     )
     logger.info("injected %s", report.to_dict())
-    if cfg.inject.init == "threshold":
+    if cfg.inject.init in ("threshold", "relative"):
         _start_at_target_share(model, cfg, report)
     return report
 
 
 def _start_at_target_share(model: nn.Module, cfg: RunConfig, report: InjectionReport) -> None:
-    """``inject.init=threshold``: calibrate the zero-logit bias on the training text so that
-    step 0 skips the balance target share (deterministic, so a resume or an export of the run
-    rebuilds the same start)."""
+    """``inject.init=threshold|relative``: set the zero rows (0, or fitted to each token's
+    log-sum-exp) and calibrate the zero-logit bias on the training text so that step 0 skips the
+    balance target share (deterministic, so a resume or an export of the run rebuilds the same
+    start)."""
     from zeda.distillation.data import read_jsonl
     from zeda.io import load_tokenizer
     from zeda.zero.calibrate import start_at_share
@@ -136,7 +137,13 @@ def _start_at_target_share(model: nn.Module, cfg: RunConfig, report: InjectionRe
     texts = read_jsonl(cfg.data.train_file, cfg.data.text_field)
     tokenizer = load_tokenizer(cfg.model.name_or_path, model)
     result = start_at_share(
-        model, target, texts, tokenizer, seq_len=cfg.data.seq_len, max_tokens=START_CALIBRATION_TOKENS
+        model,
+        target,
+        texts,
+        tokenizer,
+        rows="fitted" if cfg.inject.init == "relative" else "zero",
+        seq_len=cfg.data.seq_len,
+        max_tokens=START_CALIBRATION_TOKENS,
     )
     logger.info("start at share %.3f: zero-logit bias %s", result.calibration_share, result.zero_logit_bias)
 

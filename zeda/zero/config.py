@@ -18,11 +18,14 @@ class InjectConfig:
     """Zero experts Z added per MoE layer; ``None`` means E // 2 (E = real routed experts)."""
     seed: int = 0
     """Seed for the initialisation of the new router rows."""
-    init: Literal["random", "threshold"] = "random"
+    init: Literal["random", "threshold", "relative"] = "random"
     """``random``: new router rows drawn from the existing rows' statistics (the share starts
     low and the balance loss raises it); ``threshold``: zero rows start at 0 with a zero-logit
     bias calibrated on ``data.train_file`` so that step 0 already skips the balance target
-    share (a logit-threshold rule that distillation improves on)."""
+    share (an absolute logit-threshold rule that distillation improves on); ``relative``: zero
+    rows fitted to each token's log-sum-exp of its top-k real logits and the bias calibrated
+    the same way, so step 0 is a threshold on the token's own normalised routing weights (the
+    threshold baseline's rule: a lower step-0 perplexity at the same share)."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
