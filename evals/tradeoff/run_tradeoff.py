@@ -72,10 +72,26 @@ def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, b
     }
 
 
-def _train_command(target: float, steps: int, overrides: list[str]) -> str:
-    """The command that trains one target's zeda row."""
-    extra = "".join(f" {o}" for o in overrides)
+def _train_command(target: float, steps: int, overrides: list[str], where: list[str] | None = None) -> str:
+    """The command that trains one target's zeda row (``where``: its non-default path options)."""
+    extra = "".join(f" {o}" for o in [*(where or []), *overrides])
     return f"python evals/tradeoff/run_tradeoff.py --targets {target} --steps {steps} --skip-baselines{extra}"
+
+
+def _where(args: argparse.Namespace) -> list[str]:
+    """The non-default ``--model/--recipe/--runs/--out`` options, as repo-relative paths."""
+    out = []
+    for opt, default in (
+        ("model", "evals/reference/model"),
+        ("recipe", "recipes/reference/quickstart.yaml"),
+        ("runs", "runs/tradeoff"),
+        ("out", "evals/tradeoff"),
+    ):
+        value = Path(getattr(args, opt)).resolve()
+        rel = value.relative_to(ROOT) if value.is_relative_to(ROOT) else value
+        if rel != Path(default):
+            out.append(f"--{opt} {rel}")
+    return out
 
 
 def main() -> None:
@@ -120,7 +136,7 @@ def main() -> None:
                     f"{result_file} was trained with overrides {row['overrides']}, not {args.overrides}; "
                     "pass the same overrides or another --runs directory"
                 )
-            row.setdefault("command", _train_command(target, row["steps"], args.overrides))
+            row.setdefault("command", _train_command(target, row["steps"], args.overrides, _where(args)))
             rows.append(row)
             continue
         cfg = load_recipe(
@@ -147,7 +163,7 @@ def main() -> None:
             "target": target,
             "steps": args.steps,
             "overrides": args.overrides,
-            "command": _train_command(target, args.steps, args.overrides),
+            "command": _train_command(target, args.steps, args.overrides, _where(args)),
             "train_seconds": round(time.perf_counter() - t0),
             # CPU time of all threads (the "CPU-minutes" budget of issue 15's goal 2).
             "train_cpu_seconds": round(time.process_time() - c0),
@@ -203,7 +219,8 @@ def main() -> None:
         "rows": rows,
         "summary": summary,
         "model": args.model,
-        "command": "python evals/tradeoff/run_tradeoff.py" + "".join(f" {o}" for o in args.overrides),
+        "command": "python evals/tradeoff/run_tradeoff.py"
+        + "".join(f" {o}" for o in [*_where(args), *args.overrides]),
     }
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lines = [

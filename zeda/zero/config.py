@@ -23,9 +23,10 @@ class InjectConfig:
     low and the balance loss raises it); ``threshold``: zero rows start at 0 with a zero-logit
     bias calibrated on ``data.train_file`` so that step 0 already skips the balance target
     share (an absolute logit-threshold rule that distillation improves on); ``relative``: zero
-    rows fitted to each token's log-sum-exp of its top-k real logits and the bias calibrated
-    the same way, so step 0 is a threshold on the token's own normalised routing weights (the
-    threshold baseline's rule: a lower step-0 perplexity at the same share)."""
+    rows of softmax routers fitted to each token's log-sum-exp of its real logits and one bias
+    per layer calibrated the same way, so step 0 is a threshold on the token's own normalised
+    routing weights (the threshold baseline's rule: a lower step-0 perplexity at the same
+    share); sigmoid routers score experts independently and start as with ``threshold``."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
