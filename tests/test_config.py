@@ -574,13 +574,13 @@ def test_recipe_differences_examples() -> None:
     lines = recipe_differences(old, bad)
     assert lines == [
         "lora.r: 32 -> 16",
-        "stage1.steps: 100 -> 50 (a resumed run may add steps, not remove them)",
+        "stage1.steps: 150 -> 50 (a resumed run may add steps, not remove them)",
         "stage1.lr: 0.002 -> 0.0001",
         "train.seed: 0 -> 1",
     ]
     # the caller may accept more (e.g. a lower learning rate after a non-finite stop), never fewer steps
     assert recipe_differences(old, bad, allow={"stage1.lr", "lora.r", "train.seed", "stage1.steps"}) == [
-        "stage1.steps: 100 -> 50 (a resumed run may add steps, not remove them)"
+        "stage1.steps: 150 -> 50 (a resumed run may add steps, not remove them)"
     ]
     # a run that trained stage 2 refuses changes to it
     s2 = apply_overrides(old, ["stage2.enabled=true"])

@@ -128,8 +128,10 @@ def test_cli_export_of_model_dir(tmp_path: Path) -> None:
     assert cli_main(["export", "--model", str(tmp_path / "injected"), "--out", str(tmp_path / "out")]) == 2
 
 
-def test_cli_export_of_run_dir(tmp_path: Path) -> None:
-    """`zeda export --model RUN_DIR` rebuilds the student from a `zeda run` directory."""
+@pytest.mark.parametrize("init", ["random", "relative"])
+def test_cli_export_of_run_dir(tmp_path: Path, init: str) -> None:
+    """`zeda export --model RUN_DIR` rebuilds the student from a `zeda run` directory (with
+    ``inject.init=relative`` too: its fitted start and per-layer bias are rebuilt exactly)."""
     zeda.atomic_save(tiny_model("qwen3_moe"), tmp_path / "model", tokenizer=tiny_tokenizer())
     with (tmp_path / "train.jsonl").open("w") as f:
         for t in tiny_corpus(32):
@@ -143,6 +145,7 @@ def test_cli_export_of_run_dir(tmp_path: Path) -> None:
             "train.batch_size=2",
             "stage1.steps=2",
             "stage1.lr=1e-2",
+            f"inject.init={init}",
             f"train.output_dir={tmp_path / 'run'}",
         ],
     )
@@ -155,3 +158,5 @@ def test_cli_export_of_run_dir(tmp_path: Path) -> None:
         orig = AutoModelForCausalLM.from_pretrained(tmp_path / "model")(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert not torch.equal(a, orig)  # the trained student, not the original
+    bias = json.loads((tmp_path / "out" / "config.json").read_text())["zeda"].get("zero_logit_bias")
+    assert isinstance(bias, list) if init == "relative" else bias in (None, 0.0)

@@ -139,9 +139,11 @@ def test_build_student_from_an_injected_checkpoint_directory(tmp_path):
         build_student(tmp_path / "injected")
 
 
-def test_threshold_init_starts_at_the_target_share_and_rebuilds_identically(tmp_path):
-    """inject.init=threshold: zero rows at 0, bias calibrated so step 0 skips the target share;
-    building again from the same recipe gives the same bias (resume and export rely on it)."""
+@pytest.mark.parametrize("init", ["threshold", "relative"])
+def test_threshold_init_starts_at_the_target_share_and_rebuilds_identically(tmp_path, init):
+    """inject.init=threshold|relative: zero rows at 0 (threshold) or fitted (relative), bias
+    calibrated so step 0 skips the target share; building again from the same recipe gives
+    the same rows and bias (resume and export rely on it)."""
     import json
 
     from zeda.config import apply_overrides
@@ -161,20 +163,25 @@ def test_threshold_init_starts_at_the_target_share_and_rebuilds_identically(tmp_
             f"model.name_or_path={tmp_path / 'model'}",
             f"data.train_file={data}",
             "data.seq_len=32",
-            "inject.init=threshold",
+            f"inject.init={init}",
             "balance.target_zero_share=0.4",
         ],
     )
-    biases = []
+    biases, rows = [], []
     for _ in range(2):
         model = tiny_model("qwen3_moe")
         inject_for_run(model, cfg)
         for layer in find_moe_layers(model):
             e = layer.router.num_experts
-            assert torch.count_nonzero(layer.router.weight[e:]) == 0
+            nonzero = torch.count_nonzero(layer.router.weight[e:])
+            assert nonzero == 0 if init == "threshold" else nonzero > 0
+        rows.append([layer.router.weight.detach().clone() for layer in find_moe_layers(model)])
         ids = pack_texts(tiny_corpus(64), tiny_tokenizer(), 32)[:8]
         with zeda.RouterTelemetry(model) as tel, torch.no_grad():
             model(ids)
         assert tel.zero_share == pytest.approx(0.4, abs=0.1)
         biases.append(current_zero_logit_bias(model))
     assert biases[0] is not None and biases[0] == biases[1]
+    assert isinstance(biases[0], list if init == "relative" else float)  # relative: one per layer
+    for a, b in zip(*rows, strict=True):
+        assert torch.equal(a, b)

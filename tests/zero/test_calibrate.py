@@ -94,3 +94,97 @@ def test_bad_calibration_inputs() -> None:
     with pytest.raises(zeda.ZedaError, match="needs a tokenizer"):
         calibrate(model, 0.3, ["some text"])
     assert "zero_logit_bias" not in model.config.zeda
+
+
+def _step0_ppl(model, tokenizer, held) -> tuple[float, float]:
+    """(perplexity, skipped share) on 4096 held-out tokens."""
+    import math
+
+    import torch.nn.functional as F
+
+    blocks = pack_texts(held, tokenizer, 256, 4096)[:16]
+    nll = n = 0.0
+    with RouterTelemetry(model) as tel, torch.no_grad():
+        for i in range(0, 16, 8):
+            ids = blocks[i : i + 8]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            )
+            n += ids[:, 1:].numel()
+    return math.exp(nll / n), tel.zero_share
+
+
+def test_fitted_rows_start_below_the_absolute_threshold() -> None:
+    """inject.init=relative's start (`start_at_share(rows="fitted")`): on the reference model, at
+    the same 50% share, zero rows fitted to each token's log-sum-exp give a lower perplexity
+    than zero rows with one absolute logit threshold (the point of the fitted start)."""
+    from zeda.zero.calibrate import start_at_share
+
+    tokenizer = load_tokenizer(REF / "model")
+    calib = read_jsonl(REF / "data" / "validation.jsonl")
+    held = read_jsonl(REF / "data" / "test.jsonl")
+    ppl = {}
+    for rows in ("zero", "fitted"):
+        model = load(REF / "model")
+        zeda.inject_zero_experts(model)
+        result = start_at_share(model, 0.5, calib, tokenizer, rows=rows, max_tokens=4096, seq_len=128)
+        layers = zeda.find_moe_layers(model)
+        zero_rows = [layer.router.weight[layer.router.num_experts :] for layer in layers]
+        if rows == "fitted":
+            # One bias per layer (the fit's intercepts differ), every zero row of a layer the same fit.
+            assert isinstance(result.zero_logit_bias, list) and len(result.zero_logit_bias) == len(layers)
+            for w in zero_rows:
+                assert torch.count_nonzero(w) > 0 and torch.equal(w, w[:1].expand_as(w))
+        else:
+            assert isinstance(result.zero_logit_bias, float)
+            assert all(torch.count_nonzero(w) == 0 for w in zero_rows)
+        ppl[rows], share = _step0_ppl(model, tokenizer, held)
+        assert abs(share - 0.5) <= 0.03, (rows, share)
+    assert ppl["fitted"] < ppl["zero"], ppl
+
+
+def test_fit_zero_rows_tracks_log_sum_exp_and_ignores_sigmoid_routers(monkeypatch) -> None:
+    """The fitted zero logit explains most of the variance of the log-sum-exp of the real
+    logits; grouping layers into several passes (a small memory budget) fits the same rows;
+    sigmoid routers keep their rows."""
+    from zeda.zero import calibrate as cal
+
+    ids = token_batch(8, 32, seed=3)
+    rows = []
+    for budget in (cal.FIT_BUDGET_BYTES, 1):
+        monkeypatch.setattr(cal, "FIT_BUDGET_BYTES", budget)
+        model = tiny_model("qwen3_moe")
+        zeda.inject_zero_experts(model)
+        intercepts = cal.fit_zero_rows(model, ids)
+        layers = zeda.find_moe_layers(model)
+        assert len(intercepts) == len(layers) and all(isinstance(c, float) for c in intercepts)
+        rows.append([layer.router.weight.detach().clone() for layer in layers])
+        inputs = []
+        hooks = [
+            layer.router.register_forward_pre_hook(
+                lambda m, a, inputs=inputs: inputs.append((m, a[0].reshape(-1, a[0].shape[-1])))
+            )
+            for layer in layers
+        ]
+        with torch.no_grad(), zeda.teacher_mode(model):
+            model(ids)
+        for h in hooks:
+            h.remove()
+        for (router, x), c in zip(inputs, intercepts, strict=True):
+            e = router.num_experts
+            y = torch.logsumexp(x @ router.weight[:e].T, -1)
+            pred = x @ router.weight[e].T + c
+            r2 = 1 - ((pred - y) ** 2).mean() / y.var()
+            assert r2 > 0.5, float(r2)
+    for a, b in zip(*rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    model = tiny_model("deepseek_v3")
+    zeda.inject_zero_experts(model)
+    before = [layer.router.weight.detach().clone() for layer in zeda.find_moe_layers(model)]
+    assert all(c is None for c in cal.fit_zero_rows(model, ids))
+    for w, layer in zip(before, zeda.find_moe_layers(model), strict=True):
+        assert torch.equal(w, layer.router.weight)
+    with pytest.raises(zeda.ZedaError, match="rows must be"):
+        cal.start_at_share(model, 0.3, ids, rows="random")

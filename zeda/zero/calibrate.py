@@ -397,7 +397,7 @@ def fit_zero_rows(
         e = router.num_experts
         bias = getattr(router, "bias", None)
         logits = F.linear(x, router.weight[:e].float(), None if bias is None else bias[:e].float())
-        y = _reference_logit(router, logits)
+        y = _reference_logit(logits)
         a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         gram[j] = gram.get(j, 0) + a.T @ a
         rhs[j] = rhs.get(j, 0) + a.T @ y
