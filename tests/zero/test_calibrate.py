@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import token_batch
+from conftest import FAMILIES, token_batch
 
 import zeda
 from zeda.distillation.data import pack_texts, read_jsonl
@@ -188,3 +188,24 @@ def test_fit_zero_rows_tracks_log_sum_exp_and_ignores_sigmoid_routers(monkeypatc
         assert torch.equal(w, layer.router.weight)
     with pytest.raises(zeda.ZedaError, match="rows must be"):
         cal.start_at_share(model, 0.3, ids, rows="random")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fitted_start_lands_on_the_share_in_every_family(family: str) -> None:
+    """`start_at_share(rows="fitted")` on every family: softmax-family routers get fitted rows and
+    one bias per layer, sigmoid routers zero rows and one bias; the share lands on the target."""
+    from zeda.zero.calibrate import FITTED_ROUTER_KINDS, start_at_share
+
+    model = tiny_model(family)
+    zeda.inject_zero_experts(model)
+    ids = token_batch(8, 32, seed=3)
+    result = start_at_share(model, 0.4, ids, rows="fitted", tol=0.005)
+    layers = zeda.find_moe_layers(model)
+    fitted = layers[0].router.zeda_router_kind in FITTED_ROUTER_KINDS
+    for layer in layers:
+        n = torch.count_nonzero(layer.router.weight[layer.router.num_experts :])
+        assert n > 0 if fitted else n == 0
+    assert isinstance(result.zero_logit_bias, list if fitted else float)
+    with RouterTelemetry(model) as tel, torch.no_grad():
+        model(ids)
+    assert abs(tel.zero_share - 0.4) <= 0.02
