@@ -7,24 +7,27 @@ then measures on held-out test text, against the original model:
 - the measured share of routed top-k slots skipped (router telemetry; = routed-expert FLOPs saved),
 - perplexity ratio (student / original) and top-1 agreement with the original.
 
-The training-free baselines (keep-top-m, top-p over the chosen weights, a weight threshold;
-`zeda.baselines`) are applied to the original model and calibrated to the *measured* share of
-each zeda model, so every row compares at matched routed-expert FLOPs.
+The training-free baselines (`zeda.evaluation.baselines.POLICY_KINDS`: keep-top-m, top-p with and
+without renormalisation, a weight threshold, entropy-guided adaptive k) are applied to the
+original model and calibrated to the *measured* share of each zeda model, so every row compares
+at matched routed-expert FLOPs. Each zeda row records its training CPU time (all threads).
 
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
-The committed results (see results.md for every command) trained each target in its own process:
+The committed results (see results.md for every command) trained each target in its own process,
+with the quickstart recipe's LoRA r32 / lr 2e-3 but random zero rows and forward KL (reverse KL at
+this lr climbs after ~250 steps on this model):
 
-    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 600 --threads 1 --skip-baselines lora.r=32 lora.alpha=64 stage1.lr=2e-3
-    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --threads 1 --skip-baselines lora.r=32 lora.alpha=64 stage1.lr=2e-3
-    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 1800 --threads 1 --skip-baselines lora.r=32 lora.alpha=64 stage1.lr=2e-3
-    python evals/tradeoff/run_tradeoff.py lora.r=32 lora.alpha=64 stage1.lr=2e-3
+    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v3 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
+    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 400 --runs runs/tradeoff_v3 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
+    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v3 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
+    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v3 --threads 1 inject.init=random stage1.kd=forward_kl
 
 Targets can be trained in parallel processes (``--targets 0.5 --skip-baselines``), then one run
 without ``--skip-baselines`` reuses the finished rows, evaluates the baselines and writes the table.
 
 Writes ``evals/tradeoff/results.json`` and ``evals/tradeoff/results.md``; each converted model is
-exported (LoRA merged, reload verified) to ``runs/tradeoff/target_<s>/model``.
+exported (LoRA merged, reload verified) to ``<runs>/target_<s>/model``.
 """
 
 from __future__ import annotations
@@ -40,9 +43,8 @@ import torch
 import zeda
 from zeda.config import load_recipe
 from zeda.distillation.data import pack_texts, read_jsonl
-from zeda.evaluation.baselines import POLICY_KINDS, attach_router_policy, calibrate
+from zeda.evaluation.baselines import POLICY_KINDS, apply_policy, attach_router_policy, calibrate
 from zeda.evaluation.telemetry import RouterTelemetry
-from zeda.zero.routing import router_settings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -180,7 +182,7 @@ def main() -> None:
             cal = calibrate(
                 original, kind, zrow["skipped_share"], [calib[i : i + 8] for i in range(0, len(calib), 8)]
             )
-            with router_settings(original, slot_policy=cal.policy):
+            with apply_policy(original, cal.policy):
                 q = quality(original, ref_logits, test)
             rows.append(
                 {
