@@ -133,10 +133,13 @@ def run_suite(suite: dict[str, Any], work: Path) -> tuple[Any, dict[str, Any]]:
         model, res = zeda.distill(model, cfg, tok)  # injects the original, then both stages
         info["distill"] = res.to_dict()
     info["distill_seconds"] = time.perf_counter() - t0
+    # A converted checkpoint's teacher mode runs its merged experts: compare with the original.
+    teacher = zeda.load(_path(suite["model"]), dtype=cfg.model.dtype) if suite.get("converted") else None
     result = zeda.evaluate(
         model,
         cfg,
         tok,
+        teacher=teacher,
         tasks=list(ev.get("tasks", cfg.eval.tasks)),
         limit=ev.get("limit", cfg.eval.limit),
         baselines_at_sweep=False,

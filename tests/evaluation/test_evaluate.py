@@ -289,3 +289,19 @@ def test_unknown_baseline_fails_before_any_compute(workdir: Path) -> None:
         zeda.ZedaError, match=r"unknown baseline\(s\) top_q in eval.baselines; use .*adaptive_k"
     ):
         evaluate(_injected(), cfg, tiny_tokenizer(), progress=False)
+
+
+def test_merged_export_needs_a_separate_teacher(workdir: Path, tmp_path: Path) -> None:
+    """An export's LoRA is merged into its experts, so its teacher mode is not the original:
+    evaluating it without a teacher is refused in one line; with the original it runs."""
+    from zeda.distillation.student import build_student
+
+    student = build_student(_injected(), RunConfig())
+    zeda.export(student, tmp_path / "export", tokenizer=tiny_tokenizer())
+    exported = zeda.load(tmp_path / "export")
+    cfg = _cfg(workdir)
+    with pytest.raises(zeda.ZedaError, match="LoRA merged.*--teacher"):
+        evaluate(exported, cfg, tiny_tokenizer(), progress=False)
+    original = tiny_model("qwen3_moe", num_experts_per_tok=4)
+    r = evaluate(exported, cfg, tiny_tokenizer(), teacher=original, progress=False)
+    assert r.settings["teacher"] == "separate model"
