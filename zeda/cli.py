@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--recipe", default=None, help="recipe YAML whose eval/data sections to use")
-    s.add_argument("--teacher", default=None, help="separate original model (default: teacher mode)")
+    s.add_argument(
+        "--teacher", default=None, help="the original model (required for an export: its LoRA is merged)"
+    )
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_cmd_eval)
 

@@ -174,7 +174,7 @@ def test_fit_zero_rows_tracks_log_sum_exp_and_ignores_sigmoid_routers(monkeypatc
         for (router, x), c in zip(inputs, intercepts, strict=True):
             e = router.num_experts
             y = torch.logsumexp(x @ router.weight[:e].T, -1)
-            pred = x @ router.weight[e].T + c
+            pred = x @ router.weight[e] + c
             r2 = 1 - ((pred - y) ** 2).mean() / y.var()
             assert r2 > 0.5, float(r2)
     for a, b in zip(*rows, strict=True):
