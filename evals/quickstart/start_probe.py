@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 import zeda
 from zeda.distillation.data import pack_texts, read_jsonl
-from zeda.zero.calibrate import start_at_share
+from zeda.zero.start import start_at_share
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "evals" / "tradeoff"))

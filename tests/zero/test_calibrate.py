@@ -119,7 +119,7 @@ def test_fitted_rows_start_below_the_absolute_threshold() -> None:
     """inject.init=relative's start (`start_at_share(rows="fitted")`): on the reference model, at
     the same 50% share, zero rows fitted to each token's log-sum-exp give a lower perplexity
     than zero rows with one absolute logit threshold (the point of the fitted start)."""
-    from zeda.zero.calibrate import start_at_share
+    from zeda.zero.start import start_at_share
 
     tokenizer = load_tokenizer(REF / "model")
     calib = read_jsonl(REF / "data" / "validation.jsonl")
@@ -148,7 +148,7 @@ def test_fit_zero_rows_tracks_log_sum_exp_and_ignores_sigmoid_routers(monkeypatc
     """The fitted zero logit explains most of the variance of the log-sum-exp of the real
     logits; grouping layers into several passes (a small memory budget) fits the same rows;
     sigmoid routers keep their rows."""
-    from zeda.zero import calibrate as cal
+    from zeda.zero import start as cal
 
     ids = token_batch(8, 32, seed=3)
     rows = []
@@ -194,7 +194,7 @@ def test_fit_zero_rows_tracks_log_sum_exp_and_ignores_sigmoid_routers(monkeypatc
 def test_fitted_start_lands_on_the_share_in_every_family(family: str) -> None:
     """`start_at_share(rows="fitted")` on every family: softmax-family routers get fitted rows and
     one bias per layer, sigmoid routers zero rows and one bias; the share lands on the target."""
-    from zeda.zero.calibrate import FITTED_ROUTER_KINDS, start_at_share
+    from zeda.zero.start import FITTED_ROUTER_KINDS, start_at_share
 
     model = tiny_model(family)
     zeda.inject_zero_experts(model)

@@ -131,7 +131,7 @@ def _start_at_target_share(model: nn.Module, cfg: RunConfig, report: InjectionRe
     start)."""
     from zeda.distillation.data import read_jsonl
     from zeda.io import load_tokenizer
-    from zeda.zero.calibrate import start_at_share
+    from zeda.zero.start import start_at_share
 
     target = cfg.balance.resolve_target_share(report.num_experts, report.num_zero_experts)
     texts = read_jsonl(cfg.data.train_file, cfg.data.text_field)

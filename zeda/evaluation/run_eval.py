@@ -130,14 +130,15 @@ def evaluate(
         raise ZedaError(f"{type(model).__name__} has no MoE layers to evaluate")
     base = _base_model(model)
     injected = is_injected(model)
-    if teacher is None and (getattr(base.config, "zeda", None) or {}).get("merged_lora"):
+    zeda_cfg = getattr(base.config, "zeda", None) or {}
+    if teacher is None and zeda_cfg.get("merged_lora"):
         # An export's LoRA is merged into the expert weights: its teacher mode runs the trained
         # experts, not the original, so every ratio would be measured against the wrong model.
         raise ZedaError(
             "this model is an export with its LoRA merged into the experts, so its teacher mode is "
             "not the original; pass the original model as the teacher (zeda eval --teacher ORIGINAL)"
         )
-    num_zero = int((getattr(base.config, "zeda", None) or {}).get("num_zero_experts", 0)) if injected else 0
+    num_zero = int(zeda_cfg.get("num_zero_experts", 0)) if injected else 0
     result = EvalResult(
         model_name=model_name or str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
         model_type=str(base.config.model_type),
