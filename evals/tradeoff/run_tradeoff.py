@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 import zeda
 from zeda.config import load_recipe
@@ -54,9 +55,10 @@ ROOT = HERE.parent.parent
 def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, bs: int = 8) -> dict:
     """Perplexity, top-1 agreement and KL(original‖model) on ``blocks`` ``(N, T)``, plus skipped share."""
     nll = agree = kl = n = 0.0
+    device = next(model.parameters()).device
     with RouterTelemetry(model) as tel:
         for i, ref in zip(range(0, len(blocks), bs), reference_logits, strict=True):
-            ids = blocks[i : i + bs]
+            ids, ref = blocks[i : i + bs].to(device), ref.to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             logp = torch.log_softmax(logits, -1)
             ref_logp = torch.log_softmax(ref, -1)
@@ -81,7 +83,7 @@ def _train_command(target: float, steps: int, overrides: list[str], where: list[
 
 
 def _where(args: argparse.Namespace) -> list[str]:
-    """The non-default ``--model/--recipe/--runs/--out`` options, as repo-relative paths."""
+    """The non-default ``--model/--recipe/--runs/--out`` (repo-relative paths) and ``--device`` options."""
     out = []
     for opt, default in (
         ("model", "evals/reference/model"),
@@ -93,6 +95,8 @@ def _where(args: argparse.Namespace) -> list[str]:
         rel = value.relative_to(ROOT) if value.is_relative_to(ROOT) else value
         if rel != Path(default):
             out.append(f"--{opt} {rel}")
+    if args.device != "cpu":
+        out.append(f"--device {args.device}")
     return out
 
 
@@ -107,6 +111,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the zeda rows train and evaluate (e.g. cuda); baselines and the table stay on CPU",
+    )
+    ap.add_argument(
         "--skip-baselines",
         action="store_true",
         help="only train/evaluate zeda rows (parallel runs per target)",
@@ -119,12 +128,14 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     test = pack_texts(read_jsonl(ROOT / "evals/reference/data/test.jsonl"), tok, 256, args.eval_tokens)
     calib = pack_texts(read_jsonl(ROOT / "evals/reference/data/validation.jsonl"), tok, 256, 8192)
-    original = zeda.load(args.model)
+    original = zeda.load(args.model, device=args.device)
     with torch.no_grad():
         ref_logits = [
-            original(input_ids=test[i : i + 8]).logits[:, :-1].float() for i in range(0, len(test), 8)
+            original(input_ids=test[i : i + 8].to(args.device)).logits[:, :-1].float().cpu()
+            for i in range(0, len(test), 8)
         ]
     orig_q = quality(original, ref_logits, test)
+    original.cpu()
     rows: list[dict] = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +166,13 @@ def main() -> None:
         )
         model = zeda.load(args.model)
         t0, c0 = time.perf_counter(), time.process_time()
-        student, res = zeda.distill(model, cfg, tok)
+        # accelerate would take any visible GPU; the row's device is the one asked for.
+        student, res = zeda.distill(
+            model,
+            cfg,
+            tok,
+            Accelerator(cpu=args.device == "cpu", gradient_accumulation_steps=cfg.train.grad_accum),
+        )
         student.eval()
         # The merged, reloadable converted checkpoint (input of evals/speed --converted).
         zeda.export(student, run_dir / "model", tokenizer=tok, overwrite=True)
@@ -166,6 +183,7 @@ def main() -> None:
             "steps": args.steps,
             "overrides": args.overrides,
             "command": _train_command(target, args.steps, args.overrides, _where(args)),
+            "device": args.device,
             "train_seconds": round(time.perf_counter() - t0),
             # CPU time of all threads (the "CPU-minutes" budget of issue 15's goal 2).
             "train_cpu_seconds": round(time.process_time() - c0),

@@ -2,8 +2,8 @@
 
 Registered through transformers' `ExpertsInterface` (no class patches) under two names:
 
-- ``"zeda"``: picks the fastest correct strategy per device. On CUDA, compaction of the kept
-  slots followed by grouped GEMMs, so sentinel slots cost nothing. On CPU for bf16/fp16 inference
+- ``"zeda"``: picks the fastest correct strategy per device. On CUDA in bf16/fp16, compaction of
+  the kept slots followed by grouped GEMMs, so sentinel slots cost nothing. On CPU for bf16/fp16 inference
   on more than one token, whichever of the two strategies is faster on this machine for the
   shape and the number of kept rows (timed once per shape and row-count bucket, then cached:
   which one wins depends on the CPU's matmul kernels, e.g. AMX, see `set_cpu_strategy`).
@@ -323,13 +323,14 @@ def zeda_experts_forward(
 ) -> torch.Tensor:
     """The ``"zeda"`` backend: the fastest correct strategy for the device and dtype.
 
-    - CUDA: compaction of the kept slots + grouped GEMMs (`zeda_grouped_forward`).
+    - CUDA, bf16/fp16: compaction of the kept slots + grouped GEMMs (`zeda_grouped_forward`);
+      torch documents its grouped GEMM kernels for bf16 inputs, so fp32 takes the loop below.
     - CPU, bf16/fp16, no autograd, more than one token, torch with a native ``grouped_mm`` CPU
       kernel: the kept-row loop or compaction + grouped GEMMs, whichever was measured faster on
       this machine for the shape and kept-row count (`set_cpu_strategy`). On a 2-core AMD EPYC
       the grouped GEMMs won from 2 to 512 tokens; on a 2-core Xeon with AMX the loop (oneDNN
       AMX GEMMs per expert) wins for long prefills.
-    - Otherwise (fp32, training, single-token decode): the per-expert loop over kept rows
+    - Otherwise (fp32 on any device, CPU training, single-token decode): the per-expert loop over kept rows
       (`zeda_loop_forward`), which keeps fp32 results bit-identical to stock eager (exact teacher
       comparisons) and has less fixed cost than compaction for one token's k slots.
 
@@ -342,7 +343,7 @@ def zeda_experts_forward(
     Returns:
         ``(T, H)`` weighted sum of the kept experts' outputs.
     """
-    if hidden_states.is_cuda:
+    if hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16):
         return zeda_grouped_forward(module, hidden_states, top_k_index, top_k_weights)
     if (
         hidden_states.shape[0] > 1
