@@ -144,12 +144,14 @@ def main() -> None:
         result_file = run_dir / "tradeoff_row.json"
         if result_file.exists():
             row = json.loads(result_file.read_text())
-            if row.setdefault("overrides", args.overrides) != args.overrides:
+            # Training refuses to reuse a row trained otherwise; the table keeps each finished
+            # row with its own settings (its command is printed under the table).
+            if row.setdefault("overrides", args.overrides) != args.overrides and args.skip_baselines:
                 raise SystemExit(
                     f"{result_file} was trained with overrides {row['overrides']}, not {args.overrides}; "
                     "pass the same overrides or another --runs directory"
                 )
-            row.setdefault("command", _train_command(target, row["steps"], args.overrides, _where(args)))
+            row.setdefault("command", _train_command(target, row["steps"], row["overrides"], _where(args)))
             rows.append(row)
             continue
         cfg = load_recipe(
