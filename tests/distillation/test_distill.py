@@ -332,3 +332,37 @@ def test_router_lr_scale_gives_routers_their_own_learning_rate(corpus, tmp_path)
     assert router and lora
     assert all(v == pytest.approx(0.01, rel=0.05) for v in router)
     assert all(v == pytest.approx(0.001, rel=0.05) for v in lora)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_router_rows_zero_trains_only_the_zero_rows(family, corpus, tmp_path):
+    """``lora.router_rows=zero`` with weight decay: real rows (and gpt-oss's real biases) stay
+    bit-equal, zero rows and LoRA move, the teacher stays exact; ``all`` moves the real rows."""
+    tok = tiny_tokenizer()
+    ids = token_batch(2, 12, seed=3)
+    original = tiny_model(family)
+    original.set_experts_implementation("eager")
+    with torch.no_grad():
+        ref = original(ids).logits
+    for rows in ("zero", "all"):
+        cfg = cfg_for(corpus, tmp_path / rows, f"lora.router_rows={rows}", "train.weight_decay=0.1")
+        student = build_student(tiny_model(family), cfg)
+        before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        student, _ = distill(student, cfg, tok)
+        after = dict(student.named_parameters())
+        e = zeda.find_moe_layers(student)[0].router.num_experts
+        routers = [n for n in before if "modules_to_save" in n]
+        assert routers and any("lora_" in n for n in before)
+        for n, b in before.items():
+            if n in routers:
+                assert torch.equal(after[n][:e], b[:e]) == (rows == "zero"), n
+                assert not torch.equal(after[n][e:], b[e:]), n
+            else:
+                assert not torch.equal(after[n], b), n
+        with torch.no_grad(), zeda.teacher_mode(student):
+            assert torch.equal(student(ids).logits, ref)
+
+
+def test_router_rows_must_be_all_or_zero():
+    with pytest.raises(zeda.ZedaError, match="lora.router_rows.*'all' or 'zero'"):
+        apply_overrides(RunConfig(), ["lora.router_rows=real"]).validate()

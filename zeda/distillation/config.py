@@ -38,6 +38,9 @@ class LoraConfig:
     router_lr_scale: float = 1.0
     """The routers' learning rate as a multiple of the stage's ``lr`` (LoRA factors and experts
     use ``lr`` itself): routers are small and must move far to learn which slots to skip."""
+    router_rows: str = "all"
+    """Which router rows train (with ``train_router``): ``all`` (the paper's full router) or
+    ``zero`` (only the zero experts' rows; the routing among real experts stays the original's)."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
@@ -47,6 +50,11 @@ class LoraConfig:
             self.router_lr_scale > 0 and math.isfinite(self.router_lr_scale),
             "lora.router_lr_scale",
             f"must be finite and > 0, got {self.router_lr_scale}",
+        )
+        check_config(
+            self.router_rows in ("all", "zero"),
+            "lora.router_rows",
+            f"must be 'all' or 'zero', got {self.router_rows!r}",
         )
         check_config(
             not (self.enabled and self.full_experts),

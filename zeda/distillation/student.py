@@ -31,6 +31,7 @@ from zeda.config import RunConfig, load_recipe
 from zeda.errors import ZedaError
 from zeda.families import spec_for_model
 from zeda.zero.inject import InjectionReport, find_moe_layers, inject_zero_experts, is_injected
+from zeda.zero.routing import zero_routers
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ def _wrap(model: nn.Module, cfg: ZedaLoraConfig) -> PeftModel:
             "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
         student = get_peft_model(model, peft_cfg)
+    for router in zero_routers(student):
+        router.real_rows_frozen = cfg.train_router and cfg.router_rows == "zero"
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in student.parameters())
     logger.info("trainable parameters: %d of %d (%.3f%%)", n_train, n_total, 100 * n_train / max(n_total, 1))

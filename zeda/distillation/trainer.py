@@ -147,7 +147,18 @@ class Trainer:
     def _optimizer(self, stage: Stage, resume: dict | None) -> tuple[Any, Any, int]:
         cfg = self.cfg.train
         scales = self._lr_scales()
-        groups = [{"params": ps, "lr": stage.lr * scale} for scale, ps in scales.items() if ps]
+        # With lora.router_rows=zero the real rows get zero gradients; AdamW would still decay
+        # them, so the routers' group has no weight decay then.
+        frozen_rows = self.cfg.lora.router_rows == "zero"
+        groups = [
+            {
+                "params": ps,
+                "lr": stage.lr * scale,
+                **({"weight_decay": 0.0} if router and frozen_rows else {}),
+            }
+            for (scale, router), ps in scales.items()
+            if ps
+        ]
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * stage.steps)
         if cfg.lr_schedule == "cosine":
@@ -160,7 +171,7 @@ class Trainer:
             restore_optimizer(self.model, optimizer, state["optimizer"])  # any layout: 1 process, DDP, FSDP2
             scheduler.load_state_dict(state["scheduler"])
             # The recipe's lr wins over the stored one, so "lower the lr and resume" works.
-            peaks = [stage.lr * scale for scale, ps in scales.items() if ps]
+            peaks = [stage.lr * scale for (scale, _), ps in scales.items() if ps]
             scheduler.base_lrs = peaks
             for group, fn, peak in zip(optimizer.param_groups, scheduler.lr_lambdas, peaks, strict=True):
                 group["initial_lr"] = peak
@@ -169,14 +180,16 @@ class Trainer:
             start = int(resume["step"])
         return prepare_optimizer(self.accelerator, optimizer), scheduler, start
 
-    def _lr_scales(self) -> dict[float, list[nn.Parameter]]:
-        """Trainable parameters grouped by learning-rate multiple: routers get
-        ``lora.router_lr_scale``, everything else 1 (one group when the scale is 1)."""
+    def _lr_scales(self) -> dict[tuple[float, bool], list[nn.Parameter]]:
+        """Trainable parameters grouped by (learning-rate multiple, is a router parameter):
+        routers get ``lora.router_lr_scale``, everything else 1. Routers share the others' group
+        when their scale is 1 and all their rows train (``lora.router_rows=all``)."""
         scale = float(self.cfg.lora.router_lr_scale)
+        own = scale != 1.0 or self.cfg.lora.router_rows == "zero"
         router_ids = {id(p) for r in zero_routers(self.model) for p in r.parameters()}
-        groups: dict[float, list[nn.Parameter]] = {1.0: [], scale: []}
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (scale, own): []}
         for p in self.params:
-            groups[scale if id(p) in router_ids else 1.0].append(p)
+            groups[(scale, own) if id(p) in router_ids else (1.0, False)].append(p)
         return groups
 
     def _finite_everywhere(self, loss_ok: bool) -> tuple[bool, bool]:

@@ -103,7 +103,7 @@ def forced_zero_mask(weights: torch.Tensor, share: float) -> torch.Tensor:
 
 def _route_softmax(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     h = h.reshape(-1, router.hidden_dim)
-    logits = F.linear(h, router.weight)  # (T, E+Z)
+    logits = F.linear(h, router.routing_tensor("weight"))  # (T, E+Z)
     probs = torch.softmax(router.biased_logits(logits.float()), dim=-1)
     top_v, top_i = torch.topk(probs, router.top_k, dim=-1)
     if getattr(router, "norm_topk_prob", True):
@@ -114,7 +114,7 @@ def _route_softmax(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tens
 def _route_sigmoid_bias(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     e = router.num_experts
     h = h.reshape(-1, router.hidden_dim)
-    logits = F.linear(h.float(), router.weight.float())  # (T, E+Z)
+    logits = F.linear(h.float(), router.routing_tensor("weight").float())  # (T, E+Z)
     scores = torch.sigmoid(router.biased_logits(logits))
     choice = scores + router.e_score_correction_bias
     real = choice[:, :e]
@@ -135,7 +135,7 @@ def _route_sigmoid_bias(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch
 
 def _route_topk_softmax(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     h = h.reshape(-1, router.hidden_dim)
-    logits = F.linear(h, router.weight, router.bias)  # (T, E+Z)
+    logits = F.linear(h, router.routing_tensor("weight"), router.routing_tensor("bias"))  # (T, E+Z)
     top_v, top_i = torch.topk(router.biased_logits(logits), router.top_k, dim=-1)
     return logits, torch.softmax(top_v, dim=1, dtype=top_v.dtype), top_i
 
@@ -158,6 +158,8 @@ class ZeroRouterMixin:
         forced_zero_share: If set, force exactly this share of slots onto zero experts
             (benchmarks, tests).
         slot_policy: If set, a training-free slot-dropping baseline applied after routing.
+        real_rows_frozen: If True, no gradient reaches the real experts' rows (``lora.router_rows=zero``):
+            training learns only when to skip, the routing among real experts stays the original's.
     """
 
     zeda_router_kind: ClassVar[str]
@@ -167,6 +169,16 @@ class ZeroRouterMixin:
     forced_zero_share: float | None = None
     slot_policy: SlotPolicy | None = None
     zeda_layer_index: int = -1
+    real_rows_frozen: bool = False
+
+    def routing_tensor(self, name: str) -> torch.Tensor | None:
+        """The router's ``weight`` ``(E+Z, H)`` or ``bias`` ``(E+Z,)`` as routing reads it: with
+        `real_rows_frozen`, the first E rows are detached (same values, no gradient)."""
+        t = getattr(self, name, None)
+        if t is None or not self.real_rows_frozen or not t.requires_grad:
+            return t
+        e = self.num_experts
+        return torch.cat([t[:e].detach(), t[e:]])
 
     def biased_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Add ``zero_logit_bias`` to the zero-expert columns of ``(T, E+Z)`` logits."""
