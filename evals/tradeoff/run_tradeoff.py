@@ -14,17 +14,21 @@ at matched routed-expert FLOPs. Each zeda row records its training CPU time (all
 
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
-The committed results (see results.md for every command) trained each target in its own process,
-with the quickstart recipe's LoRA r32 / lr 2e-3 but random zero rows and forward KL (reverse KL at
-this lr climbs after ~250 steps on this model):
+The committed results (see results.md for every command) trained each target in its own process
+with the quickstart recipe's LoRA r32. 25%: the recipe's fitted start (``inject.init=relative``),
+forward KL at lr 1e-3, 800 steps. 50% and 75%: random zero rows, forward KL at lr 2e-3 (from the
+fitted start at lr 2e-3, and with reverse KL at that lr, the training loss climbs after ~250 steps
+on this model):
 
-    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v3 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
-    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 400 --runs runs/tradeoff_v3 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
-    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v3 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
-    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v3 --threads 1 inject.init=random stage1.kd=forward_kl
+    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 800 --runs runs/tradeoff_v6 --threads 1 --skip-baselines stage1.kd=forward_kl stage1.lr=1e-3
+    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v6 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
+    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v6 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
+    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v6 --threads 1
 
 Targets can be trained in parallel processes (``--targets 0.5 --skip-baselines``), then one run
-without ``--skip-baselines`` reuses the finished rows, evaluates the baselines and writes the table.
+without ``--skip-baselines`` reuses the finished rows (each with the overrides it was trained with),
+evaluates the baselines and writes the table. ``--device cuda`` trains and evaluates the zeda rows
+on a GPU (`sweep.py` runs many such jobs side by side).
 
 Writes ``evals/tradeoff/results.json`` and ``evals/tradeoff/results.md``; each converted model is
 exported (LoRA merged, reload verified) to ``<runs>/target_<s>/model``.
