@@ -80,6 +80,24 @@ def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, b
     }
 
 
+def versus_rules(zeda_row: dict, rule_rows: list[dict]) -> dict:
+    """A zeda row against training-free rows of its target: the best rule by perplexity, zeda's
+    perplexity increase over that rule's, and whether zeda is at least as good on ppl ratio,
+    top-1 agreement and KL as every rule."""
+    best = min(rule_rows, key=lambda r: r["ppl_ratio"])
+    return {
+        "best_baseline": best["method"],
+        "best_baseline_ppl_ratio": best["ppl_ratio"],
+        "increase_ratio": (zeda_row["ppl_ratio"] - 1) / (best["ppl_ratio"] - 1),
+        "zeda_dominates": all(
+            zeda_row["ppl_ratio"] <= r["ppl_ratio"]
+            and zeda_row["top1_agreement"] >= r["top1_agreement"]
+            and zeda_row["kl"] <= r["kl"]
+            for r in rule_rows
+        ),
+    }
+
+
 def _train_command(target: float, steps: int, overrides: list[str], where: list[str] | None = None) -> str:
     """The command that trains one target's zeda row (``where``: its non-default path options)."""
     extra = "".join(f" {o}" for o in [*(where or []), *overrides])
@@ -221,23 +239,15 @@ def main() -> None:
     summary = []
     for target in sorted({r["target"] for r in rows}):
         z = next(r for r in rows if r["target"] == target and r["method"] == "zeda")
-        best = min(
-            (r for r in rows if r["target"] == target and r["method"] != "zeda"), key=lambda r: r["ppl_ratio"]
-        )
+        vs = versus_rules(z, [r for r in rows if r["target"] == target and r["method"] != "zeda"])
         summary.append(
             {
                 "target": target,
                 "zeda_ppl_increase": z["ppl_ratio"] - 1,
-                "best_baseline": best["method"],
-                "best_baseline_ppl_increase": best["ppl_ratio"] - 1,
-                "increase_ratio": (z["ppl_ratio"] - 1) / (best["ppl_ratio"] - 1),
-                "zeda_dominates": all(
-                    z["ppl_ratio"] <= r["ppl_ratio"]
-                    and z["top1_agreement"] >= r["top1_agreement"]
-                    and z["kl"] <= r["kl"]
-                    for r in rows
-                    if r["target"] == target and r["method"] != "zeda"
-                ),
+                "best_baseline": vs["best_baseline"],
+                "best_baseline_ppl_increase": vs["best_baseline_ppl_ratio"] - 1,
+                "increase_ratio": vs["increase_ratio"],
+                "zeda_dominates": vs["zeda_dominates"],
             }
         )
     result = {

@@ -25,6 +25,7 @@ Jobs still running at ``--deadline`` seconds are stopped and reported as such.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -35,6 +36,9 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+from run_tradeoff import versus_rules  # noqa: E402
+
 MODELS = {
     "reference": (
         "evals/reference/model",
@@ -87,23 +91,24 @@ def command(job: dict, runs: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
+@functools.cache
+def _committed(model: str) -> dict:
+    """The committed trade-off results of ``model`` (read once per sweep)."""
+    return json.loads((ROOT / MODELS[model][2]).read_text())
+
+
 def compare(job: dict, row: dict) -> dict:
     """The job's row against the committed baselines of its model and target."""
-    base = json.loads((ROOT / MODELS[job["model"]][2]).read_text())
+    base = _committed(job["model"])
     rules = [r for r in base["rows"] if r["method"] != "zeda" and abs(r["target"] - job["target"]) < 1e-9]
     if not rules:
         return {}
-    best = min(rules, key=lambda r: r["ppl_ratio"])
+    vs = versus_rules(row, rules)
     return {
-        "best_rule": best["method"],
-        "best_rule_ppl_ratio": best["ppl_ratio"],
-        "increase_ratio": (row["ppl_ratio"] - 1) / (best["ppl_ratio"] - 1),
-        "dominates": all(
-            row["ppl_ratio"] <= r["ppl_ratio"]
-            and row["top1_agreement"] >= r["top1_agreement"]
-            and row["kl"] <= r["kl"]
-            for r in rules
-        ),
+        "best_rule": vs["best_baseline"],
+        "best_rule_ppl_ratio": vs["best_baseline_ppl_ratio"],
+        "increase_ratio": vs["increase_ratio"],
+        "dominates": vs["zeda_dominates"],
     }
 
 
