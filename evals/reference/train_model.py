@@ -136,9 +136,18 @@ def unigram_ppl(train: torch.Tensor, test: torch.Tensor, vocab: int) -> float:
 
 
 def save_ckpt(
-    run: Path, model, opt, sched, step: int, tokens: int, wall: float, total_steps: int, threads: int
+    run: Path,
+    model,
+    opt,
+    sched,
+    step: int,
+    tokens: int,
+    wall: float,
+    total_steps: int,
+    threads: int,
+    extra: dict | None = None,
 ) -> None:
-    """Write the training state atomically (temp file + rename)."""
+    """Write the training state atomically (temp file + rename); ``extra`` adds keys to it."""
     tmp = run / "ckpt.pt.tmp"
     torch.save(
         {
@@ -150,6 +159,7 @@ def save_ckpt(
             "wall": wall,
             "total_steps": total_steps,
             "threads": threads,
+            **(extra or {}),
         },
         tmp,
     )

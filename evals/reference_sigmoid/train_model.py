@@ -186,7 +186,8 @@ def evaluate(model, data: torch.Tensor, seq: int, max_tokens: int) -> tuple[floa
     nll, count, loads = 0.0, 0, None
     with RouterTap(model) as tap:
         for i in range(0, n_blocks, 8):
-            ids = torch.stack([data[j * seq : (j + 1) * seq] for j in range(i, min(i + 8, n_blocks))]).long()
+            ids = torch.stack([data[j * seq : (j + 1) * seq] for j in range(i, min(i + 8, n_blocks))])
+            ids = ids.long().to(model.device)
             out = model(ids, labels=ids)
             n = ids.numel() - ids.shape[0]
             nll += float(out.loss) * n
@@ -213,6 +214,7 @@ def evaluate(model, data: torch.Tensor, seq: int, max_tokens: int) -> tuple[floa
 
 def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path) -> None:
     """Train from scratch or resume from ``run/ckpt.pt`` until a stop condition."""
+    model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
     step, tokens, wall = 0, 0, 0.0
@@ -220,7 +222,12 @@ def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path
     if ckpt.exists():
         if not args.resume:
             raise SystemExit(f"train_model: {ckpt} exists; pass --resume to continue it or delete {run}")
-        ck = torch.load(ckpt, weights_only=False)
+        ck = torch.load(ckpt, weights_only=False, map_location=args.device)
+        if ck.get("device", "cpu") != device_name(args.device):
+            raise SystemExit(
+                f"train_model: {ckpt} was trained on {ck.get('device', 'cpu')}, not {device_name(args.device)}; "
+                "resume on the same device"
+            )
         if ck["total_steps"] != args.steps:
             raise SystemExit(
                 f"train_model: {ckpt} has a {ck['total_steps']}-step schedule, not --steps {args.steps}"
@@ -238,7 +245,7 @@ def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path
         bar = tqdm(range(step, stop), initial=step, total=stop, desc="train", mininterval=10)
         for step in bar:
             t0 = time.perf_counter()
-            ids = batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed)
+            ids = batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed).to(args.device)
             out = model(ids, labels=ids)
             aux = seq_aux_loss(tap.records, cfg.n_routed_experts, cfg.num_experts_per_tok, ids.shape[0])
             (out.loss + args.seq_aux_coef * aux).backward()
@@ -266,7 +273,18 @@ def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path
                 logf.flush()
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}")
             if (step + 1) % args.save_every == 0 or done:
-                save_ckpt(run, model, opt, sched, step + 1, tokens, wall, args.steps, args.threads)
+                save_ckpt(
+                    run,
+                    model,
+                    opt,
+                    sched,
+                    step + 1,
+                    tokens,
+                    wall,
+                    args.steps,
+                    args.threads,
+                    extra={"device": device_name(args.device)},
+                )
             if done:
                 break
     log.info("stopped at step %d of %d (%d tokens, %.0f s of training)", step + 1, args.steps, tokens, wall)
@@ -297,7 +315,7 @@ The second reference model of the zeda project: the other router kind. Where the
 (`evals/reference/model`, `qwen3_moe`) has a softmax top-k router, this one routes like
 DeepSeek-V3 and GLM-4.5: **sigmoid** scores, a learned per-expert **correction bias** used only
 to choose experts, **group-limited** routing and a **shared expert**. It was trained from scratch
-on CPU on the same public-domain English corpus (State of the Union addresses, the Brown corpus,
+{"on CPU" if r.get("device", "cpu") == "cpu" else "on a GPU"} on the same public-domain English corpus (State of the Union addresses, the Brown corpus,
 the King James Bible, Shakespeare; `evals/reference/manifest.json`) with the same tokenizer,
 batch, sequence length and optimiser as the first. It loads with the stock classes:
 
@@ -326,7 +344,7 @@ one shared expert of width 128. Weights are stored in bfloat16 except the router
 | optimiser steps | {r["steps"]} of a {r["planned_steps"]}-step cosine schedule (warmup {r["warmup"]}, peak lr {r["lr"]}, AdamW 0.9/0.95, wd 0.1) |
 | batch | {r["batch_size"]} x {r["seq_len"]} tokens |
 | tokens seen | {r["tokens_seen"]:,} |
-| training wall time | {r["train_wall_seconds"] / 60:.1f} min on {r["threads"]} CPU thread(s) (shared machine, `nice -n 19`) |
+| training wall time | {r["train_wall_seconds"] / 60:.1f} min on {_trained_on(r)} |
 | balancing | DeepSeek-V3 aux-loss-free bias update, speed {r["bias_update_speed"]}, + sequence-wise loss, coefficient {r["seq_aux_coef"]} |
 
 The correction bias is a buffer updated after every step from that step's expert load
@@ -391,6 +409,23 @@ def head_tokens(tok, path: Path, n: int) -> torch.Tensor:
     return torch.tensor(ids[:n], dtype=torch.int32)
 
 
+def device_name(device: str) -> str:
+    """What a run's device is called in its checkpoint and model card: ``cpu`` or the GPU's name."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
+def _device_flag(args: argparse.Namespace) -> str:
+    return "" if args.device == "cpu" else f" --device {args.device}"
+
+
+def _trained_on(r: dict) -> str:
+    """The card's training-hardware wording (CPU threads, or the GPU a run used)."""
+    if r.get("device", "cpu") == "cpu":
+        return f"{r['threads']} CPU thread(s) (shared machine, `nice -n 19`)"
+    return f"one {r['device']}"
+
+
 def _first_model() -> dict:
     """The first reference model's figures, for the card's comparison line."""
     r = json.loads((REF / "model" / "training_results.json").read_text())
@@ -435,6 +470,7 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
         save_model(model, tok, tmp)
         saved = Glm4MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         saved.set_experts_implementation("eager")
+        saved.to(args.device)
         val = torch.load(CACHE / "tokens_validation.pt")
         test = torch.load(CACHE / "tokens_test.pt")
         log.info(
@@ -471,6 +507,7 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "threads": threads,
+            "device": ck.get("device", "cpu"),
             "bias_update_speed": args.bias_update_speed,
             "seq_aux_coef": args.seq_aux_coef,
             "tokens_seen": ck["tokens"],
@@ -503,9 +540,9 @@ def finalize(args: argparse.Namespace, model, tok, train_tokens: torch.Tensor, r
             or (
                 "python evals/reference_sigmoid/build_data.py && "
                 f"python evals/reference_sigmoid/train_model.py --steps {planned} --batch-size {args.batch_size} "
-                f"--warmup {args.warmup} --threads {threads} --stop-at-step {ck['step']} && "
+                f"--warmup {args.warmup} --threads {threads} --stop-at-step {ck['step']}{_device_flag(args)} && "
                 f"python evals/reference_sigmoid/train_model.py --steps {planned} --batch-size {args.batch_size} "
-                f"--warmup {args.warmup} --finalize"
+                f"--warmup {args.warmup}{_device_flag(args)} --finalize"
             ),
         }
         (tmp / "training_results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -555,6 +592,7 @@ def main() -> None:
         help="with --finalize: the training commands as actually run (recorded in the model card)",
     )
     ap.add_argument("--out", default=str(HERE / "model"))
+    ap.add_argument("--device", default="cpu", help="where training and the evaluation run (e.g. cuda)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -253,3 +253,25 @@ def test_balance_tracker_mask_excludes_padding() -> None:
     tracker.start_step()
     tracker.loss([RouterRecord(router, logits, torch.tensor([[2], [0]]))], mask=torch.tensor([0, 1]))
     assert tracker.pop_share() == 0.0
+
+
+def test_balance_tracker_across_layers_drives_only_the_model_wide_share() -> None:
+    """balance.per_layer=false: every layer's f is the share over all layers' slots."""
+    router = _Router(2, 1)
+    layer_a = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.3, 0.6]]))  # P_E 0.55, P_Z 0.45
+    layer_b = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))  # P_E 0.65, P_Z 0.35
+    records = [
+        RouterRecord(router, layer_a, torch.tensor([[2], [2]])),  # layer a skips every slot
+        RouterRecord(router, layer_b, torch.tensor([[0], [1]])),  # layer b skips none
+    ]
+    scale = 0.1 * (2 + 3.0 * 1)
+    each = BalanceTracker(alpha=0.1, w=3.0, global_batch=False)
+    each.start_step()
+    assert each.loss(records, mask=None).item() == pytest.approx(scale * (0.45 / 3 + 0.65 / 2), abs=1e-6)
+    for global_batch in (False, True):
+        pooled = BalanceTracker(alpha=0.1, w=3.0, global_batch=global_batch, per_layer=False)
+        pooled.start_step()
+        # f_E = f_Z = 1/2 for both layers (2 of the 4 slots skipped)
+        expected = scale * 0.5 * ((0.55 / 2 + 0.45 / 3) + (0.65 / 2 + 0.35 / 3))
+        assert pooled.loss(records, mask=None).item() == pytest.approx(expected, abs=1e-6)
+        assert pooled.pop_share() == pytest.approx(0.5)

@@ -15,6 +15,11 @@ of ``w*Z / (w*Z + E)`` (50 % for Z = E/2 and w = 2). `w_for_target` inverts this
 share the loss drives is the share the model skips. With ``global_batch`` the counts add up over
 the micro-steps of the optimisation step and over data-parallel ranks (Qwen's global-batch
 balancing); ``P`` stays per micro-batch and per rank.
+
+With ``per_layer=False`` every layer's ``f`` is the share over *all* MoE layers' slots: each
+layer's router gets the same push, which stops when the model-wide share reaches the target, so
+the distillation loss decides which layers skip more (at matched FLOPs: every layer's routed
+experts cost the same per slot).
 """
 
 from __future__ import annotations
@@ -291,10 +296,11 @@ class BalanceTracker:
         alpha: ``balance.alpha``.
         w: The zero-group weight (``balance.resolve_w(E, Z)``).
         global_batch: ``balance.global_batch``.
+        per_layer: ``balance.per_layer``: False forms ``f`` over all layers' slots together.
     """
 
-    def __init__(self, alpha: float, w: float, global_batch: bool) -> None:
-        self.alpha, self.w, self.global_batch = alpha, w, global_batch
+    def __init__(self, alpha: float, w: float, global_batch: bool, per_layer: bool = True) -> None:
+        self.alpha, self.w, self.global_batch, self.per_layer = alpha, w, global_batch, per_layer
         self._step_counts: Tensor | None = None  # (layers, 2) local [count_E, count_Z] this step
         self._logged = torch.zeros(2, dtype=torch.float64)  # [count_E, count_Z] since pop_share
 
@@ -325,12 +331,11 @@ class BalanceTracker:
         counts = torch.stack([torch.stack([s.count_E, s.count_Z]) for s in stats]).detach().cpu().double()
         self._step_counts = counts if self._step_counts is None else self._step_counts + counts
         self._logged += counts.sum(0)
-        if self.global_batch:
-            global_counts = all_reduce_sum(self._step_counts).float()
-            stats = [
-                s.with_counts(*(c.to(s.count_E.device) for c in global_counts[i]))
-                for i, s in enumerate(stats)
-            ]
+        if self.global_batch or not self.per_layer:
+            counts = (all_reduce_sum(self._step_counts) if self.global_batch else counts).float()
+            if not self.per_layer:
+                counts = counts.sum(0, keepdim=True).expand_as(counts)
+            stats = [s.with_counts(*(c.to(s.count_E.device) for c in counts[i])) for i, s in enumerate(stats)]
         router = records[0].router
         return group_balance_loss(stats, router.num_experts, router.num_zero_experts, self.alpha, self.w)
 

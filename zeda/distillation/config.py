@@ -79,6 +79,9 @@ class BalanceConfig:
     w = s*E / (Z*(1-s)). Mutually exclusive with ``w``."""
     global_batch: bool = True
     """Form the expert-load fractions over the global batch (all micro-steps and ranks)."""
+    per_layer: bool = True
+    """Drive every MoE layer to the target share (the paper's loss). False: only the share over
+    all layers is driven, each layer's share is left to the distillation loss."""
 
     DEFAULT_W: ClassVar[float] = 2.0
 

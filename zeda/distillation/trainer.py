@@ -117,7 +117,7 @@ class Trainer:
             )
         e, z = routers[0].num_experts, routers[0].num_zero_experts
         b = cfg.balance
-        self.tracker = BalanceTracker(b.alpha, b.resolve_w(e, z), b.global_batch)
+        self.tracker = BalanceTracker(b.alpha, b.resolve_w(e, z), b.global_batch, b.per_layer)
         self.result = DistillResult(output_dir=str(run.final), target_zero_share=b.resolve_target_share(e, z))
 
     def step(self, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
