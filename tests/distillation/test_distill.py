@@ -366,3 +366,23 @@ def test_router_rows_zero_trains_only_the_zero_rows(family, corpus, tmp_path):
 def test_router_rows_must_be_all_or_zero():
     with pytest.raises(zeda.ZedaError, match="lora.router_rows.*'all' or 'zero'"):
         apply_overrides(RunConfig(), ["lora.router_rows=real"]).validate()
+
+
+def test_balance_per_layer_false_reaches_the_trainer(corpus, tmp_path, monkeypatch):
+    """``balance.per_layer=false`` is what the loop's balance tracker uses (and ``true`` by default)."""
+    import zeda.distillation.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.BalanceTracker
+
+    def spy(*args, **kwargs):
+        tracker = real(*args, **kwargs)
+        seen.append(tracker.per_layer)
+        return tracker
+
+    monkeypatch.setattr(trainer_mod, "BalanceTracker", spy)
+    tok = tiny_tokenizer()
+    for value in ("false", "true"):
+        cfg = cfg_for(corpus, tmp_path / value, f"balance.per_layer={value}")
+        distill(build_student(tiny_model("qwen3_moe"), cfg), cfg, tok)
+    assert seen and seen[0] is False and seen[-1] is True
