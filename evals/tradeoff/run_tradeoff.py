@@ -15,15 +15,17 @@ at matched routed-expert FLOPs. Each zeda row records its training CPU time (all
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
 The committed results (see results.md for every command) trained each target in its own process
-with the quickstart recipe's LoRA r32. 25%: the recipe's fitted start (``inject.init=relative``),
-forward KL at lr 1e-3, 800 steps. 50% and 75%: random zero rows, forward KL at lr 2e-3 (from the
-fitted start at lr 2e-3, and with reverse KL at that lr, the training loss climbs after ~250 steps
-on this model):
+with the quickstart recipe's LoRA r32, forward KL, and the balance loss holding only the share over
+all layers (``balance.per_layer=false``, which measured better than every layer at the target at
+each share; ``evals/tradeoff/experiments.md``). 25%: the recipe's fitted start
+(``inject.init=relative``) at lr 1e-3, 800 steps. 50% and 75%: random zero rows at lr 2e-3 (from
+the fitted start at lr 2e-3, and with reverse KL at that lr, the training loss climbs after ~250
+steps on this model):
 
-    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 800 --runs runs/tradeoff_v6 --threads 1 --skip-baselines stage1.kd=forward_kl stage1.lr=1e-3
-    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v6 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
-    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v6 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl
-    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v6 --threads 1
+    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 800 --runs runs/tradeoff_v7 --threads 1 --skip-baselines stage1.kd=forward_kl stage1.lr=1e-3 balance.per_layer=false
+    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v7 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl balance.per_layer=false
+    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v7 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl balance.per_layer=false
+    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v7 --threads 1
 
 Targets can be trained in parallel processes (``--targets 0.5 --skip-baselines``), then one run
 without ``--skip-baselines`` reuses the finished rows (each with the overrides it was trained with),
