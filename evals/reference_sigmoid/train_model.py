@@ -215,6 +215,7 @@ def evaluate(model, data: torch.Tensor, seq: int, max_tokens: int) -> tuple[floa
 def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path) -> None:
     """Train from scratch or resume from ``run/ckpt.pt`` until a stop condition."""
     model.to(args.device)
+    device = device_name(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
     step, tokens, wall = 0, 0, 0.0
@@ -223,9 +224,9 @@ def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path
         if not args.resume:
             raise SystemExit(f"train_model: {ckpt} exists; pass --resume to continue it or delete {run}")
         ck = torch.load(ckpt, weights_only=False, map_location=args.device)
-        if ck.get("device", "cpu") != device_name(args.device):
+        if ck.get("device", "cpu") != device:
             raise SystemExit(
-                f"train_model: {ckpt} was trained on {ck.get('device', 'cpu')}, not {device_name(args.device)}; "
+                f"train_model: {ckpt} was trained on {ck.get('device', 'cpu')}, not {device}; "
                 "resume on the same device"
             )
         if ck["total_steps"] != args.steps:
@@ -283,7 +284,7 @@ def train(args: argparse.Namespace, model, train_tokens: torch.Tensor, run: Path
                     wall,
                     args.steps,
                     args.threads,
-                    extra={"device": device_name(args.device)},
+                    extra={"device": device},
                 )
             if done:
                 break

@@ -49,8 +49,9 @@ def main() -> None:
     total, layers = shares(zeda.load(args.converted), test)
     print(f"zeda {total:.3f} " + " ".join(f"{s:.3f}" for s in layers))
     original = attach_router_policy(zeda.load(args.original))
+    calib_batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
     for kind in RULES:
-        cal = calibrate(original, kind, total, [calib[i : i + 8] for i in range(0, len(calib), 8)])
+        cal = calibrate(original, kind, total, calib_batches)
         with apply_policy(original, cal.policy):
             rule_total, rule_layers = shares(original, test)
         print(f"{kind} {rule_total:.3f} " + " ".join(f"{s:.3f}" for s in rule_layers))
