@@ -15,17 +15,18 @@ at matched routed-expert FLOPs. Each zeda row records its training CPU time (all
     python evals/tradeoff/run_tradeoff.py --steps 300            # resumable: finished targets are reused
 
 The committed results (see results.md for every command) trained each target in its own process
-with the quickstart recipe's LoRA r32, forward KL, and the balance loss holding only the share over
-all layers (``balance.per_layer=false``, which measured better than every layer at the target at
-each share; ``evals/tradeoff/experiments.md``). 25%: the recipe's fitted start
-(``inject.init=relative``) at lr 1e-3, 800 steps. 50% and 75%: random zero rows at lr 2e-3 (from
-the fitted start at lr 2e-3, and with reverse KL at that lr, the training loss climbs after ~250
-steps on this model):
+with the quickstart recipe, forward KL, and the balance loss holding only the share over all
+layers (``balance.per_layer=false``, which measured better than every layer at the target at each
+share; ``evals/tradeoff/experiments.md``). 25%: LoRA r32 from the recipe's fitted start
+(``inject.init=relative``) at lr 1e-3, 800 steps. 75%: LoRA r32 from random zero rows at lr 2e-3
+(from the fitted start at lr 2e-3, and with reverse KL at that lr, the training loss climbs after
+~250 steps on this model), 800 steps. 50%: random zero rows, the experts fine-tuned in full at lr
+5e-4 with the routers at 2e-3, Z = E = 32 zero experts and ``balance.alpha=0.03``, 1800 steps:
 
-    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 800 --runs runs/tradeoff_v7 --threads 1 --skip-baselines stage1.kd=forward_kl stage1.lr=1e-3 balance.per_layer=false
-    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v7 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl balance.per_layer=false
-    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v7 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl balance.per_layer=false
-    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v7 --threads 1
+    python evals/tradeoff/run_tradeoff.py --targets 0.25 --steps 800 --runs runs/tradeoff_v8 --threads 1 --skip-baselines stage1.kd=forward_kl stage1.lr=1e-3 balance.per_layer=false
+    python evals/tradeoff/run_tradeoff.py --targets 0.5 --steps 1800 --runs runs/tradeoff_v8 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl balance.per_layer=false lora.enabled=false lora.full_experts=true stage1.lr=5e-4 lora.router_lr_scale=4 balance.alpha=0.03 inject.num_zero_experts=32
+    python evals/tradeoff/run_tradeoff.py --targets 0.75 --steps 800 --runs runs/tradeoff_v8 --threads 1 --skip-baselines inject.init=random stage1.kd=forward_kl balance.per_layer=false
+    python evals/tradeoff/run_tradeoff.py --runs runs/tradeoff_v8 --threads 1
 
 Targets can be trained in parallel processes (``--targets 0.5 --skip-baselines``), then one run
 without ``--skip-baselines`` reuses the finished rows (each with the overrides it was trained with),
