@@ -222,11 +222,10 @@ def main() -> None:
     if args.skip_baselines:
         return
     attach_router_policy(original)
+    calib_batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
     for zrow in [r for r in rows if r["method"] == "zeda"]:
         for kind in POLICY_KINDS:
-            cal = calibrate(
-                original, kind, zrow["skipped_share"], [calib[i : i + 8] for i in range(0, len(calib), 8)]
-            )
+            cal = calibrate(original, kind, zrow["skipped_share"], calib_batches)
             with apply_policy(original, cal.policy):
                 q = quality(original, ref_logits, test)
             rows.append(
