@@ -297,6 +297,8 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "train.output_dir",
         "train.log_every",
         "train.save_every",
+        "train.gradient_checkpointing",  # memory only: the same step, recomputed
+        "lora.split",  # memory only: the same adapters, applied without a merged copy
         *(k for k in valid_keys() if k.split(".")[0] in ("eval", "export")),
     }
 )

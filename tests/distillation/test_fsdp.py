@@ -10,7 +10,9 @@ itself in that case (`zeda.distillation.sharding`). These tests check, on a tiny
 - the consolidated checkpoint of a sharded run resumes (model and optimiser state) on the
   trajectory of an uninterrupted run;
 - ``zeda distill`` under FSDP exports a consolidated model whose logits equal those of the
-  1-process student.
+  1-process student;
+- with ``train.gradient_checkpointing`` the sharded run still follows that trajectory and counts
+  the same zero slots (a recompute in backward is never counted).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def _recipe(root: Path, out: str, batch_size: int, steps: int, *extra: str) -> R
     )
 
 
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+def _losses(run: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").open()]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,13 @@ def world(tmp_path_factory):
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = student.eval()(input_ids=ids).logits
-    return {"root": root, "losses": _losses(root / "one"), "ids": ids, "logits": logits}
+    return {
+        "root": root,
+        "losses": _losses(root / "one"),
+        "shares": _losses(root / "one", "zero_share"),
+        "ids": ids,
+        "logits": logits,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,21 @@ def test_sharded_checkpoint_resumes_and_exports_consolidated(world, sharded_half
     torch.testing.assert_close(logits, world["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_checkpointed_sharded_run_follows_the_one_process_trajectory(world, tmp_path):
+    # transformers' per-layer activation checkpointing inside FSDP2's units (its hooks stay outside
+    # the recomputed call): the same losses and zero-slot shares as 1 unsharded process without it.
+    root = world["root"]
+    cfg = _recipe(root, "ckpt", 2, STEPS // 2, "train.gradient_checkpointing=true")
+    save_recipe(cfg, tmp_path / "ckpt.yaml")
+    cmd = [*_fsdp_launch(), "-m", "zeda.cli", "distill", str(tmp_path / "ckpt.yaml")]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    run = root / "ckpt"
+    assert _losses(run) == pytest.approx(world["losses"][: STEPS // 2], rel=1e-4, abs=1e-6)
+    assert _losses(run, "zero_share") == pytest.approx(world["shares"][: STEPS // 2], rel=1e-9)
+    assert (run / "checkpoint" / "trainable.safetensors").is_file()
+
+
 def test_sharded_rollouts_and_on_policy_stage(world, tmp_path):
     # Teacher rollouts (stage 1) and student samples (stage 2) generate on every rank with a
     # sharded model: generation goes through the FSDP root and keeps the ranks in step.
@@ -193,7 +216,12 @@ def test_sharded_rollouts_and_on_policy_stage(world, tmp_path):
 
 
 def test_fsdp_launch_options_the_cpu_path_cannot_honour_are_refused(monkeypatch):
-    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+    for key in (
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING",
+        "FSDP_ACTIVATION_CHECKPOINTING",
+    ):
         monkeypatch.delenv(key, raising=False)
     assert cpu_fsdp2_plugin(DistributedType.MULTI_CPU) is None  # no FSDP asked for: DDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -208,3 +236,8 @@ def test_fsdp_launch_options_the_cpu_path_cannot_honour_are_refused(monkeypatch)
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(zeda.ZedaError, match="version 2 only"):
         cpu_fsdp2_plugin(DistributedType.MULTI_CPU)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")  # would rename every parameter
+    with pytest.raises(zeda.ZedaError, match="train.gradient_checkpointing=true") as err:
+        cpu_fsdp2_plugin(DistributedType.MULTI_CPU)
+    assert "\n" not in str(err.value)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from zeda.errors import ZedaError
+from zeda.zero.checkpointing import is_recomputing
 from zeda.zero.routing import zero_routers
 
 __all__ = [
@@ -259,7 +260,8 @@ class RouterCapture:
 
     Registers its own forward hooks on ``model``'s zeda routers on enter and removes them on
     exit (nothing global). Only forwards that route to zero experts are kept, so teacher-mode
-    passes inside the context are ignored.
+    passes inside the context are ignored, and activation-checkpoint recomputes are never kept
+    (each real forward is counted once).
 
     Args:
         model: An injected model or a student built on one.
@@ -271,7 +273,7 @@ class RouterCapture:
         self._handles: list[RemovableHandle] = []
 
     def _hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        if module.routes_to_zero:
+        if module.routes_to_zero and not is_recomputing():
             self.records.append(RouterRecord(module, output[0], output[2].detach()))
 
     def __enter__(self) -> RouterCapture:

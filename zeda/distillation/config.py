@@ -41,6 +41,10 @@ class LoraConfig:
     router_rows: str = "all"
     """Which router rows train (with ``train_router``): ``all`` (the paper's full router) or
     ``zero`` (only the zero experts' rows; the routing among real experts stays the original's)."""
+    split: bool = True
+    """Apply LoRA on the fused experts per expert, ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` (zeda's experts backend),
+    never forming the merged ``W + s·B·A`` stack; false: PEFT's merged forward (same result,
+    more memory)."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
@@ -244,6 +248,9 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (the
+    teacher pass is never recomputed; routing counts count each real forward once)."""
     seed: int = 0
     """Seed for LoRA initialisation, data order and sampling; applied before the student is built,
     so two identical runs give bit-equal weights on CPU."""
@@ -257,8 +264,9 @@ class TrainConfig:
     """Continue the run in ``output_dir`` from its latest checkpoint. The recipe stored in the run
     is compared with this one (`zeda.config.recipe_differences`): only the keys in
     `zeda.config.RESUMABLE_KEYS` may change (more ``stage1.steps``/``stage2.steps``, ``eval.*``,
-    ``export.*``, ``data.eval_file``, ``data.rollout_cache`` and the bookkeeping keys ``train.resume``,
-    ``train.overwrite``, ``train.output_dir``, ``train.log_every``, ``train.save_every``), plus any
+    ``export.*``, ``data.eval_file``, ``data.rollout_cache``, the memory-only keys ``train.gradient_checkpointing``
+    and ``lora.split``, and the bookkeeping keys ``train.resume``, ``train.overwrite``,
+    ``train.output_dir``, ``train.log_every``, ``train.save_every``), plus any
     ``stage2.*`` key if the stored run had stage 2 disabled; any other change is refused."""
     overwrite: bool = False
     """Replace an existing ``output_dir`` (a zeda run) with this run."""

@@ -41,10 +41,11 @@ from zeda.distillation.losses import (
 )
 from zeda.distillation.rollouts import Batch, generate, pad_sequences, teacher_rollouts, text_batch
 from zeda.distillation.run_dir import RunDir, prepare_run_dir, run_inputs
-from zeda.distillation.sharding import cpu_fsdp2_plugin, prepare_student
+from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, DistillResult, Stage, Trainer
 from zeda.errors import ZedaError
+from zeda.zero.checkpointing import disable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def distill(
             f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps but "
             f"train.grad_accum={ga}; build it with Accelerator(gradient_accumulation_steps={ga})"
         )
-    cpu_fsdp2_plugin(accelerator.distributed_type)  # refuse unusable FSDP launch options before writing
+    check_launch(accelerator)  # refuse unusable FSDP launch options before writing
     main = accelerator.is_main_process
     run = run_dir or prepare_run_dir(config, run_inputs(config))
     accelerator.wait_for_everyone()  # every rank decides on the directory before any rank writes
@@ -110,7 +111,8 @@ def distill(
 
     # 2. One preparation for both stages (accelerate places, wraps and shards the model; FSDP2 on
     #    a CPU launch is applied by zeda, since accelerate ignores it there).
-    trainer = Trainer(student, prepare_student(accelerator, student), config, accelerator, run, tokenizer)
+    prepared = prepare_student(accelerator, student, config.train.gradient_checkpointing)
+    trainer = Trainer(student, prepared, config, accelerator, run, tokenizer)
 
     # 3. Stage 1, then stage 2; a resumed run skips what its checkpoint already covers.
     order = ["stage1", "stage2"]
@@ -125,6 +127,8 @@ def distill(
         stage = _stage1(trainer) if name == "stage1" else _stage2(trainer)
         trainer.run(stage, resume if resume and resume["stage"] == name else None)
     trainer.result.wall_seconds = time.perf_counter() - t0
+    if config.train.gradient_checkpointing:
+        disable_activation_checkpointing(student)  # the returned student runs as it came in
     if main:
         (run.path / STOP_FILE).unlink(missing_ok=True)
         (run.path / "result.json").write_text(json.dumps(trainer.result.to_dict(), indent=1))

@@ -32,10 +32,18 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
 from zeda.errors import ZedaError
+from zeda.zero.checkpointing import enable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cpu_fsdp2_plugin", "is_sharded", "prepare_optimizer", "prepare_student", "shard_fsdp2"]
+__all__ = [
+    "check_launch",
+    "cpu_fsdp2_plugin",
+    "is_sharded",
+    "prepare_optimizer",
+    "prepare_student",
+    "shard_fsdp2",
+]
 
 
 def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParallelPlugin | None:
@@ -74,9 +82,31 @@ def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParal
         raise ZedaError(
             "FSDP on CPU needs every rank to load the model: launch with --fsdp_cpu_ram_efficient_loading false"
         )
-    if plugin.activation_checkpointing:
-        raise ZedaError("FSDP activation checkpointing is not supported on CPU; launch without it")
+    _refuse_fsdp_activation_checkpointing(plugin)
     return plugin
+
+
+def _refuse_fsdp_activation_checkpointing(plugin: FullyShardedDataParallelPlugin | None) -> None:
+    # accelerate's FSDP activation checkpointing wraps every decoder layer in torch's
+    # checkpoint_wrapper, which renames every parameter below it (``_checkpoint_wrapped_module``) and
+    # would checkpoint a second time around transformers' own per-layer checkpointing. The recipe's
+    # train.gradient_checkpointing does it once, the same way on every layout.
+    if plugin is not None and plugin.activation_checkpointing:
+        raise ZedaError(
+            "launch without FSDP activation checkpointing (--fsdp_activation_checkpointing false) and set "
+            "train.gradient_checkpointing=true in the recipe instead"
+        )
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse launch options zeda cannot honour, before anything is written.
+
+    Raises:
+        ZedaError: one line naming the option and the fix.
+    """
+    cpu_fsdp2_plugin(accelerator.distributed_type)
+    if accelerator.is_fsdp2:
+        _refuse_fsdp_activation_checkpointing(accelerator.state.fsdp_plugin)
 
 
 def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.Module:
@@ -116,8 +146,14 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
     return model
 
 
-def prepare_student(accelerator: Accelerator, student: nn.Module) -> nn.Module:
+def prepare_student(
+    accelerator: Accelerator, student: nn.Module, gradient_checkpointing: bool = False
+) -> nn.Module:
     """Prepare the student once for both stages.
+
+    With ``gradient_checkpointing`` every decoder layer is checkpointed first
+    (`zeda.zero.checkpointing.enable_activation_checkpointing`: transformers' per-layer
+    checkpointing, FSDP2's hooks outside the recomputed call), on every layout.
 
     - A CPU launch that asked for FSDP2: `shard_fsdp2` (accelerate would ignore FSDP there).
     - accelerate's FSDP2 (GPUs; read from accelerate 1.15's code, not run here): accelerate's
@@ -132,6 +168,8 @@ def prepare_student(accelerator: Accelerator, student: nn.Module) -> nn.Module:
     Returns:
         The module the training step calls (the student itself when sharded in place).
     """
+    if gradient_checkpointing:
+        enable_activation_checkpointing(student)
     plugin = cpu_fsdp2_plugin(accelerator.distributed_type)
     if plugin is not None:
         if accelerator.mixed_precision != "no":

@@ -1,6 +1,7 @@
 """The student: the injected model wrapped by PEFT, built in exactly one place.
 
-What trains: LoRA on the routed experts' fused 3-D weights (PEFT ``target_parameters``) and the
+What trains: LoRA on the routed experts' fused 3-D weights (PEFT ``target_parameters``; applied
+per expert without a merged weight copy unless ``lora.split=false``, see `split_lora`) and the
 routers in full. Routers are listed in PEFT's ``modules_to_save``: PEFT trains a copy and keeps
 the original frozen, so ``disable_adapter()`` switches every router back to its original rows
 and the teacher (`zeda.teacher_mode`) stays bit-exact. With ``lora.full_experts`` the experts get
@@ -28,6 +29,7 @@ from torch import nn
 
 from zeda.config import LoraConfig as ZedaLoraConfig
 from zeda.config import RunConfig, load_recipe
+from zeda.distillation.split_lora import enable_split_lora
 from zeda.errors import ZedaError
 from zeda.families import spec_for_model
 from zeda.zero.inject import InjectionReport, find_moe_layers, inject_zero_experts, is_injected
@@ -87,6 +89,8 @@ def _wrap(model: nn.Module, cfg: ZedaLoraConfig) -> PeftModel:
             "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
         student = get_peft_model(model, peft_cfg)
+    if cfg.enabled and not cfg.full_experts:
+        enable_split_lora(student, cfg.split)
     for router in zero_routers(student):
         router.real_rows_frozen = cfg.train_router and cfg.router_rows == "zero"
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from zeda.zero.checkpointing import is_recomputing
 from zeda.zero.routing import zero_routers
 
 __all__ = ["LayerStats", "RouterTelemetry"]
@@ -97,6 +98,8 @@ class RouterTelemetry:
         self._mask = None if mask is None else mask.reshape(-1).bool()
 
     def _hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        if is_recomputing():  # an activation-checkpoint recompute: this forward was counted already
+            return
         if not (
             module.routes_to_zero or module.slot_policy is not None or module.forced_zero_share is not None
         ):

@@ -15,6 +15,12 @@ Registered through transformers' `ExpertsInterface` (no class patches) under two
 Both read the layout flags that ``@use_experts_implementation`` puts on every experts module
 (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``), so one function
 serves every family, gpt-oss's transposed biased experts included.
+
+**Split LoRA.** While a low-rank delta is attached to a fused weight (`split_lora`, done by the
+student's LoRA wrappers for the length of one forward), both backends compute each selected
+expert as ``x·W[e]ᵀ + s·(x·A[e]ᵀ)·B[e]ᵀ`` on its own rows: ``W + s·B·A`` is never formed, so
+neither the merged ``(E, out, in)`` stack nor its gradient exists in training (zero slots are
+still skipped).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,15 +90,75 @@ def grouped_linear(
     return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
 
 
-def _weights(
-    module: nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True)
+class LoraDelta:
+    """A low-rank delta of a fused expert weight: ``scaling * lhs @ rhs`` is shaped like the weight.
+
+    For a weight stored ``(E, out, in)``: ``lhs (E, out, r)`` (B) and ``rhs (E, r, in)`` (A), and
+    expert ``e`` adds ``scaling * (x @ rhs[e].T) @ lhs[e].T``. For a transposed weight
+    ``(E, in, out)``: ``lhs (E, in, r)``, ``rhs (E, r, out)``, and expert ``e`` adds
+    ``scaling * (x @ lhs[e]) @ rhs[e]``.
+    """
+
+    lhs: torch.Tensor
+    rhs: torch.Tensor
+    scaling: float
+
+
+#: The attribute of an experts module that holds the deltas attached by `split_lora`.
+_LORA_ATTR = "zeda_lora_deltas"
+
+
+def splits_lora(experts: nn.Module) -> bool:
+    """Whether ``experts`` dispatches to a zeda backend, i.e. one that applies attached deltas.
+
+    Stock backends (eager, grouped_mm, batched_mm) would ignore them: deltas must then be
+    merged into the weight instead.
+    """
+    config = getattr(experts, "config", None)
+    return getattr(config, "_experts_implementation", None) in BACKENDS
+
+
+@contextmanager
+def split_lora(experts: nn.Module, name: str, delta: LoraDelta) -> Iterator[None]:
+    """Attach ``delta`` to the fused weight ``name`` of ``experts`` for the forwards inside.
+
+    Args:
+        experts: A fused experts module whose backend is zeda's (`splits_lora`).
+        name: ``"gate_up_proj"``, ``"up_proj"`` or ``"down_proj"``.
+        delta: The low-rank factors (they carry the gradient to the adapter's parameters).
+    """
+    deltas = experts.__dict__.setdefault(_LORA_ATTR, {})
+    if name in deltas:
+        raise ZedaError(f"a LoRA delta is already attached to {name} of {type(experts).__name__}")
+    deltas[name] = delta
+    try:
+        yield
+    finally:
+        del deltas[name]
+
+
+class _Weight:
+    """One fused weight as a backend reads it: the stored tensor, its bias, and an attached
+    low-rank delta split into per-expert views once per forward (a backward through ``unbind``
+    stacks the gradient once, where indexing would expand every expert's slice to the stack)."""
+
+    def __init__(self, module: nn.Module, name: str, bias_name: str | None) -> None:
+        self.weight = getattr(module, name)
+        self.bias = getattr(module, bias_name) if bias_name is not None else None
+        delta = module.__dict__.get(_LORA_ATTR, {}).get(name)
+        self.delta = delta
+        self.lhs = delta.lhs.unbind(0) if delta is not None else None
+        self.rhs = delta.rhs.unbind(0) if delta is not None else None
+
+
+def _weights(module: nn.Module) -> tuple[_Weight, _Weight]:
     # Read each (possibly PEFT-parametrised) fused parameter once per forward, not per expert.
-    up = module.gate_up_proj if module.has_gate else module.up_proj
-    up_b = (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias) if module.has_bias else None
-    down = module.down_proj
-    down_b = module.down_proj_bias if module.has_bias else None
-    return up, up_b, down, down_b
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    return (
+        _Weight(module, up, f"{up}_bias" if module.has_bias else None),
+        _Weight(module, "down_proj", "down_proj_bias" if module.has_bias else None),
+    )
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -100,21 +168,28 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return F.linear(x, w, b)
 
 
+def _expert_linear(x: torch.Tensor, w: _Weight, e: int, transposed: bool) -> torch.Tensor:
+    """Expert ``e`` of one fused weight on rows ``x``, plus its attached low-rank delta if any."""
+    out = _linear(x, w.weight[e], w.bias[e] if w.bias is not None else None, transposed)
+    if w.delta is None:
+        return out
+    if transposed:
+        low = (x @ w.lhs[e].to(x.dtype)) @ w.rhs[e].to(x.dtype)
+    else:
+        low = F.linear(F.linear(x, w.rhs[e].to(x.dtype)), w.lhs[e].to(x.dtype))
+    return out + w.delta.scaling * low
+
+
 def _activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module._apply_gate(h) if module.has_gate else module.act_fn(h)
 
 
-def _expert_ffn(
-    module: nn.Module,
-    x: torch.Tensor,
-    e: int,
-    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
-) -> torch.Tensor:
+def _expert_ffn(module: nn.Module, x: torch.Tensor, e: int, weights: tuple[_Weight, _Weight]) -> torch.Tensor:
     """Expert ``e`` on rows ``x (n, H)`` -> ``(n, H)``, unweighted (the ops of stock eager)."""
-    up, up_b, down, down_b = weights
-    h = _linear(x, up[e], up_b[e] if up_b is not None else None, module.is_transposed)
+    up, down = weights
+    h = _expert_linear(x, up, e, module.is_transposed)
     h = _activate(module, h)
-    h = _linear(h, down[e], down_b[e] if down_b is not None else None, module.is_transposed)
+    h = _expert_linear(h, down, e, module.is_transposed)
     if getattr(module, "has_post_expert_norm", False):  # the flag is absent in transformers 5.19
         h = module.post_expert_norm(h)
     return h
@@ -212,18 +287,31 @@ def zeda_grouped_forward(
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     tok = slots // k
     x = hidden_states[tok]
-    up, up_b, down, down_b = _weights(module)
-    h = grouped_linear(x, up, offsets, up_b[experts] if up_b is not None else None, module.is_transposed)
+    up, down = _weights(module)
+    h = _grouped_lora_linear(x, up, offsets, experts, module.is_transposed)
     h = _activate(module, h)
-    h = grouped_linear(
-        h, down, offsets, down_b[experts] if down_b is not None else None, module.is_transposed
-    )
+    h = _grouped_lora_linear(h, down, offsets, experts, module.is_transposed)
     if getattr(module, "has_post_expert_norm", False):  # the flag is absent in transformers 5.19
         h = module.post_expert_norm(h)
     h = h * top_k_weights.reshape(-1)[slots, None]
     out = torch.zeros(hidden_states.shape, dtype=h.dtype, device=h.device)
     out.index_add_(0, tok, h)
     return out.to(hidden_states.dtype)
+
+
+def _grouped_lora_linear(
+    x: torch.Tensor, w: _Weight, offsets: torch.Tensor, experts: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    """`grouped_linear` of one fused weight over rows sorted by expert, plus its attached delta
+    as two more grouped GEMMs through the rank-``r`` factors."""
+    out = grouped_linear(x, w.weight, offsets, w.bias[experts] if w.bias is not None else None, transposed)
+    if w.delta is None:
+        return out
+    first, second = (w.delta.lhs, w.delta.rhs) if transposed else (w.delta.rhs, w.delta.lhs)
+    # Grouped GEMMs take contiguous weight stacks; PEFT's factors are permuted views (rank-r: small).
+    low = grouped_linear(x, first.to(x.dtype).contiguous(), offsets, None, transposed)
+    low = grouped_linear(low, second.to(x.dtype).contiguous(), offsets, None, transposed)
+    return out + w.delta.scaling * low
 
 
 def _native_grouped_mm_on_cpu() -> bool:
