@@ -9,7 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-vllm
 STAMP="$VENV/.zeda-vllm-complete"
-if [ -f "$STAMP" ] && (cd /tmp && "$OLDPWD/$VENV/bin/python" -c "import vllm, zeda_vllm, zeda, pytest") >/dev/null 2>&1; then
+# An editable install maps each top-level package when it is made: one added since (zeda_routing)
+# needs the (dependency-free, seconds) editable install again, not a rebuild.
+if [ -f "$STAMP" ] && ! (cd /tmp && "$OLDPWD/$VENV/bin/python" -c "import zeda_routing") >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+fi
+if [ -f "$STAMP" ] && (cd /tmp && "$OLDPWD/$VENV/bin/python" -c "import vllm, zeda_vllm, zeda_routing, zeda, pytest") >/dev/null 2>&1; then
   echo "vLLM environment $VENV already complete"
   exit 0
 fi

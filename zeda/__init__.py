@@ -22,7 +22,6 @@ from zeda.distillation.loop import DistillResult, distill
 from zeda.errors import ZedaError
 from zeda.evaluation.result import EvalResult
 from zeda.evaluation.run_eval import evaluate
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.families import MoESpec, get_spec, supported_model_types
 from zeda.io import atomic_save, export, load, load_tokenizer
 from zeda.pipeline import RunResult, run
@@ -33,6 +32,7 @@ from zeda.zero.inject import InjectionReport, inject_zero_experts
 from zeda.zero.routing import SlotPolicy, router_settings
 from zeda.zero.structure import find_moe_layers, is_injected
 from zeda.zero.teacher import teacher_mode
+from zeda.zero.telemetry import RouterTelemetry
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

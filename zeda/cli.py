@@ -144,7 +144,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from zeda.zero.calibrate import calibrate_export
+    from zeda.pipeline import calibrate_export
 
     if not 0.0 < args.target_share < 1.0:  # before the model is loaded
         raise ZedaError(f"--target-share {args.target_share} must be between 0 and 1 (exclusive)")

@@ -10,19 +10,25 @@
 The CLI (``zeda run`` / ``zeda distill``) and the Python API (`zeda.run`) call `run`; each step
 is itself a public function (`zeda.load`, `zeda.inject_zero_experts`, `zeda.distill`,
 `zeda.evaluate`, `zeda.export`) that a notebook can call one by one.
+
+`calibrate_export` (``zeda calibrate``) is the other top-down path: load, calibrate a FLOP
+budget, export.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from zeda.config import RunConfig, load_recipe
+from zeda.data import read_jsonl
 from zeda.distillation.data import validate_data
 from zeda.distillation.loop import DistillResult, distill
 from zeda.distillation.run_dir import prepare_run_dir, run_inputs
@@ -32,6 +38,7 @@ from zeda.errors import ZedaError
 from zeda.evaluation.result import EvalResult
 from zeda.evaluation.run_eval import evaluate as evaluate_model
 from zeda.io import export, load, load_tokenizer
+from zeda.zero.calibrate import CalibrationResult, calibrate
 from zeda.zero.inject import InjectionReport
 
 logger = logging.getLogger(__name__)
@@ -192,3 +199,55 @@ def run(
     run_result = RunResult(injection, result, evaluation, str(export_dir), str(out))
     (out / "run.json").write_text(json.dumps(run_result.to_dict(), indent=1, default=str))
     return run_result
+
+
+def calibrate_export(
+    model_dir: str | os.PathLike,
+    target_share: float,
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    heldout: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    per_layer: bool = False,
+    heldout_fraction: float = 0.2,
+    **kwargs: Any,
+) -> CalibrationResult:
+    """Load a zeda model, calibrate its zero-logit bias on a data file, export it at that budget.
+
+    Args:
+        model_dir: An injected or exported zeda model directory (or a ZEDA-reference checkpoint).
+        target_share: The skipped share to reach.
+        data: JSONL (``{"text": ...}`` per line) or ``.txt`` calibration text.
+        out_dir: The export directory (``config.json`` carries ``zeda.zero_logit_bias``).
+        heldout: Held-out text file; by default the last ``heldout_fraction`` of ``data``'s
+            documents are held out (and not used for calibration).
+        overwrite: Replace an existing ``out_dir``.
+        per_layer: One bias per MoE layer.
+        heldout_fraction: Share of ``data``'s documents held out when ``heldout`` is None.
+        **kwargs: Passed to `calibrate` (``seq_len``, ``max_tokens``, ``batch_size``, ``tol``).
+
+    Returns:
+        The `CalibrationResult` (its held-out figures are those of the exported model).
+
+    Raises:
+        ZedaError: for a bad model, data file or output directory (nothing is written then).
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ZedaError(f"output directory {out} already exists; pass --overwrite to replace it")
+    texts = read_jsonl(data)
+    if heldout is not None:
+        held_texts = read_jsonl(heldout)
+    elif len(texts) >= 2:
+        cut = max(1, min(len(texts) - 1, round(len(texts) * (1 - heldout_fraction))))
+        texts, held_texts = texts[:cut], texts[cut:]
+    else:
+        held_texts = None
+    model = load(model_dir)
+    tokenizer = load_tokenizer(model_dir, model)
+    result = calibrate(
+        model, target_share, texts, tokenizer, heldout=held_texts, per_layer=per_layer, **kwargs
+    )
+    metrics = {k: v for k, v in result.to_dict().items() if v is not None and k != "zero_logit_bias"}
+    export(model, out, tokenizer=tokenizer, card_metrics=metrics, overwrite=overwrite, inplace=True)
+    return result

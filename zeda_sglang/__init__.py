@@ -10,9 +10,10 @@ mixtral) whose routers send zero slots to expert id -1, which SGLang's Triton fu
 `register` (the ``sglang.srt.plugins`` entry point, which SGLang runs early in every process)
 registers zeda's config classes with transformers, so SGLang's config parser reads an export.
 
-This package imports nothing from ``zeda`` (SGLang pins its own transformers); the routing math
-is shared with the vLLM plugin (``zeda_vllm.routing``, pure torch). Importing ``zeda_sglang`` or
-``zeda_sglang.routing`` does not import SGLang.
+This package imports nothing from ``zeda`` (SGLang pins its own transformers) nor from
+``zeda_vllm``; the routing math is the routing core's (``zeda_routing``, torch only), shared with
+zeda and the vLLM plugin. Importing ``zeda_sglang`` or ``zeda_sglang.routing`` does not import
+SGLang.
 """
 
 from __future__ import annotations

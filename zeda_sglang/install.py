@@ -18,7 +18,6 @@ Written against SGLang 0.5.23 (``sglang.srt.layers.moe.topk.TopK``, ``FusedMoE``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,9 +28,10 @@ from sglang.srt.runtime_context import get_exec
 from sglang.srt.utils import is_cuda
 from torch import nn
 
-from zeda_vllm.routing import read_forced_share
+from zeda_routing import layer_zero_logit_bias
+from zeda_routing.serving import read_forced_share
 
-from .routing import ZedaRouting, layer_zero_logit_bias
+from .routing import ZedaRouting
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +96,21 @@ def _grow_gate(block: nn.Module, e: int, z: int) -> nn.Module:
     return old
 
 
-def install_zero_experts(model: nn.Module, config: Any, moe_layer_indices: Callable[[Any], list[int]]) -> int:
+def install_zero_experts(model: nn.Module, config: Any) -> int:
     """Convert every MoE block of a freshly built SGLang model (before weight loading).
 
     Args:
         model: An SGLang ``...ForCausalLM`` of a supported family.
-        config: Its hf config; ``config.zeda`` describes the zero experts.
-        moe_layer_indices: ``config -> [decoder layer indices with an MoE block]``, to map a
-            per-layer ``zero_logit_bias`` list onto layers (pipeline stages included).
+        config: Its hf config; ``config.zeda`` describes the zero experts. A per-layer
+            ``zero_logit_bias`` list maps onto the family's MoE layers (`zeda_routing.MOE_LAYERS`;
+            pipeline stages included) and must have one entry each.
 
     Returns:
         The number of MoE blocks converted.
 
     Raises:
-        ValueError: without zero experts in the config, with a quantized checkpoint, with
+        ValueError: without zero experts in the config, with a per-layer zero-logit bias of the
+            wrong length, with a quantized checkpoint, with
             expert-parallel load balancing or an all-to-all MoE backend, or with shared experts
             fused into the routed top-k.
     """
@@ -136,7 +137,10 @@ def install_zero_experts(model: nn.Module, config: Any, moe_layer_indices: Calla
     if bias_spec is None:
         bias_spec = zeda.get("zero_logit_bias")
     forced = forced_zero_share(config)
-    ordinal = {layer: i for i, layer in enumerate(moe_layer_indices(config))}
+    try:
+        layer_bias = layer_zero_logit_bias(bias_spec, config)
+    except ValueError as err:
+        raise ValueError(f"zeda_sglang: {err}") from None
     blocks = _moe_blocks(model)
     computed = 0
     for layer, block in blocks:
@@ -157,7 +161,7 @@ def install_zero_experts(model: nn.Module, config: Any, moe_layer_indices: Calla
             num_zero_experts=z,
             top_k=int(old_cfg.top_k),
             renormalize=bool(old_cfg.renormalize),
-            zero_logit_bias=layer_zero_logit_bias(bias_spec, ordinal.get(layer, layer)),
+            zero_logit_bias=layer_bias[layer],
             forced_share=forced,
             gate=gate if kind == "sigmoid_bias" else None,
             num_expert_group=int(old_cfg.num_expert_group or 1) if old_cfg.use_grouped_topk else 1,

@@ -26,7 +26,6 @@ block is left exactly as stock vLLM built it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,14 +41,10 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .routing import (
-    DROPPED,
-    compact_slots,
-    forced_zero_mask,
-    layer_zero_logit_bias,
-    read_forced_share,
-    zero_aware_route,
-)
+from zeda_routing import DROPPED, drop_slots, layer_zero_logit_bias
+from zeda_routing.serving import LayerRouting, read_forced_share
+
+from .routing import compact_slots
 
 logger = logging.getLogger(__name__)
 
@@ -74,55 +69,33 @@ def forced_zero_share(hf_config: Any) -> float | None:
 
 
 class ZedaZeroRouter(BaseRouter):
-    """A fused-MoE router over ``E`` real + ``Z`` zero experts (zeda's math).
+    """A fused-MoE router over ``E`` real + ``Z`` zero experts (the routing core's math).
+
+    Exactly one of:
 
     Args:
-        top_k: k, slots per token.
-        num_experts: E, the real experts (the kernel's expert count).
-        num_zero_experts: Z.
-        kind: ``"softmax"`` or ``"sigmoid_bias"``.
-        renormalize: Normalise the k chosen weights (zero slots included).
-        gate: The ``E + Z``-row gate; sigmoid routers read its ``e_score_correction_bias``.
-        num_expert_group: Groups of real experts (sigmoid routers).
-        topk_group: Groups kept per token (sigmoid routers).
-        routed_scaling_factor: Multiplies the weights (1.0 where the runner scales outputs).
-        zero_logit_bias: Added to this layer's zero-expert logits.
-        forced_share: See `forced_zero_share`; None routes naturally.
+        routing: Natural routing over ``E + Z`` (`zeda_routing.serving.LayerRouting`).
         stock: With a forced share, vLLM's own router of this layer: the zero experts take no
             part in selection, so routing is exactly the original model's (same kernel, same
             cost) followed by the forced drops.
+        forced_share: See `forced_zero_share` (with ``stock``).
     """
 
     def __init__(
         self,
         *,
-        top_k: int,
-        num_experts: int,
-        num_zero_experts: int,
-        kind: str,
-        renormalize: bool,
-        gate: nn.Module,
-        num_expert_group: int = 1,
-        topk_group: int = 1,
-        routed_scaling_factor: float = 1.0,
-        zero_logit_bias: float = 0.0,
-        forced_share: float | None = None,
+        routing: LayerRouting | None = None,
         stock: BaseRouter | None = None,
+        forced_share: float | None = None,
     ) -> None:
-        super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=None)
-        if (forced_share is None) != (stock is None):
-            raise ValueError("zeda_vllm: the stock router is used exactly when a zero share is forced")
-        self.num_experts = num_experts
-        self.num_zero_experts = num_zero_experts
-        self.kind = kind
-        self.renormalize = renormalize
-        self.gate = gate
-        self.num_expert_group = num_expert_group
-        self.topk_group = topk_group
-        self.routed_scaling_factor = routed_scaling_factor
-        self.zero_logit_bias = zero_logit_bias
-        self.forced_share = forced_share
+        if (routing is None) == (stock is None) or (stock is None) != (forced_share is None):
+            raise ValueError("zeda_vllm: route naturally, or with the stock router and a forced share")
+        top_k = routing.top_k if routing is not None else int(stock.top_k)
+        e = routing.num_experts if routing is not None else int(stock.global_num_experts)
+        super().__init__(top_k=top_k, global_num_experts=e, eplb_state=None)
+        self.routing = routing
         self.stock = stock
+        self.forced_share = forced_share
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -141,28 +114,20 @@ class ZedaZeroRouter(BaseRouter):
         With a forced share the gate has only the E real rows (``(T, E)`` logits) and vLLM's own
         router picks the slots; then exactly ``floor(share·T·k)`` of the weakest are dropped.
         """
-        if self.stock is not None:
-            weights, ids = self.stock._compute_routing(
-                hidden_states, router_logits, indices_type, input_ids=input_ids
-            )
-            drop = forced_zero_mask(weights, float(self.forced_share))
-            weights = weights.float().masked_fill(drop, 0.0)
-            ids = ids.to(torch.int32).masked_fill(drop, DROPPED)
-            return weights.contiguous(), ids.contiguous()
-        return zero_aware_route(
-            router_logits,
-            kind=self.kind,  # type: ignore[arg-type]
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            renormalize=self.renormalize,
-            zero_experts_enabled=self.forced_share is None,
-            zero_logit_bias=self.zero_logit_bias,
-            forced_zero_share=self.forced_share,
-            e_score_correction_bias=getattr(self.gate, "e_score_correction_bias", None),
-            num_expert_group=self.num_expert_group,
-            topk_group=self.topk_group,
-            routed_scaling_factor=self.routed_scaling_factor,
+        if self.routing is not None:
+            return self.routing.route(router_logits)
+        weights, ids = self.stock._compute_routing(
+            hidden_states, router_logits, indices_type, input_ids=input_ids
         )
+        weights, ids = drop_slots(
+            weights.float(),
+            ids.to(torch.int32),
+            self.global_num_experts,
+            dropped_id=DROPPED,
+            zero_routing=False,
+            forced_share=float(self.forced_share),
+        )
+        return weights.contiguous(), ids.contiguous()
 
 
 class ZedaRoutedExperts(RoutedExperts):
@@ -243,22 +208,21 @@ def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def install_zero_experts(
-    model: nn.Module, vllm_config: VllmConfig, moe_layer_indices: Callable[[Any], list[int]]
-) -> int:
+def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
     """Convert every MoE block of a freshly built vLLM model to route over ``E + Z`` experts.
 
     Args:
         model: A vLLM ``...ForCausalLM`` of a supported family, before weight loading.
-        vllm_config: The engine's config; ``hf_text_config.zeda`` describes the zero experts.
-        moe_layer_indices: ``hf_config -> [decoder layer indices with an MoE block]``, to map
-            a per-layer ``zero_logit_bias`` list onto layers (pipeline stages included).
+        vllm_config: The engine's config; ``hf_text_config.zeda`` describes the zero experts. A
+            per-layer ``zero_logit_bias`` list maps onto the family's MoE layers
+            (`zeda_routing.MOE_LAYERS`; pipeline stages included) and must have one entry each.
 
     Returns:
         The number of MoE blocks converted.
 
     Raises:
-        ValueError: if the config has no zero experts, or uses expert-parallel load balancing.
+        ValueError: if the config has no zero experts, a per-layer zero-logit bias of the wrong
+            length, or uses expert-parallel load balancing.
     """
     config = vllm_config.model_config.hf_text_config
     zeda = dict(getattr(config, "zeda", None) or {})
@@ -275,7 +239,10 @@ def install_zero_experts(
     if bias_spec is None:
         bias_spec = zeda.get("zero_logit_bias")
     forced = forced_zero_share(config)
-    ordinal = {layer: i for i, layer in enumerate(moe_layer_indices(config))}
+    try:
+        layer_bias = layer_zero_logit_bias(bias_spec, config)
+    except ValueError as err:
+        raise ValueError(f"zeda_vllm: {err}") from None
     blocks = _moe_blocks(model)
     for layer, block in blocks:
         runner: MoERunner = block.experts
@@ -292,16 +259,7 @@ def install_zero_experts(
             if isinstance(old_bias, torch.Tensor):
                 _load_first_rows(old_bias, e, z)
             if forced > 0.0:
-                runner.router = ZedaZeroRouter(
-                    top_k=int(stock.top_k),
-                    num_experts=e,
-                    num_zero_experts=z,
-                    kind="softmax",  # unused: the stock router routes
-                    renormalize=bool(getattr(stock, "renormalize", True)),
-                    gate=old_gate,
-                    forced_share=forced,
-                    stock=stock,
-                )
+                runner.router = ZedaZeroRouter(stock=stock, forced_share=forced)
                 runner.routed_experts.__class__ = ZedaRoutedExperts
                 _opaque_to_compile(runner)
             continue
@@ -328,16 +286,18 @@ def install_zero_experts(
             raise ValueError("zeda_vllm: sigmoid routers need an e_score_correction_bias")
         grouped = bool(getattr(stock, "use_grouped_topk", False))
         runner.router = ZedaZeroRouter(
-            top_k=int(stock.top_k),
-            num_experts=e,
-            num_zero_experts=z,
-            kind=kind,
-            renormalize=bool(stock.renormalize),
-            gate=gate,
-            num_expert_group=int(getattr(stock, "num_expert_group", None) or 1) if grouped else 1,
-            topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
-            routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
-            zero_logit_bias=layer_zero_logit_bias(bias_spec, ordinal.get(layer, layer)),
+            routing=LayerRouting(
+                kind=kind,
+                num_experts=e,
+                num_zero_experts=z,
+                top_k=int(stock.top_k),
+                renormalize=bool(stock.renormalize),
+                gate=gate,
+                num_expert_group=int(getattr(stock, "num_expert_group", None) or 1) if grouped else 1,
+                topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
+                routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
+                zero_logit_bias=layer_bias[layer],
+            )
         )
         runner.routed_experts.__class__ = ZedaRoutedExperts
         _opaque_to_compile(runner)
@@ -350,30 +310,12 @@ def install_zero_experts(
     return len(blocks)
 
 
-def _qwen3_moe_layers(c: Any) -> list[int]:
-    return [
-        i
-        for i in range(c.num_hidden_layers)
-        if i not in (getattr(c, "mlp_only_layers", None) or [])
-        and c.num_experts > 0
-        and (i + 1) % c.decoder_sparse_step == 0
-    ]
-
-
-def _glm4_moe_layers(c: Any) -> list[int]:
-    return list(range(c.first_k_dense_replace, c.num_hidden_layers))
-
-
-def _all_layers(c: Any) -> list[int]:
-    return list(range(c.num_hidden_layers))
-
-
 class ZedaQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
     """vLLM's Qwen3-MoE with zeda's zero-aware router."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_zero_experts(self, vllm_config, _qwen3_moe_layers)
+        install_zero_experts(self, vllm_config)
 
 
 class ZedaGlm4MoeForCausalLM(Glm4MoeForCausalLM):
@@ -381,7 +323,7 @@ class ZedaGlm4MoeForCausalLM(Glm4MoeForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_zero_experts(self, vllm_config, _glm4_moe_layers)
+        install_zero_experts(self, vllm_config)
 
 
 class ZedaMixtralForCausalLM(MixtralForCausalLM):
@@ -389,4 +331,4 @@ class ZedaMixtralForCausalLM(MixtralForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_zero_experts(self, vllm_config, _all_layers)
+        install_zero_experts(self, vllm_config)

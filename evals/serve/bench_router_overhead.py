@@ -12,12 +12,12 @@ them, one torch thread. For each T the variants are timed interleaved, ``--round
 - ``stock``: vLLM's CPU router (``cpu_router._softmax_topk``) on the E real logits: what the
   original model pays.
 - ``forced0 (before)``: the plugin at a forced 0% share before this change: zeda's math in
-  teacher mode (``zero_aware_route(..., zero_experts_enabled=False, forced_zero_share=0)``) plus
+  teacher mode (``zeda_routing.route(..., zero_experts_enabled=False, forced_share=0)``) plus
   ``compact_slots``. Now a forced 0% leaves the block stock (the first row's cost), so it is
   listed only to show what was removed.
-- ``forced50``: the plugin's forced path now: the stock router, then ``forced_zero_mask`` and
-  ``compact_slots``.
-- ``natural``: the plugin's natural routing over E + Z (``zero_aware_route``) plus
+- ``forced50``: the plugin's forced path now: the stock router, then ``zeda_routing.drop_slots``
+  and ``compact_slots``.
+- ``natural``: the plugin's natural routing over E + Z (``zeda_routing.route``) plus
   ``compact_slots`` (what a distilled export pays per MoE layer).
 
 It measures routing only (no gate GEMM, no experts): the overhead the plugin can add per layer.
@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from vllm.model_executor.layers.fused_moe.router.cpu_router import _softmax_topk
 
-from zeda_vllm.routing import compact_slots, forced_zero_mask, zero_aware_route
+from zeda_routing import DROPPED, RouterParams, drop_slots, route
+from zeda_vllm.routing import compact_slots
 
 E, Z, K = 128, 64, 8
 TOKENS = (1, 8, 64, 512)
@@ -44,32 +45,22 @@ TOKENS = (1, 8, 64, 512)
 
 def _variants(logits: torch.Tensor) -> dict[str, Callable[[], object]]:
     real = logits[:, :E].contiguous()  # the stock gate's output: E columns
+    params = RouterParams(num_experts=E, top_k=K)
 
     def stock() -> object:
         return _softmax_topk(real, K, True)
 
     def forced0_before() -> object:
-        w, i = zero_aware_route(
-            logits,
-            kind="softmax",
-            num_experts=E,
-            top_k=K,
-            renormalize=True,
-            zero_experts_enabled=False,
-            forced_zero_share=0.0,
-        )
+        w, i = route(logits, "softmax", params, zero_experts_enabled=False, forced_share=0.0)
         return compact_slots(w, i)
 
     def forced50() -> object:
         w, i = _softmax_topk(real, K, True)
-        drop = forced_zero_mask(w, 0.5)
-        w = w.float().masked_fill(drop, 0.0)
-        i = i.masked_fill(drop, -1)
+        w, i = drop_slots(w.float(), i, E, dropped_id=DROPPED, zero_routing=False, forced_share=0.5)
         return compact_slots(w, i)
 
     def natural() -> object:
-        w, i = zero_aware_route(logits, kind="softmax", num_experts=E, top_k=K, renormalize=True)
-        return compact_slots(w, i)
+        return compact_slots(*route(logits, "softmax", params))
 
     return {"stock": stock, "forced0 (before)": forced0_before, "forced50": forced50, "natural": natural}
 

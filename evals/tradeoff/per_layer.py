@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 
 import zeda
 from zeda.distillation.data import pack_texts, read_jsonl
-from zeda.evaluation.baselines import apply_policy, attach_router_policy, calibrate
-from zeda.evaluation.telemetry import RouterTelemetry
+from zeda.evaluation.baselines import apply_policy, attach_router_policy, calibrate_rule
+from zeda.zero.telemetry import RouterTelemetry
 
 RULES = ("threshold_no_renorm", "top_p_no_renorm")
 
@@ -51,7 +51,7 @@ def main() -> None:
     original = attach_router_policy(zeda.load(args.original))
     calib_batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
     for kind in RULES:
-        cal = calibrate(original, kind, total, calib_batches)
+        cal = calibrate_rule(original, kind, total, calib_batches)
         with apply_policy(original, cal.policy):
             rule_total, rule_layers = shares(original, test)
         print(f"{kind} {rule_total:.3f} " + " ".join(f"{s:.3f}" for s in rule_layers))

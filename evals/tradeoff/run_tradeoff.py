@@ -51,8 +51,8 @@ from accelerate import Accelerator
 import zeda
 from zeda.config import load_recipe
 from zeda.distillation.data import pack_texts, read_jsonl
-from zeda.evaluation.baselines import POLICY_KINDS, apply_policy, attach_router_policy, calibrate
-from zeda.evaluation.telemetry import RouterTelemetry
+from zeda.evaluation.baselines import POLICY_KINDS, apply_policy, attach_router_policy, calibrate_rule
+from zeda.zero.telemetry import RouterTelemetry
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -225,7 +225,7 @@ def main() -> None:
     calib_batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
     for zrow in [r for r in rows if r["method"] == "zeda"]:
         for kind in POLICY_KINDS:
-            cal = calibrate(original, kind, zrow["skipped_share"], calib_batches)
+            cal = calibrate_rule(original, kind, zrow["skipped_share"], calib_batches)
             with apply_policy(original, cal.policy):
                 q = quality(original, ref_logits, test)
             rows.append(

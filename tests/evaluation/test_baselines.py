@@ -13,7 +13,7 @@ from zeda.evaluation.baselines import (
     EntropyAdaptiveK,
     apply_policy,
     attach_router_policy,
-    calibrate,
+    calibrate_rule,
     make_policy,
     measure_share,
 )
@@ -68,7 +68,7 @@ def test_policy_drops_are_counted_and_change_output() -> None:
 def test_calibrate_continuous_hits_target(kind: str) -> None:
     model = attach_router_policy(tiny_model("qwen3_moe", num_experts_per_tok=4))
     ids = token_batch(4, 32)
-    cal = calibrate(model, kind, 0.3, ids, tol=0.01)
+    cal = calibrate_rule(model, kind, 0.3, ids, tol=0.01)
     assert abs(cal.achieved_share - 0.3) <= 0.02
     # The reported share is what the chosen value really gives.
     assert measure_share(model, ids, cal.policy).zero_share == pytest.approx(cal.achieved_share)
@@ -77,7 +77,7 @@ def test_calibrate_continuous_hits_target(kind: str) -> None:
 def test_calibrate_keep_top_m_is_discrete() -> None:
     model = attach_router_policy(tiny_model("qwen3_moe", num_experts_per_tok=4))
     ids = token_batch(2, 16)
-    cal = calibrate(model, "keep_top_m", 0.3, ids)
+    cal = calibrate_rule(model, "keep_top_m", 0.3, ids)
     assert cal.value == 3.0 and cal.achieved_share == pytest.approx(0.25)
 
 
@@ -86,17 +86,17 @@ def test_calibrate_on_injected_teacher_mode() -> None:
     zeda.inject_zero_experts(model, 4)
     ids = token_batch(2, 16)
     with zeda.teacher_mode(model):
-        cal = calibrate(model, "top_p", 0.4, ids, tol=0.01)
+        cal = calibrate_rule(model, "top_p", 0.4, ids, tol=0.01)
     assert abs(cal.achieved_share - 0.4) <= 0.02
 
 
 def test_calibrate_bad_input() -> None:
     model = tiny_model("qwen3_moe")
     with pytest.raises(zeda.ZedaError, match="attach_router_policy"):
-        calibrate(model, "top_p", 0.3, token_batch())
+        calibrate_rule(model, "top_p", 0.3, token_batch())
     attach_router_policy(model)
     with pytest.raises(zeda.ZedaError, match="unknown baseline"):
-        calibrate(model, "top_q", 0.3, token_batch())
+        calibrate_rule(model, "top_q", 0.3, token_batch())
 
 
 def test_adaptive_k_counts_match_hand_computation() -> None:
@@ -146,7 +146,7 @@ def test_adaptive_k_drops_weakest_slots_and_renormalises() -> None:
 def test_calibrate_new_baselines_hit_target(kind: str) -> None:
     model = attach_router_policy(tiny_model("qwen3_moe", num_experts_per_tok=4))
     ids = token_batch(4, 32)
-    cal = calibrate(model, kind, 0.3, ids, tol=0.01)
+    cal = calibrate_rule(model, kind, 0.3, ids, tol=0.01)
     assert cal.kind == kind and abs(cal.achieved_share - 0.3) <= 0.02
     assert measure_share(model, ids, cal.policy).zero_share == pytest.approx(cal.achieved_share)
 

@@ -17,8 +17,8 @@ import zeda
 from zeda.evaluation import heldout
 from zeda.evaluation.heldout import HeldOut
 from zeda.evaluation.run_eval import evaluate
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.tiny import tiny_model, tiny_tokenizer
+from zeda.zero.telemetry import RouterTelemetry
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -33,8 +33,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _in_vllm_env(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PYTHONPATH"] = str(REPO)  # this checkout, whatever checkout the environment was installed from
     proc = subprocess.run(
-        [str(VLLM_PYTHON), "-c", code], capture_output=True, text=True, cwd="/tmp", timeout=300
+        [str(VLLM_PYTHON), "-c", code], capture_output=True, text=True, cwd="/tmp", env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
@@ -42,7 +44,7 @@ def _in_vllm_env(code: str) -> str:
 
 def test_vllm_env_resolved_zeda_to_transformers_519() -> None:
     got = _in_vllm_env(
-        "import transformers, vllm, zeda, zeda_vllm; print(transformers.__version__, vllm.__version__)"
+        "import transformers, vllm, zeda, zeda_routing, zeda_vllm; print(transformers.__version__, vllm.__version__)"
     )
     transformers_version, vllm_version = got.split()
     assert transformers_version.startswith("5.19."), got

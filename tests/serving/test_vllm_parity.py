@@ -224,8 +224,14 @@ def parity(tmp_path_factory) -> tuple[dict, dict]:
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cases": [{k: v for k, v in c.items() if k != "ref"} for c in cases]}))
     out = root / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    # this checkout's zeda_vllm / zeda_routing, whatever checkout the environment was installed from
+    env.update(
+        PYTHONPATH=str(REPO),
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.run(
         [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_side.py")), str(spec), str(out)],
         cwd=root,  # not the repo root: keep the main env's zeda.egg-info off the vLLM side's path

@@ -11,10 +11,11 @@ from conftest import FAMILIES, token_batch
 
 import zeda
 from zeda.distillation.data import pack_texts, read_jsonl
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.io import load, load_tokenizer
+from zeda.pipeline import calibrate_export
 from zeda.tiny import tiny_model
-from zeda.zero.calibrate import calibrate, calibrate_export
+from zeda.zero.calibrate import calibrate
+from zeda.zero.telemetry import RouterTelemetry
 
 REF = Path(__file__).resolve().parents[2] / "evals" / "reference"
 
@@ -194,14 +195,15 @@ def test_fit_zero_rows_tracks_log_sum_exp_and_ignores_sigmoid_routers(monkeypatc
 def test_fitted_start_lands_on_the_share_in_every_family(family: str) -> None:
     """`start_at_share(rows="fitted")` on every family: softmax-family routers get fitted rows and
     one bias per layer, sigmoid routers zero rows and one bias; the share lands on the target."""
-    from zeda.zero.start import FITTED_ROUTER_KINDS, start_at_share
+    from zeda.zero.start import start_at_share
+    from zeda_routing import get_kind
 
     model = tiny_model(family)
     zeda.inject_zero_experts(model)
     ids = token_batch(8, 32, seed=3)
     result = start_at_share(model, 0.4, ids, rows="fitted", tol=0.005)
     layers = zeda.find_moe_layers(model)
-    fitted = layers[0].router.zeda_router_kind in FITTED_ROUTER_KINDS
+    fitted = get_kind(layers[0].router.zeda_router_kind).normalised
     for layer in layers:
         n = torch.count_nonzero(layer.router.weight[layer.router.num_experts :])
         assert n > 0 if fitted else n == 0

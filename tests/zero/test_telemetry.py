@@ -7,10 +7,10 @@ import torch
 from conftest import token_batch
 
 import zeda
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.tiny import tiny_model
 from zeda.zero.inject import find_moe_layers, teacher_mode
 from zeda.zero.routing import router_settings, zero_routers
+from zeda.zero.telemetry import RouterTelemetry
 
 
 def _injected(family: str = "qwen3_moe") -> torch.nn.Module:

@@ -28,7 +28,6 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from zeda.errors import ZedaError
 from zeda.zero.checkpointing import is_recomputing
 from zeda.zero.routing import zero_routers
+from zeda_routing import router_probs
 
 __all__ = [
     "BalanceTracker",
@@ -51,8 +51,6 @@ __all__ = [
     "sum_stats",
     "w_for_target",
 ]
-
-RouterKind = Literal["softmax", "sigmoid_bias", "topk_softmax"]
 
 
 def w_for_target(target_zero_share: float, num_real: int, num_zero: int) -> float:
@@ -74,26 +72,6 @@ def w_for_target(target_zero_share: float, num_real: int, num_zero: int) -> floa
 def equilibrium_zero_share(num_real: int, num_zero: int, w: float) -> float:
     """The zero share ``w*Z / (w*Z + E)`` the balance loss drives the router to."""
     return w * num_zero / (w * num_zero + num_real)
-
-
-def router_probs(logits: Tensor, kind: RouterKind) -> Tensor:
-    """Router probabilities over all ``E + Z`` experts, as used by the balance loss.
-
-    Args:
-        logits: ``(T, E + Z)`` raw router logits (without any selection-only correction bias).
-        kind: ``"softmax"`` / ``"topk_softmax"``: softmax over all experts;
-            ``"sigmoid_bias"``: sigmoid scores normalised to sum to 1 over all experts.
-
-    Returns:
-        ``(T, E + Z)`` float32 probabilities, each row summing to 1.
-    """
-    x = logits.float()
-    if kind in ("softmax", "topk_softmax"):
-        return torch.softmax(x, dim=-1)
-    if kind == "sigmoid_bias":
-        scores = torch.sigmoid(x)
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    raise ZedaError(f"unknown router kind {kind!r}; use softmax, sigmoid_bias or topk_softmax")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ every dropped slot as skipped; with no policy its logits are bit-identical to th
 An injected model needs no attaching: inside `zeda.teacher_mode` its routers already are the
 original routers and honour ``slot_policy``.
 
-`calibrate` finds the policy value whose measured skipped-slot share matches a target (bisection
+`calibrate_rule` finds the policy value whose measured skipped-slot share matches a target (bisection
 on the continuous rules; the discrete ``keep_top_m`` reports the closest achievable share).
 """
 
@@ -38,18 +38,19 @@ from torch import nn
 
 from zeda.errors import ZedaError
 from zeda.evaluation.config import BASELINE_KINDS
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.families import spec_for_model
 from zeda.zero.inject import find_moe_layers, is_injected
-from zeda.zero.routing import SlotPolicy, router_settings, zero_routers
+from zeda.zero.routing import router_settings, zero_routers
 from zeda.zero.structure import attach_zero_router
+from zeda.zero.telemetry import RouterTelemetry
+from zeda_routing import SlotPolicy, entropy_keep_count, keep_strongest, rescale_kept, solve_share
 
 logger = logging.getLogger(__name__)
 
 _NO_RENORM = "_no_renorm"
 _RULES = ("keep_top_m", "top_p", "threshold")
 POLICY_KINDS: tuple[str, ...] = BASELINE_KINDS
-"""The training-free baselines `calibrate` knows."""
+"""The training-free baselines `calibrate_rule` knows."""
 
 __all__ = [
     "POLICY_KINDS",
@@ -57,7 +58,7 @@ __all__ = [
     "EntropyAdaptiveK",
     "apply_policy",
     "attach_router_policy",
-    "calibrate",
+    "calibrate_rule",
     "make_policy",
     "measure_share",
 ]
@@ -72,7 +73,7 @@ class EntropyAdaptiveK:
     ``log E`` so that ``h`` lies in [0, 1]. With ``k - 1`` thresholds ``tau_j = j * s / k``
     (``j = 1 .. k-1``) on ``h``, the token keeps ``1 + #{j : h > tau_j}`` of its highest-weight
     slots, i.e. ``clamp(ceil(k * h / s), 1, k)``. The scale ``s = value / (1 - value)`` is the one
-    knob that `calibrate` matches to a skipped share: ``value = 0`` keeps every slot, ``value
+    knob that `calibrate_rule` matches to a skipped share: ``value = 0`` keeps every slot, ``value
     -> 1`` keeps only the top-1 slot.
 
     Attributes:
@@ -85,29 +86,17 @@ class EntropyAdaptiveK:
     kind: str = "adaptive_k"
 
     def keep_count(self, logits: torch.Tensor, router_kind: str, k: int) -> torch.Tensor:
-        """Slots each token keeps.
+        """Slots each token keeps (`zeda_routing.entropy_keep_count`).
 
         Args:
             logits: ``(T, E)`` router logits over the real experts.
-            router_kind: The router's routing kind (``softmax``, ``sigmoid_bias``, ``topk_softmax``).
+            router_kind: The router's routing kind (its distribution over the experts).
             k: Routed slots per token.
 
         Returns:
             ``(T,)`` int64 counts in ``1..k``.
         """
-        x = logits.float()
-        if router_kind == "sigmoid_bias":
-            p = torch.sigmoid(x)
-            p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
-        else:
-            p = torch.softmax(x, dim=-1)
-        h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(max(2, x.shape[-1]))
-        if self.value <= 0.0:
-            return torch.full_like(h, k, dtype=torch.long)
-        if self.value >= 1.0:
-            return torch.ones_like(h, dtype=torch.long)
-        scale = self.value / (1.0 - self.value)
-        return torch.ceil(k * h / scale).clamp(1, k).long()
+        return entropy_keep_count(logits, router_kind, k, self.value)
 
     def hook(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
         """Router forward hook: drop each token's weakest slots beyond its entropy-chosen count.
@@ -122,17 +111,10 @@ class EntropyAdaptiveK:
         """
         logits, weights, indices = output
         e, k = module.num_experts, indices.shape[-1]
-        live = indices < e
         keep_n = self.keep_count(logits.reshape(-1, logits.shape[-1])[:, :e], module.zeda_router_kind, k)
-        order = torch.argsort(weights.float().masked_fill(~live, -1.0), dim=-1, descending=True)
-        rank = torch.empty_like(order).scatter_(
-            -1, order, torch.arange(k, device=order.device).expand_as(order)
-        )
-        keep = live & (rank < keep_n[:, None])
+        keep = keep_strongest(weights, indices < e, keep_n)
         if self.renormalize:
-            kept = weights.masked_fill(~keep, 0)
-            scale = weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-20)
-            weights = kept * scale.to(weights.dtype)
+            weights = rescale_kept(weights, keep)
         return logits, weights.masked_fill(~keep, 0), indices.masked_fill(~keep, e)
 
 
@@ -214,7 +196,7 @@ def attach_router_policy(model: nn.Module) -> nn.Module:
 
 @dataclass
 class Calibration:
-    """The outcome of `calibrate`.
+    """The outcome of `calibrate_rule`.
 
     Attributes:
         kind: The policy kind.
@@ -267,7 +249,7 @@ def measure_share(
     return tel
 
 
-def calibrate(
+def calibrate_rule(
     model: nn.Module,
     policy_kind: str,
     target_share: float,
@@ -332,24 +314,18 @@ def calibrate(
 
     # top_p: share decreases with p (p=1 keeps all, p→0 keeps only top-1).
     # threshold, adaptive_k: share increases with the value (0 keeps all, 1 keeps only top-1).
-    # The end points are known without a forward: value 1 (top_p) / 0 (the others) keeps every
-    # slot (share 0), the other end keeps only the top-1 slot (share (k-1)/k).
+    # The end points are known without a forward: every slot kept (share 0) at one end, only
+    # the top-1 slot (share (k-1)/k) at the other.
     increasing = not policy_kind.startswith("top_p")
-    lo, hi = 0.0, 1.0
-    cands = [(1.0 if not increasing else 0.0, 0.0), (0.0 if not increasing else 1.0, (k - 1) / k)]
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        s = share(mid)
-        cands.append((mid, s))
-        if abs(s - target_share) <= tol:
-            break
-        if (s < target_share) == increasing:
-            lo = mid
-        else:
-            hi = mid
-    value, achieved = min(cands, key=lambda c: abs(c[1] - target_share))
-    if n_eval == 0 or value in (0.0, 1.0):  # an end point won: measure it rather than trust it
-        achieved = share(value)
+    top1 = (k - 1) / k
+    value, achieved, _ = solve_share(
+        share,
+        target_share,
+        tol=tol,
+        max_iter=max_iter,
+        ends=(0.0, top1) if increasing else (top1, 0.0),
+        increasing=increasing,
+    )
     if abs(achieved - target_share) > max(tol, 0.02):
         logger.warning(
             "%s reaches a skipped share of %.3f, not the target %.3f (reachable: 0..%.3f)",

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from zeda.errors import ZedaError
-from zeda.evaluation.baselines import Calibration, apply_policy, attach_router_policy, calibrate
+from zeda.evaluation.baselines import Calibration, apply_policy, attach_router_policy, calibrate_rule
 from zeda.evaluation.heldout import HeldOut
 from zeda.evaluation.result import CurvePoint, EvalResult
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.zero.inject import find_moe_layers
 from zeda.zero.routing import router_settings
+from zeda.zero.telemetry import RouterTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def add_curve(
         for target in sorted({round(s, 6) for s in targets if s >= 1e-3}):
             if (rule, target) not in calibrated:
                 with teacher_ctx():
-                    calibrated[(rule, target)] = calibrate(bmodel, rule, target, cal_batches)
+                    calibrated[(rule, target)] = calibrate_rule(bmodel, rule, target, cal_batches)
             cal = calibrated[(rule, target)]
             cal = Calibration(kind, cal.value, cal.target_share, cal.achieved_share, cal.evaluations)
             result.calibrations.append(cal.to_dict())

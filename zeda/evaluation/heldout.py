@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from zeda.evaluation.telemetry import RouterTelemetry
+from zeda.zero.telemetry import RouterTelemetry
 
 __all__ = ["CHUNK_BYTES", "TEACHER_CACHE_BYTES", "HeldOut", "final_hidden", "output_head"]
 

@@ -27,7 +27,7 @@ from lm_eval.models.huggingface import HFLM
 from torch import nn
 
 from zeda.errors import ZedaError
-from zeda.evaluation.telemetry import RouterTelemetry
+from zeda.zero.telemetry import RouterTelemetry
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from zeda.evaluation.baselines import POLICY_KINDS
 from zeda.evaluation.curve import add_curve, flop_dict
 from zeda.evaluation.heldout import HeldOut
 from zeda.evaluation.result import EvalResult
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.zero.inject import find_moe_layers, is_injected, teacher_mode
+from zeda.zero.telemetry import RouterTelemetry
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from typing import Any, Literal
 from torch import nn
 
 from zeda.errors import ZedaError
+from zeda_routing import MOE_LAYERS, get_kind
 
-RouterKind = Literal["softmax", "sigmoid_bias", "topk_softmax"]
-"""Router math families.
+RouterKind = str
+"""A router kind of the routing core (a key of `zeda_routing.KINDS`), e.g.:
 
 - ``softmax``: softmax over all experts, top-k, optional renormalisation (Qwen, OLMoE, Mixtral).
 - ``sigmoid_bias``: sigmoid scores, selection on score + correction bias, optional group-limited
@@ -64,7 +65,6 @@ class MoESpec:
         num_experts_key: Config key with the number of routed experts per MoE layer.
         top_k_key: Config key with the number of experts chosen per token.
         expert_intermediate_key: Config key with one routed expert's FFN width.
-        moe_layer_indices: ``config -> list[int]``: decoder layers that hold an MoE block.
         dense_intermediate: ``config -> int``: FFN width of the dense (non-MoE) layers.
         shared_expert_intermediate: ``config -> int``: total FFN width of the shared experts
             (0 when the family has none).
@@ -95,7 +95,6 @@ class MoESpec:
     experts_class: type[nn.Module]
     num_experts_key: str
     expert_intermediate_key: str
-    moe_layer_indices: Callable[[Any], list[int]]
     dense_intermediate: Callable[[Any], int] = _zero
     shared_expert_intermediate: Callable[[Any], int] = _zero
     shared_expert_gated: bool = False
@@ -123,6 +122,11 @@ class MoESpec:
         """Experts chosen per token, read from ``config``."""
         return int(getattr(config, self.top_k_key))
 
+    def moe_layer_indices(self, config: Any) -> list[int]:
+        """Decoder layers of ``config`` that hold an MoE block (the family's rule in
+        `zeda_routing.MOE_LAYERS`, which the serving adapters read too)."""
+        return MOE_LAYERS[self.model_type](config)
+
     def expert_intermediate(self, config: Any) -> int:
         """FFN width of one routed expert, read from ``config``."""
         return int(getattr(config, self.expert_intermediate_key))
@@ -132,7 +136,14 @@ _REGISTRY: dict[str, MoESpec] = {}
 
 
 def register(spec: MoESpec) -> MoESpec:
-    """Add a family to the registry (keyed by ``spec.model_type``) and return it."""
+    """Add a family to the registry (keyed by ``spec.model_type``) and return it.
+
+    Raises:
+        ValueError: if the routing core lacks the family's router kind or MoE-layer rule.
+    """
+    get_kind(spec.router_kind)
+    if spec.model_type not in MOE_LAYERS:
+        raise ValueError(f"add the MoE-layer rule of {spec.model_type!r} to zeda_routing.MOE_LAYERS")
     _REGISTRY[spec.model_type] = spec
     return spec
 

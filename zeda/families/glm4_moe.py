@@ -15,7 +15,6 @@ SPEC = register(
         experts_class=m.Glm4MoeExperts,
         num_experts_key="n_routed_experts",
         expert_intermediate_key="moe_intermediate_size",
-        moe_layer_indices=lambda c: list(range(c.first_k_dense_replace, c.num_hidden_layers)),
         dense_intermediate=lambda c: c.intermediate_size,
         shared_expert_intermediate=lambda c: c.moe_intermediate_size * (c.n_shared_experts or 0),
         shared_expert_attrs=("shared_experts",),

@@ -15,7 +15,6 @@ SPEC = register(
         experts_class=m.Glm4MoeLiteExperts,
         num_experts_key="n_routed_experts",
         expert_intermediate_key="moe_intermediate_size",
-        moe_layer_indices=lambda c: [i for i, t in enumerate(c.mlp_layer_types) if t == "sparse"],
         dense_intermediate=lambda c: c.intermediate_size,
         shared_expert_intermediate=lambda c: c.moe_intermediate_size * (c.n_shared_experts or 0),
         shared_expert_attrs=("shared_experts",),

@@ -15,7 +15,6 @@ SPEC = register(
         experts_class=m.GptOssExperts,
         num_experts_key="num_local_experts",
         expert_intermediate_key="intermediate_size",
-        moe_layer_indices=lambda c: list(range(c.num_hidden_layers)),
         router_attr="router",
         expert_bias=True,
         router_bias=True,

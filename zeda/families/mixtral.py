@@ -15,7 +15,6 @@ SPEC = register(
         experts_class=m.MixtralExperts,
         num_experts_key="num_local_experts",
         expert_intermediate_key="intermediate_size",
-        moe_layer_indices=lambda c: list(range(c.num_hidden_layers)),
         attention_biases=lambda c: (False, False),
         # Mixtral always renormalises the chosen weights; its router has no flag for it.
         norm_topk_prob=True,

@@ -15,7 +15,6 @@ SPEC = register(
         experts_class=m.OlmoeExperts,
         num_experts_key="num_experts",
         expert_intermediate_key="intermediate_size",
-        moe_layer_indices=lambda c: list(range(c.num_hidden_layers)),
         qk_norm=lambda c: "full",
     )
 )

@@ -5,15 +5,6 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 
 from zeda.families.base import MoESpec, register
 
-
-def _moe_layers(c: Qwen3MoeConfig) -> list[int]:
-    return [
-        i
-        for i in range(c.num_hidden_layers)
-        if i not in (c.mlp_only_layers or []) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
-    ]
-
-
 SPEC = register(
     MoESpec(
         model_type="qwen3_moe",
@@ -24,7 +15,6 @@ SPEC = register(
         experts_class=m.Qwen3MoeExperts,
         num_experts_key="num_experts",
         expert_intermediate_key="moe_intermediate_size",
-        moe_layer_indices=_moe_layers,
         dense_intermediate=lambda c: c.intermediate_size,
         qk_norm=lambda c: "per_head",
     )

@@ -2,9 +2,10 @@
 
 The zero-logit bias ``b`` is added to the zero-expert columns of every router's logits; the
 share of routed top-k slots that go to zero experts (and so do no expert work) rises
-monotonically with ``b``. `calibrate` finds ``b`` by root finding (bracketing, then regula falsi) on the share *measured* with
-`RouterTelemetry` over calibration text, stores it in ``config.zeda["zero_logit_bias"]`` (which
-zeda's model classes, the vLLM plugin and the exported config all honour) and, given held-out
+monotonically with ``b``. `calibrate` finds ``b`` with the routing core's share solve
+(`zeda_routing.solve_share`) on the share *measured* with `RouterTelemetry` over calibration
+text, stores it in ``config.zeda["zero_logit_bias"]`` (which zeda's model classes, the serving
+adapters and the exported config all honour) and, given held-out
 text, reports the share and the perplexity there. With ``per_layer=True`` each MoE layer gets its
 own bias, solved in layer order (a layer's share depends only on the layers before it).
 """
@@ -13,10 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,15 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zeda.data import pack_texts
 from zeda.errors import ZedaError
-from zeda.evaluation.telemetry import RouterTelemetry
 from zeda.zero.routing import router_settings
 from zeda.zero.structure import find_moe_layers, is_injected, set_zero_logit_bias
 from zeda.zero.teacher import teacher_mode
+from zeda.zero.telemetry import RouterTelemetry
+from zeda_routing import solve_share
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationResult", "calibrate", "calibrate_export"]
+__all__ = ["CalibrationResult", "calibrate"]
 
 
 @dataclass
@@ -97,8 +98,6 @@ def _blocks(data: Any, tokenizer: Any, seq_len: int, max_tokens: int) -> torch.T
         return torch.cat([b if b.dim() == 2 else b[None] for b in items])
     if tokenizer is None:
         raise ZedaError("calibrating on text needs a tokenizer (or pass token-id batches)")
-    from zeda.distillation.data import pack_texts
-
     blocks = pack_texts([str(t) for t in items], tokenizer, seq_len, max_tokens)
     return blocks[: max(1, max_tokens // seq_len)]
 
@@ -124,53 +123,6 @@ def _measure(
         body = getattr(model, "get_decoder", lambda: model)()
         _sweep(model, blocks, batch_size, lambda ids: body(input_ids=ids))
     return tel
-
-
-def _solve(
-    share: Callable[[float], float], target: float, tol: float, max_iter: int
-) -> tuple[float, float, int]:
-    """Solve ``share(b) = target`` for a non-decreasing ``share``; returns ``(b, share(b), calls)``.
-
-    Brackets the root from ``b = 0`` outwards, then narrows it by regula falsi with the Illinois
-    modification (the share is smooth in ``b`` over many tokens, so this needs far fewer
-    forward sweeps than bisection; each sweep is a pass over the calibration text).
-    """
-    calls = 0
-    best = (0.0, math.inf)
-
-    def f(b: float) -> float:
-        nonlocal calls, best
-        calls += 1
-        s = share(b)
-        if abs(s - target) < abs(best[1] - target):
-            best = (b, s)
-        return s - target
-
-    f0 = f(0.0)
-    step = 2.0 if f0 < 0 else -2.0
-    a, fa = 0.0, f0
-    b, fb = step, f(step)
-    while (fb < 0) == (f0 < 0) and abs(b) < 1e3 and fb != 0:  # expand until the sign changes
-        a, fa = b, fb
-        step *= 2
-        b, fb = b + step, f(b + step)
-    if a > b:
-        a, fa, b, fb = b, fb, a, fa
-    side = 0
-    while calls < max_iter and abs(best[1] - target) > tol and fb != fa:
-        c = (a * fb - b * fa) / (fb - fa)
-        fc = f(c)
-        if fc < 0:
-            a, fa = c, fc
-            if side == -1:
-                fb /= 2
-            side = -1
-        else:
-            b, fb = c, fc
-            if side == 1:
-                fa /= 2
-            side = 1
-    return best[0], best[1], calls
 
 
 @torch.no_grad()
@@ -245,13 +197,16 @@ def calibrate(
                     trial[j] = b
                     return _measure(model, blocks, batch_size, trial).per_layer.get(index, 0.0)
 
-                bias[j], _, n = _solve(share, target_share, tol, max_iter)
+                bias[j], _, n = solve_share(share, target_share, tol=tol, max_iter=max_iter)
                 calls += n
             achieved = _measure(model, blocks, batch_size, bias).zero_share
             calls += 1
         else:
-            bias, achieved, calls = _solve(
-                lambda b: _measure(model, blocks, batch_size, b).zero_share, target_share, tol, max_iter
+            bias, achieved, calls = solve_share(
+                lambda b: _measure(model, blocks, batch_size, b).zero_share,
+                target_share,
+                tol=tol,
+                max_iter=max_iter,
             )
     finally:
         model.train(was_training)
@@ -268,59 +223,4 @@ def calibrate(
         result.ppl_ratio = result.heldout_ppl / result.teacher_ppl
         result.heldout_tokens = int(held.numel())
     logger.info("calibrated zero-logit bias %s: share %.4f (target %.4f)", bias, achieved, target_share)
-    return result
-
-
-def calibrate_export(
-    model_dir: str | os.PathLike,
-    target_share: float,
-    data: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    heldout: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    per_layer: bool = False,
-    heldout_fraction: float = 0.2,
-    **kwargs: Any,
-) -> CalibrationResult:
-    """Load a zeda model, calibrate its zero-logit bias on a data file, export it at that budget.
-
-    Args:
-        model_dir: An injected or exported zeda model directory (or a ZEDA-reference checkpoint).
-        target_share: The skipped share to reach.
-        data: JSONL (``{"text": ...}`` per line) or ``.txt`` calibration text.
-        out_dir: The export directory (``config.json`` carries ``zeda.zero_logit_bias``).
-        heldout: Held-out text file; by default the last ``heldout_fraction`` of ``data``'s
-            documents are held out (and not used for calibration).
-        overwrite: Replace an existing ``out_dir``.
-        per_layer: One bias per MoE layer.
-        heldout_fraction: Share of ``data``'s documents held out when ``heldout`` is None.
-        **kwargs: Passed to `calibrate` (``seq_len``, ``max_tokens``, ``batch_size``, ``tol``).
-
-    Returns:
-        The `CalibrationResult` (its held-out figures are those of the exported model).
-
-    Raises:
-        ZedaError: for a bad model, data file or output directory (nothing is written then).
-    """
-    from zeda.distillation.data import read_jsonl
-    from zeda.io import export, load, load_tokenizer
-
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ZedaError(f"output directory {out} already exists; pass --overwrite to replace it")
-    texts = read_jsonl(data)
-    if heldout is not None:
-        held_texts = read_jsonl(heldout)
-    elif len(texts) >= 2:
-        cut = max(1, min(len(texts) - 1, round(len(texts) * (1 - heldout_fraction))))
-        texts, held_texts = texts[:cut], texts[cut:]
-    else:
-        held_texts = None
-    model = load(model_dir)
-    tokenizer = load_tokenizer(model_dir, model)
-    result = calibrate(
-        model, target_share, texts, tokenizer, heldout=held_texts, per_layer=per_layer, **kwargs
-    )
-    metrics = {k: v for k, v in result.to_dict().items() if v is not None and k != "zero_logit_bias"}
-    export(model, out, tokenizer=tokenizer, card_metrics=metrics, overwrite=overwrite, inplace=True)
     return result

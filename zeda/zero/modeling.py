@@ -115,6 +115,8 @@ def register(spec: MoESpec) -> tuple[type, type]:
         (ZedaModelMixin, base_lm),
         {"config_class": cfg_cls, "zeda_spec": spec, "__module__": __name__},
     )
+    # Importable by name (pickling across processes, e.g. an engine's workers beside zeda).
+    globals()[cfg_cls.__name__], globals()[lm_cls.__name__] = cfg_cls, lm_cls
     AutoConfig.register(zeda_type, cfg_cls, exist_ok=True)
     AutoModelForCausalLM.register(cfg_cls, lm_cls, exist_ok=True)
     from transformers.conversion_mapping import (

@@ -1,4 +1,4 @@
-"""Zero-aware routing: the math shared by every family and the router mixin built on it.
+"""Zero-aware routing in transformers models: the router mixin over the routing core (`zeda_routing`).
 
 A router with ``E`` real and ``Z`` zero experts scores ``E + Z`` candidates and keeps top-k over
 all of them, so every zero expert chosen replaces a real one. The routing weights are
@@ -18,129 +18,27 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zeda.families.base import MoESpec
+from zeda_routing import RouterParams, SlotPolicy, drop_slots, get_kind, select_slots
+
+__all__ = [
+    "PER_EXPERT_TENSORS",
+    "SlotPolicy",
+    "ZeroRouterMixin",
+    "expected_share_bound",
+    "router_settings",
+    "zero_router_class",
+    "zero_routers",
+]
 
 # Parameters/buffers that carry one entry per expert and so grow by Z rows at injection.
 PER_EXPERT_TENSORS = ("weight", "bias", "e_score_correction_bias")
-
-
-@dataclass(frozen=True)
-class SlotPolicy:
-    """A training-free slot-dropping rule applied to the chosen top-k slots (the baselines).
-
-    Attributes:
-        kind: ``keep_top_m`` keeps the ``m = value`` highest-weight slots; ``top_p`` keeps the
-            smallest prefix of weight-sorted slots whose normalised weight reaches ``value``;
-            ``threshold`` keeps slots whose normalised weight is at least ``value``. The
-            top-1 slot is always kept.
-        value: The rule's parameter (int-like for keep_top_m, in (0, 1] otherwise).
-        renormalize: Rescale kept weights so they sum to the original total of the k weights.
-    """
-
-    kind: Literal["keep_top_m", "top_p", "threshold"]
-    value: float
-    renormalize: bool = True
-
-    def keep_mask(self, weights: torch.Tensor) -> torch.Tensor:
-        """Which slots survive.
-
-        Args:
-            weights: ``(T, k)`` routing weights of the chosen slots.
-
-        Returns:
-            ``(T, k)`` bool mask.
-        """
-        w = weights.float()
-        order = torch.argsort(w, dim=-1, descending=True)
-        sorted_w = w.gather(-1, order)
-        total = sorted_w.sum(-1, keepdim=True).clamp_min(1e-20)
-        rank = torch.arange(w.shape[-1], device=w.device).expand_as(w)
-        if self.kind == "keep_top_m":
-            keep_sorted = rank < max(1, int(round(self.value)))
-        elif self.kind == "top_p":
-            before = torch.cumsum(sorted_w / total, -1) - sorted_w / total
-            keep_sorted = before < self.value
-        elif self.kind == "threshold":
-            keep_sorted = (sorted_w / total) >= self.value
-        else:  # pragma: no cover - Literal guards this
-            raise ValueError(f"unknown slot policy {self.kind!r}")
-        keep_sorted = keep_sorted | (rank == 0)
-        keep = torch.zeros_like(keep_sorted)
-        keep.scatter_(-1, order, keep_sorted)
-        return keep
-
-
-def forced_zero_mask(weights: torch.Tensor, share: float) -> torch.Tensor:
-    """Choose which slots to force onto zero experts so exactly ``floor(share·T·k)`` go there.
-
-    Each token gives up its lowest-weight slots; the per-token count is spread evenly over the
-    tokens (Bresenham), so the share holds for any T.
-
-    Args:
-        weights: ``(T, k)`` routing weights.
-        share: Fraction in [0, 1] of all slots to force to zero experts.
-
-    Returns:
-        ``(T, k)`` bool mask of the slots to zero.
-    """
-    t, k = weights.shape
-    pos = torch.arange(t + 1, device=weights.device, dtype=torch.float64) * share * k
-    per_token = (torch.floor(pos[1:] + 1e-9) - torch.floor(pos[:-1] + 1e-9)).long().clamp(0, k)
-    order = torch.argsort(weights.float(), dim=-1, descending=False)  # weakest first
-    rank = torch.arange(k, device=weights.device).expand(t, k)
-    zero_sorted = rank < per_token[:, None]
-    mask = torch.zeros_like(zero_sorted)
-    mask.scatter_(-1, order, zero_sorted)
-    return mask
-
-
-def _route_softmax(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    h = h.reshape(-1, router.hidden_dim)
-    logits = F.linear(h, router.routing_tensor("weight"))  # (T, E+Z)
-    probs = torch.softmax(router.biased_logits(logits.float()), dim=-1)
-    top_v, top_i = torch.topk(probs, router.top_k, dim=-1)
-    if getattr(router, "norm_topk_prob", True):
-        top_v = top_v / top_v.sum(dim=-1, keepdim=True)
-    return logits, top_v.to(logits.dtype), top_i
-
-
-def _route_sigmoid_bias(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    e = router.num_experts
-    h = h.reshape(-1, router.hidden_dim)
-    logits = F.linear(h.float(), router.routing_tensor("weight").float())  # (T, E+Z)
-    scores = torch.sigmoid(router.biased_logits(logits))
-    choice = scores + router.e_score_correction_bias
-    real = choice[:, :e]
-    # Group-limited selection applies to the real experts only; zero experts belong to no group
-    # and stay eligible for every token.
-    groups = real.view(-1, router.num_group, e // router.num_group)
-    group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
-    real_mask = group_mask.unsqueeze(-1).expand_as(groups).reshape(-1, e)
-    choice = torch.cat([real.masked_fill(~real_mask, float("-inf")), choice[:, e:]], dim=-1)
-    top_i = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
-    top_v = scores.gather(1, top_i)
-    if router.norm_topk_prob:
-        top_v = top_v / (top_v.sum(dim=-1, keepdim=True) + 1e-20)
-    return logits, top_v * router.routed_scaling_factor, top_i
-
-
-def _route_topk_softmax(router: ZeroRouterMixin, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    h = h.reshape(-1, router.hidden_dim)
-    logits = F.linear(h, router.routing_tensor("weight"), router.routing_tensor("bias"))  # (T, E+Z)
-    top_v, top_i = torch.topk(router.biased_logits(logits), router.top_k, dim=-1)
-    return logits, torch.softmax(top_v, dim=1, dtype=top_v.dtype), top_i
-
-
-_ROUTE = {"softmax": _route_softmax, "sigmoid_bias": _route_sigmoid_bias, "topk_softmax": _route_topk_softmax}
 
 
 class ZeroRouterMixin:
@@ -180,13 +78,26 @@ class ZeroRouterMixin:
         e = self.num_experts
         return torch.cat([t[:e].detach(), t[e:]])
 
-    def biased_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Add ``zero_logit_bias`` to the zero-expert columns of ``(T, E+Z)`` logits."""
-        if self.zero_logit_bias == 0.0:
-            return logits
-        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-        bias[self.num_experts :] = self.zero_logit_bias
-        return logits + bias
+    def routing_params(self) -> RouterParams:
+        """This router's facts as the routing core reads them."""
+        return RouterParams(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            renormalize=bool(getattr(self, "norm_topk_prob", True)),
+            zero_logit_bias=self.zero_logit_bias,
+            correction_bias=getattr(self, "e_score_correction_bias", None),
+            num_expert_group=int(getattr(self, "num_group", None) or 1),
+            topk_group=int(getattr(self, "topk_group", None) or 1),
+            routed_scaling_factor=getattr(self, "routed_scaling_factor", 1.0),
+        )
+
+    def gate_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(T, E+Z)`` router logits of ``(..., H)`` inputs, in the dtype the family's gate uses."""
+        h = hidden_states.reshape(-1, self.hidden_dim)
+        weight, bias = self.routing_tensor("weight"), self.routing_tensor("bias")
+        if get_kind(self.zeda_router_kind).fp32_gate:
+            return F.linear(h.float(), weight.float(), None if bias is None else bias.float())
+        return F.linear(h, weight, bias)
 
     @property
     def routes_to_zero(self) -> bool:
@@ -220,24 +131,19 @@ class ZeroRouterMixin:
             zero slots have index E and weight 0.
         """
         if self.routes_to_zero:
-            logits, weights, indices = _ROUTE[self.zeda_router_kind](self, hidden_states)
+            logits = self.gate_logits(hidden_states)
+            weights, indices = select_slots(logits, self.zeda_router_kind, self.routing_params())
         else:
             logits, weights, indices = self.native_forward(hidden_states)
-        e = self.num_experts
-        drop = indices >= e if self.routes_to_zero else None
-        if self.slot_policy is not None:
-            keep = self.slot_policy.keep_mask(weights.masked_fill(drop, 0) if drop is not None else weights)
-            if self.slot_policy.renormalize:
-                kept = weights.masked_fill(~keep, 0)
-                scale = weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-20)
-                weights = kept * scale.to(weights.dtype)
-            drop = ~keep if drop is None else (drop | ~keep)
-        if self.forced_zero_share is not None:
-            forced = forced_zero_mask(weights, self.forced_zero_share)
-            drop = forced if drop is None else (drop | forced)
-        if drop is not None:
-            indices = indices.masked_fill(drop, e)
-            weights = weights.masked_fill(drop, 0)
+        weights, indices = drop_slots(
+            weights,
+            indices,
+            self.num_experts,
+            dropped_id=self.num_experts,
+            zero_routing=self.routes_to_zero,
+            slot_policy=self.slot_policy,
+            forced_share=self.forced_zero_share,
+        )
         return logits, weights, indices
 
 

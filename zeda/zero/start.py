@@ -19,8 +19,9 @@ from zeda.errors import ZedaError
 from zeda.zero.calibrate import CalibrationResult, _blocks, _sweep, calibrate
 from zeda.zero.structure import find_moe_layers, is_injected
 from zeda.zero.teacher import teacher_mode
+from zeda_routing import get_kind
 
-__all__ = ["FITTED_ROUTER_KINDS", "fit_zero_rows", "start_at_share"]
+__all__ = ["fit_zero_rows", "start_at_share"]
 
 
 #: fp32 normal-equation bytes `fit_zero_rows` holds at once (more layers take more passes).
@@ -36,13 +37,6 @@ def _reference_logit(real_logits: torch.Tensor) -> torch.Tensor:
     log-sum-exp over the top-k only starts at a clearly higher perplexity.)
     """
     return torch.logsumexp(real_logits, dim=-1)
-
-
-#: Router kinds whose zero rows `fit_zero_rows` fits: those that normalise over the experts.
-#: A sigmoid router scores each expert on its own, so an absolute threshold is already its
-#: rule (measured on the sigmoid reference model at 50%: step-0 perplexity ratio 1.024 with
-#: zero rows against 1.040 with rows fitted to the log of the summed scores).
-FITTED_ROUTER_KINDS = ("softmax", "topk_softmax")
 
 
 @torch.no_grad()
@@ -63,7 +57,11 @@ def fit_zero_rows(
         batch_size: Blocks per forward.
         ridge: Ridge strength relative to the mean diagonal of ``XᵀX``.
 
-    Routers outside `FITTED_ROUTER_KINDS` (sigmoid) keep their rows.
+    Routers whose kind does not normalise over the experts (``zeda_routing`` kinds with
+    ``normalised=False``: sigmoid routers) keep their rows: a sigmoid router scores each expert
+    on its own, so an absolute threshold is already its rule (measured on the sigmoid reference
+    model at 50%: step-0 perplexity ratio 1.024 with zero rows against 1.040 with rows fitted to
+    the log of the summed scores).
 
     Returns:
         The per-layer intercepts ``c`` (layer order; None for a layer not fitted): the router
@@ -71,7 +69,7 @@ def fit_zero_rows(
     """
     layers = find_moe_layers(model)
     intercepts: list[float | None] = [None] * len(layers)
-    fitted = [j for j, layer in enumerate(layers) if layer.router.zeda_router_kind in FITTED_ROUTER_KINDS]
+    fitted = [j for j, layer in enumerate(layers) if get_kind(layer.router.zeda_router_kind).normalised]
     groups: list[list[int]] = []
     used = 0
     for j in fitted:
@@ -137,7 +135,7 @@ def start_at_share(
     solved per layer, so that it is a threshold on each token's *own normalised* routing
     weights (keep expert i when ``p_i ≳ e^b``): the threshold baseline's rule, which skips the
     same share at a lower perplexity than an absolute logit threshold. Sigmoid routers keep
-    zero rows (see `FITTED_ROUTER_KINDS`).
+    zero rows (see `fit_zero_rows`).
 
     Either way `calibrate` then solves the bias on the text so that the share of skipped
     slots is ``target_share`` from the first step, instead of random rows that start near 0%

@@ -16,6 +16,7 @@ from zeda.errors import ZedaError
 from zeda.families import MoESpec, spec_for_model
 from zeda.zero.experts import skip_sentinel_slots
 from zeda.zero.routing import PER_EXPERT_TENSORS, zero_router_class, zero_routers
+from zeda_routing import per_layer_values
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,10 @@ def set_zero_logit_bias(model: nn.Module, bias: float | list[float] | None) -> N
     if bias is None:
         return
     layers = find_moe_layers(model)
-    values = [float(bias)] * len(layers) if isinstance(bias, (int, float)) else [float(b) for b in bias]
-    if len(values) != len(layers):
-        raise ZedaError(
-            f"zero_logit_bias has {len(values)} entries but the model has {len(layers)} MoE layers; "
-            "give one float or one per MoE layer"
-        )
+    try:
+        values = per_layer_values(bias, len(layers))
+    except ValueError as err:
+        raise ZedaError(str(err)) from None
     by_index = {layer.index: v for layer, v in zip(layers, values, strict=True)}
     # PEFT keeps trainable router copies beside the originals: every copy of a layer gets its value.
     for router in zero_routers(model):

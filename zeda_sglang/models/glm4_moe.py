@@ -9,17 +9,12 @@ from sglang.srt.models.glm4_moe import Glm4MoeForCausalLM
 from ..install import install_zero_experts
 
 
-def moe_layers(c: Any) -> list[int]:
-    """Decoder layers of a glm4_moe config that hold an MoE block."""
-    return list(range(c.first_k_dense_replace, c.num_hidden_layers))
-
-
 class ZedaGlm4MoeForCausalLM(Glm4MoeForCausalLM):
     """SGLang's glm4_moe; group-limited sigmoid routing over E real experts + Z zero experts."""
 
     def __init__(self, config: Any, quant_config: Any = None, prefix: str = "") -> None:
         super().__init__(config, quant_config=quant_config, prefix=prefix)
-        install_zero_experts(self, config, moe_layers)
+        install_zero_experts(self, config)
 
     @classmethod
     def shared_experts_fusion_disable_reason(cls, hf_config: Any, quant_config: Any) -> str:

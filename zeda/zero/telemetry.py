@@ -14,56 +14,17 @@ the mean expert load is flagged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from zeda.zero.checkpointing import is_recomputing
 from zeda.zero.routing import zero_routers
+from zeda_routing import LayerStats, total_zero_share
 
 __all__ = ["LayerStats", "RouterTelemetry"]
 
 DEFAULT_SATURATION_FACTOR = 4.0
-
-
-@dataclass
-class LayerStats:
-    """Routed-slot counts of one MoE layer.
-
-    Attributes:
-        slots: Routed top-k slots seen (tokens · k).
-        zero_slots: Slots that did no expert work (sentinel index ``E``).
-        real_per_token: Histogram over ``0..k`` of real experts used per token.
-        expert_load: Real slots per expert ``(E,)`` as a list.
-    """
-
-    slots: int = 0
-    zero_slots: int = 0
-    real_per_token: list[int] = field(default_factory=list)
-    expert_load: list[int] = field(default_factory=list)
-
-    @property
-    def zero_share(self) -> float:
-        """Share of routed slots that did no expert work."""
-        return self.zero_slots / self.slots if self.slots else 0.0
-
-    @property
-    def tokens(self) -> int:
-        """Tokens seen (each contributes one entry to ``real_per_token``)."""
-        return sum(self.real_per_token)
-
-    @property
-    def busiest_share(self) -> float:
-        """Share of tokens that sent a slot to this layer's busiest real expert."""
-        return max(self.expert_load, default=0) / self.tokens if self.tokens else 0.0
-
-    @property
-    def saturation(self) -> float:
-        """Busiest expert's load divided by the mean load over the E real experts (1.0 = even)."""
-        total = sum(self.expert_load)
-        return max(self.expert_load) * len(self.expert_load) / total if total else 0.0
 
 
 class RouterTelemetry:
@@ -105,25 +66,14 @@ class RouterTelemetry:
         ):
             return
         indices = output[2].detach()
-        e, k = module.num_experts, indices.shape[-1]
         if self._mask is not None and self._mask.numel() == indices.shape[0]:
             indices = indices[self._mask.to(indices.device)]
-        zero = indices >= e
-        stats = self.layers.setdefault(
-            module.zeda_layer_index, LayerStats(real_per_token=[0] * (k + 1), expert_load=[0] * e)
-        )
-        stats.slots += zero.numel()
-        stats.zero_slots += int(zero.sum())
-        hist = torch.bincount(k - zero.sum(-1), minlength=k + 1).tolist()
-        stats.real_per_token = [a + b for a, b in zip(stats.real_per_token, hist, strict=True)]
-        load = torch.bincount(indices[~zero], minlength=e).tolist()
-        stats.expert_load = [a + b for a, b in zip(stats.expert_load, load, strict=True)]
+        self.layers.setdefault(module.zeda_layer_index, LayerStats()).add(indices, module.num_experts)
 
     @property
     def zero_share(self) -> float:
         """Share of all routed slots (all layers, all tokens) that did no expert work."""
-        slots = sum(s.slots for s in self.layers.values())
-        return sum(s.zero_slots for s in self.layers.values()) / slots if slots else 0.0
+        return total_zero_share(self.layers.values())
 
     @property
     def per_layer(self) -> dict[int, float]:
