@@ -2,6 +2,7 @@
 import: the engine package passes its transformers classes in).
 
 - `read_forced_share`: the forced zero share of a served model (config override or environment).
+- `ServedZeda`: what a served export's config says about its zero experts, validated.
 - `LayerRouting`: one served MoE layer's routing over ``E + Z`` experts.
 - `AdapterConfigs`: the transformers config classes of zeda exports (``model_type =
   "zeda_<family>"``) for an adapter: served families subclass the family's config class; every
@@ -13,15 +14,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .kinds import RouterParams, get_kind
-from .layers import MOE_LAYERS
+from .layers import MOE_LAYERS, layer_zero_logit_bias
 from .slots import route
 
-__all__ = ["AdapterConfigs", "LayerRouting", "read_forced_share"]
+__all__ = ["AdapterConfigs", "LayerRouting", "ServedZeda", "read_forced_share"]
 
 
 def read_forced_share(config: Any, env_var: str) -> float | None:
@@ -41,6 +42,47 @@ def read_forced_share(config: Any, env_var: str) -> float | None:
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"zeda forced zero share must be in [0, 1], got {share}")
     return share
+
+
+class ServedZeda(NamedTuple):
+    """What a served export's config says about its zero experts (`ServedZeda.read`).
+
+    Attributes:
+        num_zero_experts: Z.
+        layer_bias: Zero-logit bias per MoE decoder layer index.
+        forced_share: The forced zero share (`read_forced_share`), or None.
+    """
+
+    num_zero_experts: int
+    layer_bias: dict[int, float]
+    forced_share: float | None
+
+    @classmethod
+    def read(cls, config: Any, engine: str, env_var: str) -> ServedZeda:
+        """Read and check ``config.zeda`` (with the engine overrides ``zeda_zero_logit_bias`` and
+        ``zeda_forced_zero_share``).
+
+        Args:
+            config: The served model's hf (text) config.
+            engine: The adapter package, prefixed to every error (``"zeda_vllm"``).
+            env_var: The environment variable that forces a zero share.
+
+        Raises:
+            ValueError: in one line, for a config without zero experts, a per-layer bias list
+                without one entry per MoE layer, or a forced share outside [0, 1].
+        """
+        zeda = dict(getattr(config, "zeda", None) or {})
+        z = int(zeda.get("num_zero_experts", 0))
+        if z < 1:
+            raise ValueError(
+                f"{engine}: {config.model_type!r} config lacks zeda.num_zero_experts; is this a zeda export?"
+            )
+        bias = getattr(config, "zeda_zero_logit_bias", None)
+        try:
+            layer_bias = layer_zero_logit_bias(zeda.get("zero_logit_bias") if bias is None else bias, config)
+            return cls(z, layer_bias, read_forced_share(config, env_var))
+        except ValueError as err:
+            raise ValueError(f"{engine}: {err}") from None
 
 
 class LayerRouting:
@@ -134,15 +176,22 @@ class AdapterConfigs:
         engine: The adapter package, for messages (``"zeda_vllm"``).
         what: How the adapter calls itself (``"the vLLM plugin"``).
         served: Served family (base ``model_type``) -> the family's transformers config class.
-        base: transformers' ``PretrainedConfig`` (base of the refusing classes).
+        transformers: The engine environment's ``transformers`` module (``PretrainedConfig`` is
+            the base of the refusing classes; ``AutoConfig`` registers them).
 
     Attributes:
         classes: ``{"zeda_<family>": config class}`` for every family in `zeda_routing.MOE_LAYERS`.
+        architectures: Served family -> the architecture name a zeda export of it writes
+            (``Zeda<Family>ForCausalLM``).
         unsupported: The refused families.
     """
 
-    def __init__(self, module: str, engine: str, what: str, served: Mapping[str, type], base: type) -> None:
+    def __init__(
+        self, module: str, engine: str, what: str, served: Mapping[str, type], transformers: Any
+    ) -> None:
         self.engine, self.what, self.served = engine, what, dict(served)
+        self._transformers = transformers
+        base = transformers.PretrainedConfig
         self.classes: dict[str, type] = {}
         for family in sorted(MOE_LAYERS):
             parent = self.served.get(family)
@@ -164,6 +213,9 @@ class AdapterConfigs:
             setattr(sys.modules[module], cls.__name__, cls)
             self.classes[f"zeda_{family}"] = cls
         self.unsupported: tuple[str, ...] = tuple(f for f in sorted(MOE_LAYERS) if f not in self.served)
+        self.architectures = {
+            f: "Zeda" + c.__name__.removesuffix("Config") + "ForCausalLM" for f, c in self.served.items()
+        }
 
     def message(self, family: str) -> str:
         """The one-line refusal of a zeda family this adapter does not serve."""
@@ -172,24 +224,22 @@ class AdapterConfigs:
             f"{self.what}; supported families: {', '.join(sorted(self.served))}"
         )
 
-    def register(self, register: Callable[[str, type], None], registered: Callable[[str], bool]) -> list[str]:
-        """Register the classes, leaving any existing registration of a model type.
+    def register(self) -> list[str]:
+        """Register the classes with ``AutoConfig``, leaving any existing registration of a model type.
 
         zeda registers its own ``zeda_<family>`` classes (with model classes for transformers'
         Auto classes); in a process that imports zeda and an engine, replacing them would break
         ``zeda.load``. zeda's classes subclass the same family config classes, so the engine
-        reads them as well.
-
-        Args:
-            register: ``(model_type, class) -> None``, e.g. ``AutoConfig.register``.
-            registered: ``model_type -> bool``: whether transformers already knows the model type.
+        reads them as well. Idempotent.
 
         Returns:
             The model types registered now.
         """
-        done = [t for t in self.classes if not registered(t)]
+        from_pretrained = self._transformers.AutoConfig
+        known = self._transformers.models.auto.configuration_auto.CONFIG_MAPPING
+        done = [t for t in self.classes if t not in known]
         for model_type in done:
-            register(model_type, self.classes[model_type])
+            from_pretrained.register(model_type, self.classes[model_type], exist_ok=True)
         return done
 
 

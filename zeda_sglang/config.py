@@ -16,36 +16,28 @@ from __future__ import annotations
 
 import logging
 
-from transformers import AutoConfig, Glm4MoeConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+import transformers
+from transformers import Glm4MoeConfig, MixtralConfig, Qwen3MoeConfig
 
 from zeda_routing.serving import AdapterConfigs
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "qwen3_moe": "ZedaQwen3MoeForCausalLM",
-    "glm4_moe": "ZedaGlm4MoeForCausalLM",
-    "mixtral": "ZedaMixtralForCausalLM",
-}
-"""zeda family (base ``model_type``) -> architecture name served by ``zeda_sglang.models``."""
 
 CONFIGS = AdapterConfigs(
     __name__,
     "zeda_sglang",
     "the SGLang models",
     {"qwen3_moe": Qwen3MoeConfig, "glm4_moe": Glm4MoeConfig, "mixtral": MixtralConfig},
-    PretrainedConfig,
+    transformers,
 )
 """The config classes of every zeda family (``CONFIGS.classes``); the refused ones raise."""
 
-UNSUPPORTED_FAMILIES = CONFIGS.unsupported
+SUPPORTED_FAMILIES: dict[str, str] = CONFIGS.architectures
+"""zeda family (base ``model_type``) -> architecture name served by ``zeda_sglang.models``."""
+UNSUPPORTED_FAMILIES: tuple[str, ...] = CONFIGS.unsupported
 unsupported_message = CONFIGS.message
 
 
 def register_configs() -> None:
     """Register every ``zeda_<family>`` model type with transformers' ``AutoConfig`` (idempotent)."""
-    done = CONFIGS.register(
-        lambda t, cls: AutoConfig.register(t, cls, exist_ok=True), CONFIG_MAPPING.__contains__
-    )
-    logger.debug("registered zeda config classes: %s", ", ".join(done))
+    logger.debug("registered zeda config classes: %s", ", ".join(CONFIGS.register()))

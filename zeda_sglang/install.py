@@ -28,8 +28,7 @@ from sglang.srt.runtime_context import get_exec
 from sglang.srt.utils import is_cuda
 from torch import nn
 
-from zeda_routing import layer_zero_logit_bias
-from zeda_routing.serving import read_forced_share
+from zeda_routing.serving import ServedZeda, read_forced_share
 
 from .routing import ZedaRouting
 
@@ -114,12 +113,8 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
             expert-parallel load balancing or an all-to-all MoE backend, or with shared experts
             fused into the routed top-k.
     """
-    zeda = dict(getattr(config, "zeda", None) or {})
-    z = int(zeda.get("num_zero_experts", 0))
-    if z < 1:
-        raise ValueError(
-            f"zeda_sglang: {config.model_type!r} config lacks zeda.num_zero_experts; is this a zeda export?"
-        )
+    served = ServedZeda.read(config, "zeda_sglang", FORCED_SHARE_ENV)
+    z, forced = served.num_zero_experts, served.forced_share
     if getattr(model, "quant_config", None) is not None:
         raise ValueError("zeda_sglang: quantized checkpoints are not supported")
     moe_args = get_exec().moe
@@ -133,14 +128,6 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
         raise ValueError(
             "zeda_sglang: all-to-all MoE backends (--moe-a2a-backend) route inside their kernels; use 'none'"
         )
-    bias_spec = getattr(config, "zeda_zero_logit_bias", None)
-    if bias_spec is None:
-        bias_spec = zeda.get("zero_logit_bias")
-    forced = forced_zero_share(config)
-    try:
-        layer_bias = layer_zero_logit_bias(bias_spec, config)
-    except ValueError as err:
-        raise ValueError(f"zeda_sglang: {err}") from None
     blocks = _moe_blocks(model)
     computed = 0
     for layer, block in blocks:
@@ -161,7 +148,7 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
             num_zero_experts=z,
             top_k=int(old_cfg.top_k),
             renormalize=bool(old_cfg.renormalize),
-            zero_logit_bias=layer_bias[layer],
+            zero_logit_bias=served.layer_bias[layer],
             forced_share=forced,
             gate=gate if kind == "sigmoid_bias" else None,
             num_expert_group=int(old_cfg.num_expert_group or 1) if old_cfg.use_grouped_topk else 1,

@@ -41,8 +41,8 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from zeda_routing import DROPPED, drop_slots, layer_zero_logit_bias
-from zeda_routing.serving import LayerRouting, read_forced_share
+from zeda_routing import DROPPED, drop_slots
+from zeda_routing.serving import LayerRouting, ServedZeda, read_forced_share
 
 from .routing import compact_slots
 
@@ -225,24 +225,12 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
             length, or uses expert-parallel load balancing.
     """
     config = vllm_config.model_config.hf_text_config
-    zeda = dict(getattr(config, "zeda", None) or {})
-    z = int(zeda.get("num_zero_experts", 0))
-    if z < 1:
-        raise ValueError(
-            f"zeda_vllm: {config.model_type!r} config lacks zeda.num_zero_experts; is this a zeda export?"
-        )
+    served = ServedZeda.read(config, "zeda_vllm", FORCED_SHARE_ENV)
+    z, forced = served.num_zero_experts, served.forced_share
     if vllm_config.parallel_config.enable_eplb:
         raise ValueError(
             "zeda_vllm: expert-parallel load balancing (EPLB) is not supported with zero experts"
         )
-    bias_spec = getattr(config, "zeda_zero_logit_bias", None)
-    if bias_spec is None:
-        bias_spec = zeda.get("zero_logit_bias")
-    forced = forced_zero_share(config)
-    try:
-        layer_bias = layer_zero_logit_bias(bias_spec, config)
-    except ValueError as err:
-        raise ValueError(f"zeda_vllm: {err}") from None
     blocks = _moe_blocks(model)
     for layer, block in blocks:
         runner: MoERunner = block.experts
@@ -296,7 +284,7 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
                 num_expert_group=int(getattr(stock, "num_expert_group", None) or 1) if grouped else 1,
                 topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
                 routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
-                zero_logit_bias=layer_bias[layer],
+                zero_logit_bias=served.layer_bias[layer],
             )
         )
         runner.routed_experts.__class__ = ZedaRoutedExperts
