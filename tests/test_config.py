@@ -17,6 +17,7 @@ from zeda.config import (
     DataConfig,
     EvalConfig,
     ExportConfig,
+    HardwareConfig,
     InjectConfig,
     LoraConfig,
     ModelConfig,
@@ -90,6 +91,7 @@ def test_sections_live_next_to_their_code() -> None:
         EvalConfig: "zeda.evaluation.config",
         ModelConfig: "zeda.config",
         ExportConfig: "zeda.config",
+        HardwareConfig: "zeda.config",
     }
     for cls, module in homes.items():
         assert cls.__module__ == module, cls

@@ -12,10 +12,17 @@ import pytest
 
 from zeda.cli import _cmd_plan as plan_cli
 from zeda.cli import build_parser
-from zeda.config import RunConfig, apply_overrides
+from zeda.config import RunConfig, apply_overrides, load_recipe
 from zeda.errors import ZedaError
 from zeda.evaluation.flops import flop_report
-from zeda.planning import GIB, plan, resolve_model_config, scaled_config
+from zeda.planning import (
+    GIB,
+    MAX_GPU_FRACTION,
+    check_recipe_fits,
+    plan,
+    resolve_model_config,
+    scaled_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_RECIPE = REPO / "recipes/qwen3/30b_a3b_zeda.yaml"
@@ -37,7 +44,8 @@ def test_components_add_up_to_the_total():
 
 
 def test_sharding_divides_state_but_not_activations():
-    one, eight = plan(QWEN3_RECIPE, 1), plan(QWEN3_RECIPE, 8)
+    one = plan(QWEN3_RECIPE, 1, gradient_checkpointing=False)
+    eight = plan(QWEN3_RECIPE, 8, gradient_checkpointing=False)
     for key in ("weights (bfloat16, frozen)", "expert copies (trained, full_experts)", "AdamW moments"):
         assert eight.components[key] == pytest.approx(one.components[key] / 8)
     for key in ("activations", "runtime overhead"):  # per GPU whatever the sharding
@@ -66,7 +74,7 @@ def test_weights_and_optimizer_state_follow_the_config():
     [("qwen3-30b-a3b", 30.5), ("glm-4.7-flash", 29.9), ("mixtral-8x7b", 46.7), ("deepseek-v3", 671.0)],
 )
 def test_builtin_configs_give_plausible_totals(name, params_b):
-    p = plan(MIXTRAL_RECIPE, 8, 80, model_config=name)
+    p = plan(MIXTRAL_RECIPE, 8, 80, model_config=name, overrides=["stage1.mode=text"])
     weights_gib = p.components["weights (bfloat16, frozen)"] * 8 / GIB
     assert weights_gib == pytest.approx(params_b * 1e9 * 2 / GIB, rel=0.05)
     assert p.components["weights (bfloat16, frozen)"] < p.total < 2000 * GIB
@@ -74,8 +82,9 @@ def test_builtin_configs_give_plausible_totals(name, params_b):
 
 
 def test_fits_threshold_and_exit_code(capsys):
-    p = plan(QWEN3_RECIPE, 8, None, gradient_checkpointing=True, loss_chunk_tokens=1024)
-    assert p.fits is None
+    no_gpus = ["hardware.gpus=null", "hardware.gpu_memory_gib=null"]
+    p = plan(QWEN3_RECIPE, 8, None, overrides=no_gpus, gradient_checkpointing=True, loss_chunk_tokens=1024)
+    assert p.fits is None and p.gpu_fraction is None
     total = p.total / GIB
     assert plan(QWEN3_RECIPE, 8, total + 0.01, gradient_checkpointing=True, loss_chunk_tokens=1024).fits
     assert not plan(QWEN3_RECIPE, 8, total - 0.01, gradient_checkpointing=True, loss_chunk_tokens=1024).fits
@@ -89,13 +98,77 @@ def test_fits_threshold_and_exit_code(capsys):
 
 
 def test_checkpointing_and_chunking_shrink_the_peak():
-    base = plan(QWEN3_RECIPE, 8)
+    base = plan(QWEN3_RECIPE, 8, gradient_checkpointing=False)
     ckpt = plan(QWEN3_RECIPE, 8, gradient_checkpointing=True)
-    wide = plan(QWEN3_RECIPE, 8, loss_chunk_tokens=4096)
+    wide = plan(QWEN3_RECIPE, 8, gradient_checkpointing=False, loss_chunk_tokens=4096)
+    assert plan(QWEN3_RECIPE, 8).gradient_checkpointing  # the recipe's train.gradient_checkpointing
     assert ckpt.phases["stage1/loss forward"] < base.phases["stage1/loss forward"]
     # zeda's losses chunk ~2**24 fp32 elements (110 tokens at V = 151,936); a wider chunk costs more.
     assert base.phases["stage1/loss forward"] < wide.phases["stage1/loss forward"]
-    assert any("gradient checkpointing" in n for n in plan(QWEN3_RECIPE, 8, 80).notes)
+    assert any(
+        "gradient checkpointing" in n for n in plan(QWEN3_RECIPE, 8, 80, gradient_checkpointing=False).notes
+    )
+
+
+def test_split_lora_plans_no_merged_expert_copy():
+    split = plan(MIXTRAL_RECIPE, 8, gradient_checkpointing=False)
+    merged = plan(MIXTRAL_RECIPE, 8, gradient_checkpointing=False, overrides=["lora.split=false"])
+    stock = plan(
+        MIXTRAL_RECIPE, 8, gradient_checkpointing=False, overrides=["model.experts_implementation=eager"]
+    )
+    assert split.split_lora and not merged.split_lora and not stock.split_lora  # stock backends merge
+    assert stock.total == merged.total
+    for key in ("merged LoRA expert weights", "expert weight-gradient buffers"):
+        assert key not in split.components
+    phases = merged.phases
+    # Mixtral: 32 layers of 8 x 3 x 14336 x 4096 bf16 experts, the first keeping down_proj only.
+    layer = 8 * 3 * 14336 * 4096 * 2
+    assert phases["stage1/loss forward"] - split.phases["stage1/loss forward"] == pytest.approx(
+        layer * (31 + 1 / 3), rel=1e-9
+    )
+    # With checkpointing, merged weights exist for the one layer being recomputed, only in backward.
+    ckpt = plan(MIXTRAL_RECIPE, 8, gradient_checkpointing=True, overrides=["lora.split=false"])
+    assert ckpt.components.get("merged LoRA expert weights", 0) in (0, pytest.approx(layer))
+
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_every_recipe_fits_the_gpus_it_names(path):
+    """CI's guard: a shipped recipe that names its GPUs plans within 90% of their memory."""
+    cfg = load_recipe(path)
+    fit = check_recipe_fits(cfg, str(path))  # raises beyond 90%
+    if cfg.hardware.gpus is None:
+        assert fit is None
+        return
+    assert fit.gpu_fraction <= MAX_GPU_FRACTION
+    assert (fit.gpus, fit.gpu_memory_gib) == (cfg.hardware.gpus, cfg.hardware.gpu_memory_gib)
+
+
+def test_shipped_gpu_recipes():
+    one = plan(REPO / "recipes/qwen3/30b_a3b_lora_1gpu.yaml")
+    assert (one.gpus, one.gpu_memory_gib) == (1, 80) and one.total <= 70 * GIB
+    assert one.split_lora and one.gradient_checkpointing
+    cfg = load_recipe(REPO / "recipes/qwen3/30b_a3b_lora_1gpu.yaml")
+    assert cfg.data.seq_len == 4096 and cfg.lora.enabled and cfg.model.name_or_path == "Qwen/Qwen3-30B-A3B"
+    ds = load_recipe(REPO / "recipes/deepseek/v3_lora.yaml")
+    assert resolve_model_config(ds.model.name_or_path)[1] == "deepseek-v3" and ds.hardware.gpus >= 8
+    # Today's loop (merged LoRA, no checkpointing) would not fit the Qwen3 GPU it names.
+    before = plan(cfg, overrides=["lora.split=false", "train.gradient_checkpointing=false"])
+    assert before.total > 80 * GIB
+
+
+def test_validate_refuses_a_recipe_that_does_not_fit_its_gpus(tmp_path, capsys):
+    from zeda.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {QWEN3_RECIPE}\ntrain:\n  gradient_checkpointing: false\n")
+    assert main(["validate", str(QWEN3_RECIPE)]) == 0
+    assert "% of 8 x 80 GiB" in capsys.readouterr().out
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "above 90%" in err and "zeda plan" in err
 
 
 def test_model_config_resolution():

@@ -194,6 +194,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         loss_chunk_tokens=args.loss_chunk_tokens,
         gradient_checkpointing=True if args.gradient_checkpointing else None,
+        split_lora=False if args.merged_lora else None,
         overhead_gib=args.overhead,
     )
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
@@ -214,11 +215,16 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """Validate each recipe; one that names its GPUs (``hardware``) must also fit them by `zeda plan`."""
     from zeda.config import validate_recipe
+    from zeda.planning import check_recipe_fits
 
     for path in args.recipes:
-        validate_recipe(path)
-        print(f"ok  {path}")
+        fit = check_recipe_fits(validate_recipe(path), str(path))
+        note = ""
+        if fit is not None:
+            note = f"  (plan: {fit.total / 2**30:.1f} GiB per GPU, {fit.gpu_fraction:.0%} of {fit.gpus} x {fit.gpu_memory_gib:g} GiB)"
+        print(f"ok  {path}{note}")
     return 0
 
 
@@ -299,11 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="predict peak memory per GPU of a recipe and whether it fits")
     s.add_argument("recipe", help="recipe YAML")
     s.add_argument("overrides", nargs="*", help="section.key=value recipe overrides")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (FSDP full shard when > 1)")
-    s.add_argument("--gpu-memory", type=float, default=None, help="memory of one GPU in GiB (e.g. 80)")
+    s.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPUs (FSDP full shard when > 1); default: the recipe's hardware.gpus, else 1",
+    )
+    s.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        help="memory of one GPU in GiB; default: the recipe's hardware.gpu_memory_gib",
+    )
     s.add_argument("--model-config", default=None, help="built-in name, config.json or model dir")
     s.add_argument("--loss-chunk-tokens", type=int, default=None, help="tokens per KD-loss chunk")
-    s.add_argument("--gradient-checkpointing", action="store_true", help="assume layer recomputation")
+    s.add_argument(
+        "--gradient-checkpointing", action="store_true", help="as train.gradient_checkpointing=true"
+    )
+    s.add_argument(
+        "--merged-lora", action="store_true", help="assume PEFT's merged LoRA (as lora.split=false)"
+    )
     s.add_argument("--overhead", type=float, default=1.0, help="fixed runtime overhead in GiB")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=_cmd_plan)
@@ -311,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", help="supported families and built-in configs")
     s.set_defaults(fn=_cmd_ls)
 
-    s = sub.add_parser("validate", help="check recipes (unknown keys, types, ranges)")
+    s = sub.add_parser(
+        "validate", help="check recipes (unknown keys, types, ranges; fit on the GPUs they name)"
+    )
     s.add_argument("recipes", nargs="+")
     s.set_defaults(fn=_cmd_validate)
     return p

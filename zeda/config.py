@@ -2,14 +2,15 @@
 
 A recipe is a YAML mapping whose top-level keys are the sections of `RunConfig` (``model``,
 ``inject``, ``lora``, ``balance``, ``data``, ``stage1``, ``stage2``, ``train``, ``eval``,
-``export``) and whose second-level keys are the fields of those sections. The same fields can be
+``export``, ``hardware``) and whose second-level keys are the fields of those sections. The same fields can be
 set from the command line with dotted overrides::
 
     zeda run recipes/reference/quickstart.yaml balance.target_zero_share=0.4 lora.r=16
 
 Each section is a dataclass kept next to the code that reads it (`InjectConfig` in
 ``zeda/zero/config.py``, the training sections in ``zeda/distillation/config.py``, `EvalConfig` in
-``zeda/evaluation/config.py``); all are re-exported here. Recipes are parsed as OmegaConf
+``zeda/evaluation/config.py``; `ModelConfig`, `ExportConfig` and `HardwareConfig`, read by
+several parts, here); all are re-exported here. Recipes are parsed as OmegaConf
 structured configs (``zeda/recipe.py``): override values are read as YAML (``true``, ``null``,
 ``2e-4``, ``[a, b]``) and converted to the field types, and interpolations such as
 ``${oc.env:DATA_DIR}/train.jsonl`` are resolved. Unknown keys, values of the wrong type or outside
@@ -100,6 +101,34 @@ class ExportConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The GPUs a recipe is written for; `zeda validate` then checks with `zeda plan` that it fits."""
+
+    section: ClassVar[str] = "hardware"
+
+    gpus: int | None = None
+    """GPUs the recipe is written for (data parallel, FSDP full shard when > 1); ``null``: none
+    named (CPU recipes). When set, `zeda validate` fails unless `zeda plan` predicts a training
+    step within 90% of ``gpu_memory_gib`` per GPU, and `zeda plan` uses both by default."""
+    gpu_memory_gib: float | None = None
+    """Memory of one of those GPUs in GiB (e.g. 80 for an 80 GB H100/A100); set with ``gpus``."""
+
+    def validate(self) -> None:
+        """Raise `ZedaError` on an invalid value."""
+        check_config(
+            (self.gpus is None) == (self.gpu_memory_gib is None),
+            "hardware.gpus",
+            "set hardware.gpus and hardware.gpu_memory_gib together (or neither)",
+        )
+        if self.gpus is not None:
+            check_config(self.gpus >= 1, "hardware.gpus", f"must be >= 1, got {self.gpus}")
+        if self.gpu_memory_gib is not None:
+            check_config(
+                self.gpu_memory_gib > 0, "hardware.gpu_memory_gib", f"must be > 0, got {self.gpu_memory_gib}"
+            )
+
+
+@dataclass
 class RunConfig:
     """A full zeda run: one section per concern. Build it with `load_recipe` or `from_dict`."""
 
@@ -123,6 +152,8 @@ class RunConfig:
     """Evaluation."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Export."""
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    """The GPUs the recipe is written for (checked against `zeda plan`)."""
 
     def validate(self) -> RunConfig:
         """Check every section and the cross-section constraints; return ``self``.
@@ -157,6 +188,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
+    "hardware": HardwareConfig,
 }
 
 
@@ -299,7 +331,7 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "train.save_every",
         "train.gradient_checkpointing",  # memory only: the same step, recomputed
         "lora.split",  # memory only: the same adapters, applied without a merged copy
-        *(k for k in valid_keys() if k.split(".")[0] in ("eval", "export")),
+        *(k for k in valid_keys() if k.split(".")[0] in ("eval", "export", "hardware")),
     }
 )
 

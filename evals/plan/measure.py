@@ -12,6 +12,10 @@ the predictor models tensors, not the interpreter.
 
 The second step is the steady state: AdamW's moments already exist when its backward runs.
 
+LoRA is split (zeda's default, no merged expert copy) unless ``--merged`` (PEFT's merged
+forward, ``lora.split=false``, the loop before split LoRA); ``--gradient-checkpointing``
+recomputes each decoder layer in backward.
+
 Usage (one point; `run_validation.py` runs every point, each in its own process)::
 
     python evals/plan/measure.py --model-config qwen3-30b-a3b --layers 2 --seq-len 512
@@ -63,6 +67,14 @@ class _Sampler:
         self._thread.join()
 
 
+def _commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "status", "--porcelain", "zeda"], capture_output=True, text=True, cwd=REPO)
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-config", default="qwen3-30b-a3b")
@@ -75,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--full-experts", action="store_true")
+    p.add_argument("--merged", action="store_true", help="PEFT's merged LoRA forward (lora.split=false)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing=true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the result JSON here")
     args = p.parse_args(argv)
@@ -136,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         if args.full_experts:
             overrides += ["lora.enabled=false", "lora.full_experts=true"]
+        overrides += [
+            f"lora.split={str(not args.merged).lower()}",
+            f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        ]
         cfg = zeda.config.apply_overrides(cfg, overrides)
         _reset_peak()
         t0 = time.perf_counter()
@@ -154,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "lora_r": args.lora_r,
         "full_experts": args.full_experts,
+        "split_lora": not args.merged and not args.full_experts,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
         "baseline_rss_gib": baseline_kib / 2**20,
@@ -165,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "distill_s": round(step_s, 1),
         "final_loss": result.last.get("loss"),
         "torch": torch.__version__,
+        "commit": _commit(),
     }
     text = json.dumps(row)
     if args.out:

@@ -10,7 +10,10 @@ top-8) through zeda's experts backend: peaks in units of ``E * I * H * bytes``. 
 E = 32: the backward adds 6.1-6.5 units above the end of the forward (the per-expert weight
 gradients, expanded to the whole expert stack and accumulated), i.e. about 2.15x one layer's
 ``gate_up + down`` (3 units); after the forward, each layer but the first keeps 3 units of merged
-``W + s*BA`` weights for backward and the first keeps ``down_proj`` only (1 unit).
+``W + s*BA`` weights for backward and the first keeps ``down_proj`` only (1 unit). All of this
+is PEFT's merged path (``--merged``, ``lora.split=false``); split LoRA (the default) keeps none
+of it: measured with E = 32, 2 layers, 128 tokens: 0.01 units after the forward, +0.03 in
+backward (the rank-8 factors' gradients).
 
     python evals/plan/probe.py loss --tokens 1024 --dtype bfloat16
     python evals/plan/probe.py experts --experts 32 --layers 2 --tokens 128
@@ -56,7 +59,7 @@ def probe_loss(tokens: int, dtype: torch.dtype) -> None:
     print(f"loss forward peak {fwd / unit:.2f} fp32 units (N*V*4 bytes = {unit:.0f} MiB)")
 
 
-def probe_experts(experts: int, layers: int, tokens: int) -> None:
+def probe_experts(experts: int, layers: int, tokens: int, split: bool = True) -> None:
     import zeda
     from zeda.config import RunConfig, apply_overrides
     from zeda.distillation.student import build_student
@@ -76,7 +79,9 @@ def probe_experts(experts: int, layers: int, tokens: int) -> None:
         num_key_value_heads=4,
     ).to(torch.bfloat16)
     zeda.inject_zero_experts(model, experts_implementation="zeda")
-    student = build_student(model, apply_overrides(RunConfig(), ["lora.r=8"]))
+    student = build_student(
+        model, apply_overrides(RunConfig(), ["lora.r=8", f"lora.split={str(split).lower()}"])
+    )
     unit = experts * i * h * 2 / 2**20
     ids = torch.randint(0, 256, (1, tokens))
     base = _mib()
@@ -87,7 +92,7 @@ def probe_experts(experts: int, layers: int, tokens: int) -> None:
     out.backward()
     bwd = _mib("VmHWM") - base
     print(
-        f"E={experts} layers={layers} tokens={tokens}: after forward {after_fwd / unit:.2f} units, "
+        f"E={experts} layers={layers} tokens={tokens} {'split' if split else 'merged'} LoRA: after forward {after_fwd / unit:.2f} units, "
         f"backward peak {bwd / unit:.2f} (+{(bwd - after_fwd) / unit:.2f}); unit E*I*H*2 = {unit:.0f} MiB"
     )
 
@@ -99,12 +104,13 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--merged", action="store_true", help="experts: PEFT's merged LoRA (lora.split=false)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.what == "loss":
         probe_loss(args.tokens, getattr(torch, args.dtype))
     else:
-        probe_experts(args.experts, args.layers, args.tokens)
+        probe_experts(args.experts, args.layers, args.tokens, split=not args.merged)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ class TrainConfig:
     """Continue the run in ``output_dir`` from its latest checkpoint. The recipe stored in the run
     is compared with this one (`zeda.config.recipe_differences`): only the keys in
     `zeda.config.RESUMABLE_KEYS` may change (more ``stage1.steps``/``stage2.steps``, ``eval.*``,
-    ``export.*``, ``data.eval_file``, ``data.rollout_cache``, the memory-only keys ``train.gradient_checkpointing``
+    ``export.*``, ``data.eval_file``, ``data.rollout_cache``, ``hardware.*``, the memory-only keys ``train.gradient_checkpointing``
     and ``lora.split``, and the bookkeeping keys ``train.resume``, ``train.overwrite``,
     ``train.output_dir``, ``train.log_every``, ``train.save_every``), plus any
     ``stage2.*`` key if the stored run had stage 2 disabled; any other change is refused."""

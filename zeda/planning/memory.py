@@ -9,18 +9,22 @@ It models what zeda's training step keeps alive at its peak:
   (fp32: PEFT keeps adapters of bf16/fp16 models in fp32), and AdamW's two moments (same dtype
   as each trained tensor).
 - **Peak phase**, the largest of:
-  - *loss forward*: activations saved for backward, the merged expert weights ``W + s·BA`` that
-    PEFT's ``target_parameters`` LoRA materialises per MoE layer and autograd keeps for backward
-    (all of a layer's experts, whatever the batch: the first MoE layer keeps only ``down_proj``,
-    because its input needs no gradient), teacher and student logits at the full vocabulary, the
-    loss's gradient buffer in their dtype and the fp32 temporaries of one token chunk (zeda's
-    losses run over chunks of ~2**24 fp32 elements);
-  - *expert backward*: the same activations and merged weights, plus the per-expert gradient
-    slices that autograd expands to the full ``(E, ...)`` expert stack and accumulates
-    (measured: about twice one layer's expert weights), plus the gradients;
+  - *loss forward*: activations saved for backward, teacher and student logits at the full
+    vocabulary, the loss's gradient buffer in their dtype and the fp32 temporaries of one token
+    chunk (zeda's losses run over chunks of ~2**24 fp32 elements); with ``lora.split=false``
+    also the merged expert weights ``W + s·BA`` that PEFT's ``target_parameters`` LoRA
+    materialises per MoE layer and autograd keeps for backward (all of a layer's experts,
+    whatever the batch: the first MoE layer keeps only ``down_proj``, because its input needs no
+    gradient); split LoRA (the default, zeda's experts backend) forms none;
+  - *expert backward*: the same activations (with ``train.gradient_checkpointing``: every
+    layer's input, the router outputs the balance loss keeps, and the one layer being recomputed),
+    plus the gradients, plus with merged LoRA or full experts the per-expert gradient slices that
+    autograd expands to the full ``(E, ...)`` expert stack and accumulates (measured: about twice
+    one layer's expert weights);
   - *optimizer step*: gradients plus the temporary of AdamW's foreach update (one copy of the
     trained tensors);
-  - in stage 2 also the generation's KV cache.
+  - generation: the KV cache of the student's samples (stage 2) or of the teacher's rollouts
+    (stage 1 in rollout mode, ``stage1.rollout_batch_size`` sequences per call).
 - **Sharding**: with ``gpus > 1`` (FSDP full shard) weights, trained copies, gradients and
   optimiser state are divided by the number of GPUs; the layers FSDP gathers at a time
   (two decoder layers, or the embedding and lm_head) are added back unsharded. Activations,
@@ -54,7 +58,7 @@ from zeda.planning.shapes import (
     resolve_model_config,
 )
 
-__all__ = ["GIB", "MemoryPlan", "plan"]
+__all__ = ["GIB", "MAX_GPU_FRACTION", "MemoryPlan", "check_recipe_fits", "plan"]
 
 GIB = float(2**30)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -67,6 +71,10 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LOSS_FULL_COPIES = {"kl": 3, "nll": 2, "pg": 2}  # (tokens, vocab) tensors in the logits' dtype
 _CHUNK_FP32_COPIES = 6
 _EXPERT_GRAD_FACTOR = 2.15
+#: A recipe that names its GPUs must plan within this share of their memory (`zeda validate`).
+MAX_GPU_FRACTION = 0.9
+#: Experts backends that apply LoRA split per expert (`zeda.zero.experts`); None is zeda's default.
+_SPLIT_BACKENDS = (None, "zeda", "zeda_grouped")
 
 
 @dataclass
@@ -85,6 +93,8 @@ class MemoryPlan:
         total: Predicted peak bytes per GPU.
         phases: Peak bytes of every (stage, phase) considered.
         notes: Assumptions and hints.
+        gradient_checkpointing: Whether each decoder layer is recomputed in backward.
+        split_lora: Whether LoRA on the experts is applied split (no merged weight copy).
     """
 
     model: str
@@ -98,6 +108,8 @@ class MemoryPlan:
     total: float
     phases: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    split_lora: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -106,10 +118,15 @@ class MemoryPlan:
             return None
         return self.total <= self.gpu_memory_gib * GIB
 
+    @property
+    def gpu_fraction(self) -> float | None:
+        """``total`` as a share of ``gpu_memory_gib`` (None when no GPU size was given)."""
+        return None if self.gpu_memory_gib is None else self.total / (self.gpu_memory_gib * GIB)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (JSON-serialisable), with ``fits`` and GiB totals."""
+        """Plain-dict form (JSON-serialisable), with ``fits``, GiB totals and the GPU share."""
         d = asdict(self)
-        d.update(fits=self.fits, total_gib=self.total / GIB)
+        d.update(fits=self.fits, total_gib=self.total / GIB, gpu_fraction=self.gpu_fraction)
         return d
 
     def table(self) -> str:
@@ -119,13 +136,15 @@ class MemoryPlan:
             f"zeda plan: {self.model}, {self.dtype}, {self.gpus} GPU(s)"
             f"{' FSDP full shard' if self.gpus > 1 else ''}; peak in {self.stage} ({self.phase}), "
             f"{self.tokens} tokens per micro-batch per GPU"
+            f"{'; gradient checkpointing' if self.gradient_checkpointing else ''}"
+            f"{'; split LoRA' if self.split_lora else ''}"
         )
         lines = [head, f"{'component':<{width}}GiB per GPU"]
         lines += [f"{k:<{width}}{v / GIB:10.2f}" for k, v in self.components.items() if v > 0]
         lines.append(f"{'total':<{width}}{self.total / GIB:10.2f}")
         if self.gpu_memory_gib is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB per GPU")
+            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB per GPU ({self.gpu_fraction:.0%} of it)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -142,28 +161,33 @@ def _chunk_rows(vocab: int) -> int:
 
 def plan(
     recipe: str | Path | RunConfig,
-    gpus: int = 1,
+    gpus: int | None = None,
     gpu_memory_gib: float | None = None,
     *,
     model_config: str | Mapping[str, Any] | PretrainedConfig | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     loss_chunk_tokens: int | None = None,
     gradient_checkpointing: bool | None = None,
+    split_lora: bool | None = None,
     overhead_gib: float = 1.0,
 ) -> MemoryPlan:
     """Predict the peak memory per GPU of a zeda distillation run.
 
     Args:
         recipe: A recipe path or a `RunConfig`.
-        gpus: Data-parallel GPUs; more than one means FSDP full shard.
-        gpu_memory_gib: Memory of one GPU in GiB, for the fits / does-not-fit verdict.
+        gpus: Data-parallel GPUs; more than one means FSDP full shard. Default: the recipe's
+            ``hardware.gpus``, else 1.
+        gpu_memory_gib: Memory of one GPU in GiB, for the fits / does-not-fit verdict. Default:
+            the recipe's ``hardware.gpu_memory_gib`` (none: no verdict).
         model_config: The model's config (built-in name, ``config.json``, model directory, dict or
             config); default: resolved from ``model.name_or_path`` (see `resolve_model_config`).
         overrides: ``section.key=value`` recipe overrides.
         loss_chunk_tokens: Tokens per loss chunk; default: what zeda's losses use
             (`zeda.distillation.losses.default_chunk_rows`, ~2**24 fp32 elements).
         gradient_checkpointing: Recompute each decoder layer in backward; default: the recipe's
-            ``train.gradient_checkpointing`` if it exists, else off (zeda's loop does not enable it).
+            ``train.gradient_checkpointing``.
+        split_lora: Apply LoRA on the experts per expert without a merged copy; default: the
+            recipe's ``lora.split`` with zeda's experts backend (a stock backend merges).
         overhead_gib: Fixed runtime overhead (CUDA context, cuBLAS/NCCL workspaces); 0 for CPU.
 
     Returns:
@@ -172,11 +196,13 @@ def plan(
     Raises:
         ZedaError: on a bad recipe, an unknown model or a bad argument.
     """
-    if gpus < 1:
-        raise ZedaError(f"--gpus must be >= 1, got {gpus}")
     cfg = recipe if isinstance(recipe, RunConfig) else load_recipe(recipe, list(overrides))
     if isinstance(recipe, RunConfig) and overrides:
         cfg = apply_overrides(cfg, list(overrides))
+    gpus = gpus if gpus is not None else cfg.hardware.gpus or 1
+    gpu_memory_gib = gpu_memory_gib if gpu_memory_gib is not None else cfg.hardware.gpu_memory_gib
+    if gpus < 1:
+        raise ZedaError(f"--gpus must be >= 1, got {gpus}")
     if model_config is None:
         config, name = resolve_model_config(cfg.model.name_or_path)
     else:
@@ -193,13 +219,13 @@ def plan(
     zero = cfg.inject.resolve_num_zero(spec.num_experts(config))
     s = model_shape(config, zero)
     chunk = loss_chunk_tokens if loss_chunk_tokens is not None else _chunk_rows(s.vocab)
-    ckpt = (
-        gradient_checkpointing
-        if gradient_checkpointing is not None
-        else bool(getattr(cfg.train, "gradient_checkpointing", False))
-    )
+    ckpt = gradient_checkpointing if gradient_checkpointing is not None else cfg.train.gradient_checkpointing
     lora = cfg.lora
     use_lora = lora.enabled and not lora.full_experts
+    if split_lora is None:
+        split_lora = lora.split and cfg.model.experts_implementation in _SPLIT_BACKENDS
+    split = use_lora and split_lora
+    merged_lora = use_lora and not split
     shard = float(gpus)
     notes: list[str] = []
 
@@ -250,30 +276,34 @@ def plan(
             layer_activation_bytes(s, p, n, i in s.moe_layers, attention_saved=i > first_moe)
             for i in range(s.layers)
         ]
-        acts = sum(acts_layers) + (4 * s.hidden + 2 * p * s.hidden) * n  # final norm, lm_head input
-        merged = 0.0
-        if use_lora and n_moe:
-            merged = down_b + (n_moe - 1) * (up_b + down_b)
+        head = (4 * s.hidden + 2 * p * s.hidden) * n  # final norm, lm_head input
+        merged_all = down_b + (n_moe - 1) * (up_b + down_b) if merged_lora and n_moe else 0.0
         if ckpt:
-            # Layer inputs only, plus one layer recomputed (with its merged expert weights).
-            acts = s.layers * n * p * s.hidden + max(acts_layers)
-            merged = (up_b + down_b) if use_lora and n_moe else 0.0
+            # Each layer keeps its input; the balance loss keeps every MoE layer's router logits and
+            # probabilities (fp32); backward recomputes one layer at a time, with its merged weights.
+            kept = s.layers * n * p * s.hidden + n_moe * n * 8 * (s.experts + s.zero) + head
+            acts_fwd, acts_bwd = kept, kept + max(acts_layers)
+            merged_fwd, merged_bwd = 0.0, (up_b + down_b) if merged_lora and n_moe else 0.0
+        else:
+            acts_fwd = acts_bwd = sum(acts_layers) + head
+            merged_fwd = merged_bwd = merged_all
         c = min(chunk, n)
         loss = s.vocab * (_LOSS_FULL_COPIES[kind] * p * n + _CHUNK_FP32_COPIES * 4 * c)
         # Per-expert gradient slices are expanded to the whole (E, ...) stack and accumulated: 6.1-6.5
         # units of E*I*H*P per layer in probes (evals/plan/README.md), ~2.15x the layer's weights.
+        # Split LoRA never forms them (its rank-r factors' gradients are in "gradients").
         expert_grad = (
-            _EXPERT_GRAD_FACTOR * (up_b + down_b) if (use_lora or lora.full_experts) and n_moe else 0.0
+            _EXPERT_GRAD_FACTOR * (up_b + down_b) if (merged_lora or lora.full_experts) and n_moe else 0.0
         )
         candidates = {
             "loss forward": {
-                "activations": acts,
-                "merged LoRA expert weights": merged,
+                "activations": acts_fwd,
+                "merged LoRA expert weights": merged_fwd,
                 "logits + KD loss": loss,
             },
             "expert backward": {
-                "activations": acts,
-                "merged LoRA expert weights": merged,
+                "activations": acts_bwd,
+                "merged LoRA expert weights": merged_bwd,
                 "gradients": grads,
                 "expert weight-gradient buffers": expert_grad,
             },
@@ -282,6 +312,10 @@ def plan(
         if stage == "stage2":
             cache = seqs * seq_len * s.layers * s.kv_cache_width * p
             candidates["generation"] = {"KV cache": cache, "logits + KD loss": seqs * s.vocab * 4}
+        elif cfg.stage1.mode == "rollout":  # the teacher's rollouts, before stage 1 trains
+            rows = cfg.stage1.rollout_batch_size
+            cache = rows * seq_len * s.layers * s.kv_cache_width * p
+            candidates["rollout generation"] = {"KV cache": cache, "logits + KD loss": rows * s.vocab * 4}
         for phase, parts in candidates.items():
             value = sum(static.values()) + sum(parts.values())
             phases[f"{stage}/{phase}"] = value
@@ -304,9 +338,14 @@ def plan(
             model_config=config,
             loss_chunk_tokens=chunk,
             gradient_checkpointing=True,
+            split_lora=split_lora,
             overhead_gib=overhead_gib,
         )
-        notes.append(f"with gradient checkpointing: {alt.total / GIB:.1f} GiB per GPU")
+        notes.append(
+            f"with gradient checkpointing (train.gradient_checkpointing=true): {alt.total / GIB:.1f} GiB per GPU"
+        )
+    if merged_lora:
+        notes.append("LoRA merged per layer (lora.split=false or a stock experts backend)")
     return MemoryPlan(
         model=str(name),
         gpus=gpus,
@@ -319,4 +358,33 @@ def plan(
         total=total,
         phases=phases,
         notes=notes,
+        gradient_checkpointing=ckpt,
+        split_lora=split,
     )
+
+
+def check_recipe_fits(cfg: RunConfig, name: str = "recipe") -> MemoryPlan | None:
+    """`plan` a recipe on the GPUs its ``hardware`` section names; refuse it if it does not fit.
+
+    Args:
+        cfg: The recipe.
+        name: How to name it in the error (its path).
+
+    Returns:
+        The plan, or None when the recipe names no GPUs (``hardware.gpus`` is null).
+
+    Raises:
+        ZedaError: if the planned peak per GPU is above `MAX_GPU_FRACTION` of its memory.
+    """
+    hw = cfg.hardware
+    if hw.gpus is None or hw.gpu_memory_gib is None:
+        return None
+    result = plan(cfg, hw.gpus, hw.gpu_memory_gib)
+    if result.total > MAX_GPU_FRACTION * hw.gpu_memory_gib * GIB:
+        raise ZedaError(
+            f"{name}: zeda plan predicts {result.total / GIB:.1f} GiB per GPU ({result.gpu_fraction:.0%}) on "
+            f"the {hw.gpus} x {hw.gpu_memory_gib:g} GiB it names, above {MAX_GPU_FRACTION:.0%}; "
+            f"see `zeda plan {name}` (lower train.batch_size, or set train.gradient_checkpointing=true, "
+            "lora.split=true or more hardware.gpus)"
+        )
+    return result
