@@ -3,9 +3,9 @@
     python evals/reference/expert_load.py --tokens 100000   # -> evals/reference/expert_load.json
 
 Counts the top-k expert assignments of every token (256-token blocks from the start of the
-tokenised test split, the same blocks ``train_model.py --finalize`` evaluates) and reports, per
-layer, the load entropy, max/mean and min/mean load, and how many experts receive less than 1% and
-10% of the mean load (effectively unused experts).
+tokenised test split, the blocks ``python -m evals.zoo.train reference --finalize`` evaluates)
+and reports, per layer, the load entropy, max/mean and min/mean load, and how many experts
+receive less than 1% and 10% of the mean load (effectively unused experts).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 def test_tokens(tok) -> torch.Tensor:
     """Test split tokens (documents joined by EOS), from the cache or ``data/test.jsonl``."""
-    cached = HERE / "cache" / "tokens_test.pt"
+    cached = HERE.parent / "zoo" / "cache" / "reference" / "tokens_test.pt"
     if cached.exists():
         return torch.load(cached)
     ids: list[int] = []

@@ -38,7 +38,7 @@ def main() -> None:
     out = HERE / "tradeoff"
     if not (HERE / "model" / "config.json").is_file():
         raise SystemExit(
-            "run_tradeoff: evals/reference_sigmoid/model missing; run train_model.py --finalize first"
+            "run_tradeoff: evals/reference_sigmoid/model missing; run python -m evals.zoo.train reference_sigmoid --finalize first"
         )
     cmd = [
         sys.executable,

@@ -31,7 +31,7 @@ TEST_TEXT = ROOT / "evals" / "reference" / "data" / "test.jsonl"
 def results() -> dict:
     path = MODEL / "training_results.json"
     assert path.is_file(), (
-        f"{path} missing: run evals/reference_sigmoid/train_model.py --finalize and commit it"
+        f"{path} missing: run python -m evals.zoo.train reference_sigmoid --finalize and commit it"
     )
     return json.loads(path.read_text())
 
