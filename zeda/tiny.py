@@ -1,8 +1,9 @@
 """Tiny in-process configs of every supported family (tests, benchmarks, examples; no network).
 
-Every config has 8 routed experts, top-2, hidden size 32 and a vocabulary of 128, and keeps the
-family's distinctive features: shared experts, dense first layers, group-limited sigmoid
-routing (``n_group > 1``), MLA attention, gpt-oss's biased router and experts.
+Every config has 8 routed experts, top-2 (Llama 4: top-1, as its models), hidden size 32 and a
+vocabulary of 128, and keeps the family's distinctive features: shared experts, dense first or
+interleaved layers, group-limited routing (``n_group > 1``), MLA attention, gpt-oss's biased router
+and experts, MiniMax-M2's block-held correction bias, Qwen3.5's linear-attention layers.
 """
 
 from __future__ import annotations
@@ -85,6 +86,135 @@ TINY: dict[str, dict[str, Any]] = {
         routed_scaling_factor=1.8,
         norm_topk_prob=True,
         **_MLA,
+    ),
+    "deepseek_v2": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        routed_scaling_factor=2.0,
+        **_MLA,
+    ),
+    "minimax_m2": dict(
+        num_local_experts=8, intermediate_size=16, head_dim=8, bos_token_id=None, eos_token_id=None
+    ),
+    "qwen3_5_moe_text": dict(
+        num_experts=8,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+    ),
+    "llama4_text": dict(
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        intermediate_size=16,
+        intermediate_size_mlp=48,
+        head_dim=8,
+        num_hidden_layers=3,
+        moe_layers=[1, 2],
+        no_rope_layers=[1, 1, 0],
+        attention_chunk_size=8,
+    ),
+    "qwen3_next": dict(
+        num_experts=8,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        shared_expert_intermediate_size=24,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_hidden_layers=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        mlp_only_layers=[2],
+        norm_topk_prob=True,
+    ),
+    "flex_olmo": dict(
+        num_experts=8, intermediate_size=16, norm_topk_prob=False, pad_token_id=None, eos_token_id=None
+    ),
+    "dots1": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        head_dim=8,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    ),
+    "mellum": dict(
+        num_local_experts=8,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        head_dim=8,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=8,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ),
+    "solar_open": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        head_dim=8,
+        routed_scaling_factor=2.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ),
+    "exaone_moe": dict(
+        num_experts=8,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        num_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        head_dim=8,
+        num_hidden_layers=3,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        routed_scaling_factor=2.5,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ),
+    "hy_v3": dict(
+        num_experts=8,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        num_shared_experts=1,
+        head_dim=8,
+        num_hidden_layers=3,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        router_scaling_factor=2.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ),
+    "granitemoe_swa": dict(
+        num_local_experts=8,
+        intermediate_size=16,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     ),
     "gpt_oss": dict(
         num_local_experts=8,

@@ -4,7 +4,8 @@ One implementation of the routing math, imported by zeda (transformers routers, 
 baselines, the distillation start, telemetry), the vLLM plugin, the SGLang models and evals/:
 
 - `kinds`: a router kind per routing family (`KINDS`: ``softmax``, ``sigmoid_bias`` with
-  group-limited selection, ``topk_softmax``), each one small function; `register_kind` adds one.
+  group-limited selection, ``topk_softmax``, ``softmax_group``, ``topk_sigmoid``), each one small
+  function; `register_kind` adds one.
 - `slots`: slot selection, renormalise-then-drop, forced drops, training-free slot policies.
 - `share`: the share solve behind every calibration to a target skipped share.
 - `counts`: router telemetry counts.

@@ -152,6 +152,29 @@ def _select_topk_softmax(logits: torch.Tensor, p: RouterParams) -> tuple[torch.T
     return torch.softmax(top_v, dim=1, dtype=top_v.dtype), top_i
 
 
+def _select_softmax_group(logits: torch.Tensor, p: RouterParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2: softmax over all experts (fp32); with groups, a token keeps the real experts of
+    its ``topk_group`` groups (ranked by their best expert: ``group_top`` 1), zero experts stay
+    eligible; the chosen probabilities, renormalised if asked (DeepSeek-V2: not), times
+    ``routed_scaling_factor``."""
+    probs = torch.softmax(zero_biased(logits.float(), p), dim=-1)
+    choice = limit_groups(probs, p) if p.num_expert_group > 1 else probs
+    top_i = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]
+    top_v = probs.gather(1, top_i)
+    if p.renormalize:
+        top_v = top_v / (top_v.sum(dim=-1, keepdim=True) + 1e-20)
+    return top_v * p.routed_scaling_factor, top_i
+
+
+def _select_topk_sigmoid(logits: torch.Tensor, p: RouterParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4: top-k of the logits in the model dtype, then the sigmoid (fp32) of each chosen one."""
+    top_v, top_i = torch.topk(zero_biased(logits, p), p.top_k, dim=-1)
+    weights = torch.sigmoid(top_v.float())
+    if p.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), top_i
+
+
 KINDS: dict[str, RouterKind] = {}
 """Every router kind by name."""
 
@@ -176,6 +199,8 @@ register_kind(
     )
 )
 register_kind(RouterKind("topk_softmax", _select_topk_softmax, _softmax_probs))
+register_kind(RouterKind("softmax_group", _select_softmax_group, _softmax_probs, fp32_gate=True))
+register_kind(RouterKind("topk_sigmoid", _select_topk_sigmoid, _sigmoid_probs, normalised=False))
 
 
 def get_kind(name: str) -> RouterKind:

@@ -14,6 +14,7 @@ __all__ = [
     "MOE_LAYERS",
     "after_dense_prefix",
     "every_layer",
+    "listed",
     "layer_zero_logit_bias",
     "moe_layer_indices",
     "per_layer_values",
@@ -43,19 +44,37 @@ def after_dense_prefix(c: Any) -> list[int]:
 
 
 def sparse_layer_types(c: Any) -> list[int]:
-    """GLM-4.7-Flash (glm4_moe_lite): the layers whose ``mlp_layer_types`` entry is ``"sparse"``."""
+    """GLM-4.7-Flash (glm4_moe_lite), EXAONE MoE, Hunyuan v3, Mellum: the layers whose
+    ``mlp_layer_types`` entry is ``"sparse"``."""
     return [i for i, t in enumerate(c.mlp_layer_types) if t == "sparse"]
 
 
+def listed(c: Any) -> list[int]:
+    """Llama 4: the layers its config lists in ``moe_layers``."""
+    return list(c.moe_layers)
+
+
 MOE_LAYERS: dict[str, Callable[[Any], list[int]]] = {
+    "deepseek_v2": after_dense_prefix,
     "deepseek_v3": after_dense_prefix,
+    "dots1": after_dense_prefix,
+    "exaone_moe": sparse_layer_types,
+    "flex_olmo": every_layer,
     "glm4_moe": after_dense_prefix,
     "glm4_moe_lite": sparse_layer_types,
     "gpt_oss": every_layer,
+    "granitemoe_swa": every_layer,
+    "hy_v3": sparse_layer_types,
+    "llama4_text": listed,
+    "mellum": sparse_layer_types,
+    "minimax_m2": every_layer,
     "mixtral": every_layer,
     "olmoe": every_layer,
     "qwen2_moe": sparse_step,
+    "qwen3_5_moe_text": every_layer,
     "qwen3_moe": sparse_step,
+    "qwen3_next": sparse_step,
+    "solar_open": every_layer,
 }
 """Family ``model_type`` -> its MoE-layer rule."""
 

@@ -51,7 +51,10 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").open()]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+# One family per router kind (and MiniMax-M2's block-held correction bias).
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "deepseek_v2", "llama4_text", "minimax_m2"]
+)
 def test_balance_loss_raises_zero_share_and_teacher_stays_exact(family, corpus, tmp_path):
     tok = tiny_tokenizer()
     ids = token_batch(2, 16)

@@ -35,6 +35,10 @@ VARIANTS: list[tuple[str, dict]] = [
     ("glm4_moe", {"use_qk_norm": True, "attention_bias": True}),
     ("glm4_moe_lite", {"q_lora_rank": None, "mlp_layer_types": ["dense", "dense", "sparse"]}),
     ("gpt_oss", {"attention_bias": False}),
+    ("deepseek_v2", {"q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1}),
+    ("minimax_m2", {"num_key_value_heads": 4, "head_dim": 16}),
+    ("qwen3_5_moe_text", {"layer_types": ["full_attention", "linear_attention"], "attention_bias": True}),
+    ("llama4_text", {"moe_layers": [0, 1, 2], "attention_bias": True, "tie_word_embeddings": True}),
 ]
 
 # Published figures: (total, active, source). Totals must land within 3 %, actives within 5 %.
@@ -45,6 +49,13 @@ PUBLISHED: dict[str, tuple[float, float, str]] = {
     "olmoe-1b-7b": (6.9e9, 1.3e9, "OLMoE paper: 6.9B total, 1.3B active"),
     "deepseek-v3": (671e9, 37e9, "DeepSeek-V3 technical report: 671B total (MTP excluded), 37B activated"),
     "gpt-oss-20b": (20.91e9, 3.61e9, "gpt-oss model card Table 1: 20.91B total, 3.61B active"),
+    "deepseek-v2": (236e9, 21e9, "DeepSeek-V2 model card/paper: 236B total, 21B activated"),
+    "minimax-m2": (230e9, 10e9, "MiniMax-M2 model card: 230B total, 10B active (non-embedding)"),
+    # Llama 4 cards count the vision encoder in the total (Scout: 109.68B with it); zeda counts the
+    # text model that transformers' causal LM builds.
+    "llama-4-scout-17b-16e": (109e9, 17e9, "Llama 4 model card: Scout 17B active, 109B total"),
+    "llama-4-maverick-17b-128e": (400e9, 17e9, "Llama 4 model card: Maverick 17B active, 400B total"),
+    "qwen3.5-397b-a17b": (397e9, 17e9, "Qwen3.5-397B-A17B model card: 397B total, 17B activated"),
     # No exact active count is published for GLM-4.7-Flash: the Z.ai model card calls it a
     # "30B-A3B MoE model" and NVIDIA's Megatron-Bridge docs say "about 30B total parameters and 3B
     # active". "A3B" is a rounded class label; see test_glm_4_7_flash_against_its_label.
@@ -153,6 +164,10 @@ def test_builtin_matches_published(name: str) -> None:
         ("deepseek-v3", ()),
         ("gpt-oss-20b", ("embedding",)),
         ("glm-4.7-flash", ("embedding", "lm_head")),
+        ("minimax-m2", ("embedding", "lm_head")),
+        ("llama-4-scout-17b-16e", ()),
+        ("deepseek-v2", ()),
+        ("qwen3.5-397b-a17b", ()),
     ],
 )
 def test_active_params_follow_the_family_card(name: str, excluded: tuple[str, ...]) -> None:

@@ -31,25 +31,30 @@ from zeda_routing import (
 )
 
 GROUPED = {"glm4_moe": {"n_group": 4, "topk_group": 2}, "deepseek_v3": {"n_group": 4, "topk_group": 2}}
+# (deepseek_v2 and dots1's tiny configs are grouped already)
 
 
 def _router(family: str):
+    """An injected router and what its block passes it besides the hidden states (MiniMax-M2's
+    correction bias lives on the block)."""
     model = tiny_model(family, **GROUPED.get(family, {}))
     zeda.inject_zero_experts(model, seed=0)
-    return next(m for m in model.modules() if getattr(m, "num_zero_experts", 0) > 0)
+    layer = zeda.find_moe_layers(model)[0]
+    names = getattr(layer.router, "zeda_block_buffers", ())
+    return layer.router, tuple(getattr(layer.block, n) for n in names)
 
 
 def _hidden(router, n: int = 64, seed: int = 3) -> torch.Tensor:
-    return torch.randn(n, router.hidden_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, router.weight.shape[-1], generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_core_on_real_columns_is_the_family_router_bit_for_bit(family: str) -> None:
     """On the E real columns the core's kind math reproduces the stock transformers router."""
-    router = _router(family)
+    router, extra = _router(family)
     with torch.no_grad():
-        logits, weights, ids = router.native_forward(_hidden(router))  # the family's own forward
-        params = router.routing_params()._replace(zero_logit_bias=0.7)  # no zero columns: no effect
+        logits, weights, ids = router.native_forward(_hidden(router), *extra)  # the family's own forward
+        params = router.routing_params(*extra)._replace(zero_logit_bias=0.7)  # no zero columns: no effect
         mine = select_slots(logits, router.zeda_router_kind, params)
     assert torch.equal(mine[0], weights) and torch.equal(mine[1], ids)
 
@@ -58,12 +63,12 @@ def test_core_on_real_columns_is_the_family_router_bit_for_bit(family: str) -> N
 @pytest.mark.parametrize("bias", [0.0, 0.7])
 def test_engine_route_matches_zeda_router(family: str, bias: float) -> None:
     """`route` (what the engines call) equals zeda's router, with dropped slots at id -1 / weight 0."""
-    router = _router(family)
+    router, extra = _router(family)
     router.zero_logit_bias = bias
     h = _hidden(router)
     with torch.no_grad():
-        _, w_zeda, i_zeda = router(h)
-        w, i = route(router.gate_logits(h), router.zeda_router_kind, router.routing_params())
+        _, w_zeda, i_zeda = router(h, *extra)
+        w, i = route(router.gate_logits(h), router.zeda_router_kind, router.routing_params(*extra))
     e = router.num_experts
     assert w.dtype == torch.float32 and i.dtype == torch.int32
     assert torch.equal(i == DROPPED, i_zeda == e)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, token_batch
+from conftest import DECORATED_FAMILIES, FAMILIES, token_batch
 
 import zeda
 from zeda.tiny import tiny_model
@@ -36,7 +36,7 @@ def test_backends_match_eager(family):
             )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DECORATED_FAMILIES)
 def test_zeda_backend_is_bit_exact_with_eager(family):
     """zeda's loop orders rows as eager does, so teacher comparisons stay bit-exact."""
     model = tiny_model(family)
@@ -69,7 +69,7 @@ def test_zero_slots_do_no_expert_work():
     layer = zeda.find_moe_layers(model)[0]
     x = torch.randn(32, model.config.hidden_size)
     with torch.no_grad(), zeda.teacher_mode(model), router_settings(model, forced_zero_share=0.5):
-        _, w, idx = layer.router(x)
+        _, w, idx = layer.route(x)
     kept = int((idx < layer.router.num_experts).sum())
     assert kept == 32 * 2 // 2
     orig_linear = zx._linear
@@ -106,7 +106,7 @@ def test_cpu_autotune_picks_a_strategy_and_caches_it():
     layer = zeda.find_moe_layers(model)[0]
     x = torch.randn(24, model.config.hidden_size, dtype=torch.bfloat16)
     with torch.no_grad(), router_settings(model, forced_zero_share=0.5):
-        _, w, idx = layer.router(x)
+        _, w, idx = layer.route(x)
     kept = int((idx < layer.router.num_experts).sum())
     assert 0 < kept < idx.numel()
     try:
@@ -141,7 +141,7 @@ def test_cpu_autotune_picks_a_strategy_and_caches_it():
         zx.set_cpu_strategy("auto")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DECORATED_FAMILIES)
 def test_single_token_loop_is_bit_exact_with_eager(family):
     """Decode at batch 1 takes a lighter path through the loop: still bit-identical to eager."""
     from zeda.zero import experts as zx
@@ -155,7 +155,7 @@ def test_single_token_loop_is_bit_exact_with_eager(family):
     for _ in range(4):
         x = torch.randn(1, model.config.hidden_size)
         with torch.no_grad():
-            _, w, idx = layer.router(x)
+            _, w, idx = layer.route(x)
             idx = idx.clone()
             idx[0, 0] = e  # one zero slot
             keep = idx[0] < e
@@ -163,3 +163,44 @@ def test_single_token_loop_is_bit_exact_with_eager(family):
             ref = eager(layer.experts, x, idx[:, keep], w[:, keep])
             out = zx.zeda_loop_forward(layer.experts, x, idx, w)
         assert torch.equal(out, ref), family
+
+
+def test_llama4_backends_skip_zero_slots_and_match_the_stock_algorithm():
+    """Llama 4's experts scale each expert's input by its weight; behind the family's adapter every
+    backend equals the stock dense algorithm, and zeda's loop computes kept rows only."""
+    from zeda.families.llama4 import dense_experts
+    from zeda.zero import experts as zx
+
+    model = tiny_model("llama4_text")
+    zeda.inject_zero_experts(model)
+    layer = zeda.find_moe_layers(model)[0]
+    e = layer.router.num_experts
+    x = torch.randn(32, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    for share in (0.0, 0.5):
+        with torch.no_grad(), router_settings(model, forced_zero_share=share, zero_logit_bias=-1e4):
+            _, w, idx = layer.route(x)
+        assert int((idx == e).sum()) == int(share * idx.numel())
+        with torch.no_grad():
+            ref = dense_experts(layer.experts, x, idx, w)
+            assert ref.abs().sum() > 0
+            for backend in ("zeda", "zeda_grouped", "grouped_mm", "batched_mm"):
+                set_experts_backend(model, backend)
+                torch.testing.assert_close(layer.experts(x, idx, w), ref, rtol=1e-5, atol=1e-6, msg=backend)
+            set_experts_backend(model, "eager")
+            assert torch.equal(layer.experts(x, idx, w), ref)
+    set_experts_backend(model, "zeda")
+    orig_linear = zx._linear
+    seen: list[int] = []
+
+    def spy(inp, weight, bias, transposed):
+        assert transposed  # Llama 4 stores (E, in, out)
+        seen.append(inp.shape[0])
+        return orig_linear(inp, weight, bias, transposed)
+
+    zx._linear = spy
+    try:
+        with torch.no_grad():
+            layer.experts(x, idx, w)
+    finally:
+        zx._linear = orig_linear
+    assert sum(seen) == 2 * int((idx < e).sum()) == 2 * 16  # up and down projections, kept rows only

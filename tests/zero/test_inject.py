@@ -39,6 +39,9 @@ def test_router_growth_is_exact(family):
             if isinstance(getattr(lo.router, name, None), torch.Tensor):
                 assert getattr(li.router, name).shape[0] == e + z
                 assert torch.equal(getattr(li.router, name)[:e], getattr(lo.router, name))
+        for name in spec.block_buffers:  # per-expert buffers the block holds for its router (MiniMax-M2)
+            grown, kept = getattr(li.block, name), getattr(lo.block, name)
+            assert grown.shape[0] == e + z and torch.equal(grown[:e], kept)
         assert li.experts.gate_up_proj.shape[0] == e  # experts are untouched
     assert injected.config.model_type == f"zeda_{family}"
     assert injected.config.zeda["num_zero_experts"] == z
@@ -75,7 +78,7 @@ def test_forcing_all_slots_to_zero_silences_routed_experts(family):
     hidden = torch.randn(2, 5, injected.config.hidden_size)
     for layer in find_moe_layers(injected):
         with torch.no_grad(), router_settings(injected, forced_zero_share=1.0):
-            _, weights, indices = layer.router(hidden.reshape(-1, hidden.shape[-1]))
+            _, weights, indices = layer.route(hidden.reshape(-1, hidden.shape[-1]))
             assert (indices == layer.router.num_experts).all() and (weights == 0).all()
             routed = layer.experts(hidden.reshape(-1, hidden.shape[-1]), indices, weights)
             assert torch.equal(routed, torch.zeros_like(routed))
@@ -97,12 +100,12 @@ def test_zero_routing_semantics(family):
         # Make zero experts irresistible for the first half of the tokens.
         x = torch.randn(16, injected.config.hidden_size)
         router.zero_logit_bias = 50.0
-        logits, weights, indices = router(x)
+        logits, weights, indices = layer.route(x)
         router.zero_logit_bias = 0.0
     assert logits.shape == (16, e + report.num_zero_experts)
     assert (indices == e).all() and (weights == 0).all()
     with torch.no_grad():
-        logits, weights, indices = router(x)
+        logits, weights, indices = layer.route(x)
     assert ((indices >= 0) & (indices <= e)).all()
     assert (weights[indices == e] == 0).all()
     if report.router_kind == "softmax" and getattr(router, "norm_topk_prob", True):
@@ -278,3 +281,119 @@ def test_teacher_mode_restores_flags_on_error():
     with pytest.raises(RuntimeError), teacher_mode(model):
         raise RuntimeError("boom")
     assert all(r.zero_experts_enabled for r in zero_routers(model))
+
+
+def test_llama4_token_on_a_zero_slot_gets_exactly_the_shared_expert():
+    """Llama 4 routes k = 1: a token whose only slot is a zero expert skips the routed experts and
+    its MoE output is the shared expert's, bit for bit (both the stock dense path and zeda's)."""
+    from zeda.zero.inject import set_experts_backend
+
+    _, injected, report = _original_and_injected("llama4_text")
+    assert report.top_k == 1
+    layer = find_moe_layers(injected)[0]
+    x = torch.randn(2, 8, injected.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    flat = x.reshape(-1, x.shape[-1])
+    for backend in ("eager", "zeda"):
+        set_experts_backend(injected, backend)
+        with torch.no_grad(), router_settings(injected, forced_zero_share=0.5, zero_logit_bias=-1e4):
+            _, _, indices = layer.route(flat)
+            out, _ = layer.block(x)
+            shared = layer.block.shared_expert(flat)
+        on_zero = indices[:, 0] == report.num_experts
+        assert on_zero.sum() == 8  # half the tokens
+        assert torch.equal(out[on_zero], shared[on_zero]), backend
+        assert not torch.equal(out[~on_zero], shared[~on_zero]), backend
+
+
+def test_softmax_group_limited_routing_matches_reference_and_keeps_zero_experts_eligible():
+    """DeepSeek-V2 routing (softmax over E+Z, 16 experts in 4 groups ranked by their best expert,
+    2 groups kept, top-4, no renormalisation, scaled). Zero experts off: bit-equal to transformers'
+    DeepseekV2TopkRouter. On: equal to a per-token reference in which real experts obey the group
+    mask and zero experts, in no group, stay eligible for every token."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    overrides = dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    original = tiny_model("deepseek_v2", **overrides)
+    model = tiny_model("deepseek_v2", **overrides)
+    zeda.inject_zero_experts(model)
+    router, stock = find_moe_layers(model)[0].router, find_moe_layers(original)[0].router
+    assert type(stock) is DeepseekV2TopkRouter
+    e, z, k, per_group = router.num_experts, router.num_zero_experts, router.top_k, 4
+    x = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), teacher_mode(model):
+        for a, b in zip(router(x), stock(x), strict=True):
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        plain = torch.softmax(x @ stock.weight.T, -1).topk(k, -1).indices
+        grouped = stock(x)[2]
+    assert sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(plain, grouped, strict=True)) >= 10
+    scale = float((x @ stock.weight.detach().T).std())  # a zero-logit bias of the logits' own scale
+    for zero_bias in (0.0, scale):
+        router.zero_logit_bias = zero_bias
+        with torch.no_grad():
+            _, weights, indices = router(x)
+        n_zero = 0
+        for t, h in enumerate(x.double()):
+            logits = router.weight.detach().double() @ h
+            logits[e:] += zero_bias
+            p = torch.softmax(logits, -1)
+            best = [max(p[g * per_group : (g + 1) * per_group]).item() for g in range(4)]
+            groups = sorted(range(4), key=lambda g: -best[g])[:2]
+            candidates = [i for i in range(e) if i // per_group in groups] + list(range(e, e + z))
+            top = sorted(candidates, key=lambda i: -p[i].item())[:k]
+            got = indices[t].tolist()
+            assert sorted(i for i in got if i < e) == sorted(i for i in top if i < e)
+            assert got.count(e) == sum(i >= e for i in top)
+            n_zero += got.count(e)
+            for slot, i in enumerate(got):
+                want = p[i].item() * router.routed_scaling_factor if i < e else 0.0
+                assert weights[t, slot].item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+        if zero_bias > 0:
+            assert 0 < n_zero < x.shape[0] * k
+    router.zero_logit_bias = 0.0
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "minimax_m2"])
+def test_new_router_kinds_follow_the_zero_expert_rules(family):
+    """Llama 4 (top-k of the logits over E+Z, sigmoid of the chosen) and MiniMax-M2 (select on
+    sigmoid + the block's correction bias over E+Z, weights normalised over the k including zero
+    slots): zeda's router against a per-token reference; teacher mode equals the stock router."""
+    original, injected, report = _original_and_injected(family)
+    layer, stock_layer = find_moe_layers(injected)[0], find_moe_layers(original)[0]
+    e, z, k = report.num_experts, report.num_zero_experts, report.top_k
+    x = torch.randn(64, injected.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    bias = getattr(layer.block, "e_score_correction_bias", None)
+    with torch.no_grad(), teacher_mode(injected):
+        got = layer.route(x)
+        want = stock_layer.router(x, stock_layer.block.e_score_correction_bias) if bias is not None else None
+    if want is not None:
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    else:  # Llama 4's stock router returns dense sigmoid scores at the chosen experts
+        scores, logits = stock_layer.router(x)
+        assert torch.equal(got[0], logits)
+        assert torch.equal(scores.gather(1, got[2]), got[1])
+    zero_bias = float((x @ stock_layer.router.weight.detach().T).std()) / 2  # of the logits' own scale
+    layer.router.zero_logit_bias = zero_bias
+    with torch.no_grad():
+        _, weights, indices = layer.route(x)
+    layer.router.zero_logit_bias = 0.0
+    n_zero = 0
+    for t, h in enumerate(x.double()):
+        logits = layer.router.weight.detach().double() @ h
+        logits[e:] += zero_bias
+        if bias is None:
+            top = logits.topk(k).indices.tolist()
+            w = {i: torch.sigmoid(logits[i]).item() for i in top}
+        else:
+            s = torch.sigmoid(logits)
+            top = (s + bias.double()).topk(k).indices.tolist()
+            total = s[top].sum().item()
+            w = {i: s[i].item() / total for i in top}
+        got = indices[t].tolist()
+        assert sorted(i for i in got if i < e) == sorted(i for i in top if i < e)
+        assert got.count(e) == sum(i >= e for i in top)
+        n_zero += got.count(e)
+        for slot, i in enumerate(got):
+            assert weights[t, slot].item() == pytest.approx(w[i] if i < e else 0.0, rel=1e-5, abs=1e-7)
+    assert 0 < n_zero < x.shape[0] * k and z > 0

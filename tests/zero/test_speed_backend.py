@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import DECORATED_FAMILIES
 
 import zeda
 from zeda.tiny import tiny_model
@@ -38,13 +38,13 @@ def _routed(model: torch.nn.Module, dtype: torch.dtype, share: float, tokens: in
     # A large negative zero-logit bias keeps the router's own picks off the zero experts, so the
     # forced share is exact.
     with torch.no_grad(), router_settings(model, forced_zero_share=share, zero_logit_bias=-1e4):
-        _, w, idx = layer.router(x)
+        _, w, idx = layer.route(x)
     e = layer.router.num_experts
     assert int((idx >= e).sum()) == int(share * idx.numel())
     return layer, x, idx, w
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DECORATED_FAMILIES)
 def test_zeda_backends_equal_eager(family):
     """Both zeda strategies equal stock eager at zero shares 0 and 0.5 (sentinel slots skipped).
 

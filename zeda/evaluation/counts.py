@@ -112,6 +112,11 @@ def _config_from_dict(data: Mapping[str, Any]) -> PretrainedConfig:
     if not model_type:
         raise ZedaError("config has no model_type; pass a transformers config.json of a supported MoE family")
     spec = get_spec(str(model_type))
+    if str(model_type) in spec.aliases and isinstance(data.get("text_config"), Mapping):
+        # A multimodal checkpoint (Llama 4, Qwen3.5-MoE): transformers' causal LM is its text model.
+        text = {k: v for k, v in data["text_config"].items() if not k.startswith(_METADATA_PREFIX)}
+        text.setdefault("tie_word_embeddings", data.get("tie_word_embeddings", False))
+        return _config_from_dict({**text, "model_type": spec.model_type})
     cls: type = spec.config_class
     if str(model_type).startswith("zeda_"):
         try:  # zeda's own config class keeps the zeda_ model type (it needs the full package)
@@ -183,14 +188,39 @@ def _head_dim(config: Any) -> int:
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
-def _attention(spec: MoESpec, config: Any) -> tuple[int, int, int, int]:
+def _linear_attention(config: Any) -> tuple[int, int, int]:
+    """One Gated DeltaNet layer (Qwen3.5-MoE): (params, MACs per token, norm params inside).
+
+    Shapes: ``in_proj_qkv H -> 2·K + V``, ``in_proj_z H -> V``, ``in_proj_b``/``in_proj_a`` ``H -> n_v``,
+    a depthwise causal conv over the ``2·K + V`` channels (``kernel`` weights each), ``out_proj V -> H``,
+    ``dt_bias`` and ``A_log`` (one per value head) and a gated RMSNorm over ``head_v_dim``, with
+    ``K = n_k·d_k`` and ``V = n_v·d_v``. The recurrent state update (``n_v·d_k·d_v`` per token) is
+    not a weight matrix and is not counted, as attention scores are not without ``context_len``.
+    """
+    hidden = config.hidden_size
+    n_v = config.linear_num_value_heads
+    key_dim = config.linear_num_key_heads * config.linear_key_head_dim
+    value_dim = n_v * config.linear_value_head_dim
+    conv_dim = 2 * key_dim + value_dim
+    macs = hidden * conv_dim + hidden * value_dim + 2 * hidden * n_v + value_dim * hidden
+    macs += conv_dim * config.linear_conv_kernel_dim
+    norms = config.linear_value_head_dim
+    return macs + 2 * n_v + norms, macs, norms
+
+
+def _attention(spec: MoESpec, config: Any, layer_type: str | None = None) -> tuple[int, int, int, int]:
     """One layer's attention: (params, MACs per token, score MACs per key, norm params inside).
 
-    Shapes: GQA q ``H -> n·d``, k/v ``H -> n_kv·d``, o ``n·d -> H``. MLA q ``H -> r_q -> n·(d_nope+d_rope)``
-    (or ``H -> n·(d_nope+d_rope)`` when ``q_lora_rank`` is None), kv_a ``H -> r_kv + d_rope``,
-    kv_b ``r_kv -> n·(d_nope + d_v)``, o ``n·d_v -> H``.
+    Shapes: GQA q ``H -> n·d`` (``2·n·d`` with an output gate, Qwen3.5), k/v ``H -> n_kv·d``, o
+    ``n·d -> H``. MLA q ``H -> r_q -> n·(d_nope+d_rope)`` (or ``H -> n·(d_nope+d_rope)`` when
+    ``q_lora_rank`` is None), kv_a ``H -> r_kv + d_rope``, kv_b ``r_kv -> n·(d_nope + d_v)``, o
+    ``n·d_v -> H``. Hybrid families (``hybrid_linear``) run `_linear_attention` on their
+    ``linear_attention`` layers (no score term) and gated GQA on the others.
     """
     hidden, heads = config.hidden_size, config.num_attention_heads
+    if spec.attention == "hybrid_linear" and layer_type == "linear_attention":
+        params, macs, norms = _linear_attention(config)
+        return params, macs, 0, norms
     if spec.attention == "mla":
         bias = bool(getattr(config, "attention_bias", False))
         nope, rope, v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
@@ -210,14 +240,15 @@ def _attention(spec: MoESpec, config: Any) -> tuple[int, int, int, int]:
         return params, macs, heads * (qk_dim + v_dim), norms
     head_dim, kv_heads = _head_dim(config), config.num_key_value_heads
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    gate_out = q_out if spec.attention == "hybrid_linear" else 0  # Qwen3.5's attention output gate
     qkv_bias, o_bias = spec.attention_biases(config)
-    macs = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
-    params = macs + (q_out + 2 * kv_out) * qkv_bias + hidden * o_bias
+    macs = hidden * (q_out + gate_out) + 2 * hidden * kv_out + q_out * hidden
+    params = macs + (q_out + gate_out + 2 * kv_out) * qkv_bias + hidden * o_bias
     qk_norm = spec.qk_norm(config)
     if qk_norm == "per_head":
         norms = 2 * head_dim
-    elif qk_norm == "full":  # OLMoE: q_norm over hidden_size, k_norm over kv heads of hidden/heads
-        norms = hidden + (hidden // heads) * kv_heads
+    elif qk_norm == "full":  # OLMoE, MiniMax-M2: q_norm over the q projection, k_norm over k's
+        norms = q_out + kv_out
     else:
         norms = 0
     params += norms + heads * spec.attention_sinks
@@ -245,7 +276,13 @@ def model_layout(config: Any, num_zero_experts: int | None) -> Layout:
             f"top-k={k} with {e} experts is invalid; the config's {spec.top_k_key} must be in 1..E"
         )
 
-    attn_params, attn_macs, score_per_key, attn_norms = _attention(spec, config)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    per_layer = [
+        _attention(spec, config, layer_types[i] if i < len(layer_types) else None) for i in range(n_layers)
+    ]
+    attn_params = sum(a[0] - a[3] for a in per_layer)
+    attn_norms = sum(a[3] for a in per_layer)
+    attn_macs = sum(a[1] for a in per_layer)
     dense_i = spec.dense_intermediate(config) if n_dense else 0
     shared_i = spec.shared_expert_intermediate(config)
     expert_i = spec.expert_intermediate(config)
@@ -260,8 +297,8 @@ def model_layout(config: Any, num_zero_experts: int | None) -> Layout:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     params = {
         "embedding": vocab * hidden,
-        "attention": n_layers * (attn_params - attn_norms),
-        "norms": n_layers * (2 * hidden + attn_norms) + hidden,
+        "attention": attn_params,
+        "norms": n_layers * 2 * hidden + attn_norms + hidden,
         "dense_mlp": n_dense * dense_macs,
         "shared_experts": n_moe * shared_macs,
         "routed_experts": n_moe * e * expert_params,
@@ -270,18 +307,24 @@ def model_layout(config: Any, num_zero_experts: int | None) -> Layout:
     }
     macs = {
         "embedding": 0,
-        "attention": n_layers * attn_macs,
+        "attention": attn_macs,
         "dense_mlp": n_dense * dense_macs,
         "shared_experts": n_moe * shared_macs,
         "router": n_moe * router_rows * hidden,
         "lm_head": vocab * hidden,
     }
-    layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None)
-    window = [
-        int(sliding) if sliding and i < len(layer_types) and layer_types[i] == "sliding_attention" else None
-        for i in range(n_layers)
-    ]
+    chunk = getattr(config, "attention_chunk_size", None)
+
+    def window_of(i: int) -> int | None:
+        kind = layer_types[i] if i < len(layer_types) else None
+        if kind == "sliding_attention" and sliding:
+            return int(sliding)
+        if kind == "chunked_attention" and chunk:  # Llama 4: keys of the token's own chunk
+            return int(chunk)
+        return None
+
+    window = [window_of(i) for i in range(n_layers)]
     return Layout(
         params=params,
         routed_params_per_expert=expert_params,
@@ -292,7 +335,7 @@ def model_layout(config: Any, num_zero_experts: int | None) -> Layout:
         num_zero_experts=z,
         top_k=k,
         macs=macs,
-        score_macs_per_key=[score_per_key] * n_layers,
+        score_macs_per_key=[a[2] for a in per_layer],
         window=window,
     )
 

@@ -46,14 +46,21 @@ Conventions
   mixtral (Mixtral-8x7B, 12.9B)               counted             counted
   olmoe (OLMoE-1B-7B, 1.3B)                   counted             counted
   deepseek_v3 (DeepSeek-V3, 37B)              counted             counted
+  deepseek_v2 (DeepSeek-V2, 21B)              counted             counted
+  llama4_text (Llama 4 Scout/Maverick, 17B)   counted             counted
+  qwen3_5_moe_text (Qwen3.5-397B-A17B, 17B)   counted             counted
   gpt_oss (gpt-oss-20b, 3.61B)                excluded            counted
   glm4_moe, glm4_moe_lite (GLM-4.7-Flash)     excluded            excluded
+  minimax_m2 (MiniMax-M2, 10B)                excluded            excluded
   ==========================================  ==================  ==========================
 
   The gpt-oss card leaves the embedding out because a lookup is not a matmul and keeps the
   unembedding. Z.ai's GLM figures are non-embedding counts (GLM-4.5-Air: 12.2B without either
   table against the published 12B; 13.4B with both); GLM-4.7-Flash publishes only the "A3B"
-  label, which its 3.26B non-embedding count rounds to. ``active_params_all`` counts both
+  label, which its 3.26B non-embedding count rounds to. MiniMax-M2's "10B active" is a rounded
+  figure: its non-embedding count is 9.80B (10.42B with the lm_head, 11.03B with both tables).
+  Multimodal cards (Llama 4, Qwen3.5) count their vision encoder in the total; zeda counts the text
+  model transformers' causal LM builds (Scout: 107.8B of the card's 109B). ``active_params_all`` counts both
   tables for every family; ``active_params_excl_embeddings`` drops the input embedding only.
 """
 
@@ -100,6 +107,7 @@ ACTIVE_PARAM_CONVENTIONS: dict[str, frozenset[str]] = {
     "gpt_oss": frozenset({"embedding"}),
     "glm4_moe": frozenset({"embedding", "lm_head"}),
     "glm4_moe_lite": frozenset({"embedding", "lm_head"}),
+    "minimax_m2": frozenset({"embedding", "lm_head"}),
 }
 """Per family (model type): the parameter components its model card leaves out of the active
 count. Families not listed count every component, the input embedding and lm_head included."""

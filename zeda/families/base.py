@@ -23,11 +23,15 @@ RouterKind = str
 - ``softmax``: softmax over all experts, top-k, optional renormalisation (Qwen, OLMoE, Mixtral).
 - ``sigmoid_bias``: sigmoid scores, selection on score + correction bias, optional group-limited
   selection, weights from the unbiased scores normalised over the k, times a scaling factor
-  (DeepSeek-V3, GLM-4.x).
+  (DeepSeek-V3, GLM-4.x, MiniMax-M2).
 - ``topk_softmax``: top-k on the raw (biased) logits, then softmax over the k chosen (gpt-oss).
+- ``softmax_group``: softmax over all experts, optional group-limited selection (groups ranked by
+  their best expert), the chosen probabilities times a scaling factor (DeepSeek-V2: no
+  renormalisation).
+- ``topk_sigmoid``: top-k on the raw logits, then the sigmoid of each chosen logit (Llama 4).
 """
 
-AttentionKind = Literal["gqa", "mla"]
+AttentionKind = Literal["gqa", "mla", "hybrid_linear"]
 
 QkNorm = Literal["none", "per_head", "full"]
 """Where a GQA family normalises queries and keys: not at all, per head (``head_dim`` weights,
@@ -80,6 +84,23 @@ class MoESpec:
             Used by `zeda.flops`; MLA's bias layout is fixed by the MLA attention itself.
         qk_norm: ``config -> QkNorm``: the GQA query/key norm layout (used by `zeda.flops`).
         attention_sinks: Whether attention has one learned sink logit per head (gpt-oss).
+        aliases: Other ``model_type`` names that resolve to this family: the composite
+            (multimodal) configs whose ``text_config`` builds this family's causal LM
+            (``llama4`` -> ``llama4_text``).
+        block_buffers: Per-expert buffers that the MoE block (not the router) holds and passes to
+            the router (MiniMax-M2's ``e_score_correction_bias``): grown by Z entries at injection.
+        block_forward: The MoE block's forward for an injected model, for families whose stock
+            block cannot consume the ``(logits, weights, indices)`` router contract (Llama 4's
+            block takes dense per-expert scores); None keeps the stock block.
+        experts_attrs: Class attributes for an experts module that transformers'
+            ``@use_experts_implementation`` does not decorate (Llama 4): the layout flags
+            (``has_gate``, ``is_transposed``, ...) and ``_apply_gate``, so zeda's and
+            transformers' experts backends can run it.
+        router_attrs: Class attributes of zeda's router of the family that the stock router lacks
+            and routing reads (MiniMax-M2: ``num_group``, ``routed_scaling_factor``, ...).
+        native_router_forward: ``(router, hidden_states) -> (logits, weights (T, k), indices (T, k))``
+            for a stock router with another output contract (Llama 4 returns dense scores); None
+            calls the stock forward, which already returns that triple.
         norm_topk_prob: Whether the router always renormalises the chosen weights over the k
             (Mixtral, whose router has no flag for it); ``None`` reads the router's own
             ``norm_topk_prob`` attribute.
@@ -112,6 +133,12 @@ class MoESpec:
     qk_norm: Callable[[Any], QkNorm] = _no_qk_norm
     attention_sinks: bool = False
     norm_topk_prob: bool | None = None
+    aliases: tuple[str, ...] = ()
+    block_buffers: tuple[str, ...] = ()
+    block_forward: Callable[..., Any] | None = None
+    experts_attrs: dict[str, Any] | None = None
+    router_attrs: dict[str, Any] = field(default_factory=dict)
+    native_router_forward: Callable[..., Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def num_experts(self, config: Any) -> int:
@@ -133,10 +160,11 @@ class MoESpec:
 
 
 _REGISTRY: dict[str, MoESpec] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register(spec: MoESpec) -> MoESpec:
-    """Add a family to the registry (keyed by ``spec.model_type``) and return it.
+    """Add a family to the registry (keyed by ``spec.model_type``, also reachable by its aliases).
 
     Raises:
         ValueError: if the routing core lacks the family's router kind or MoE-layer rule.
@@ -145,6 +173,8 @@ def register(spec: MoESpec) -> MoESpec:
     if spec.model_type not in MOE_LAYERS:
         raise ValueError(f"add the MoE-layer rule of {spec.model_type!r} to zeda_routing.MOE_LAYERS")
     _REGISTRY[spec.model_type] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.model_type
     return spec
 
 
@@ -160,6 +190,7 @@ def get_spec(model_type: str) -> MoESpec:
         ZedaError: if the family is not supported.
     """
     base = model_type.removeprefix("zeda_")
+    base = _ALIASES.get(base, base)
     if base not in _REGISTRY:
         raise ZedaError(
             f"unsupported model family {model_type!r}; zeda supports: {', '.join(supported_model_types())}"

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from zeda.errors import ZedaError
 from zeda.families import MoESpec, all_specs, get_spec
 from zeda.zero.routing import zero_router_class
-from zeda.zero.structure import apply_zero_structure, set_zero_logit_bias
+from zeda.zero.structure import apply_zero_structure, find_moe_layers, set_zero_logit_bias
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class ZedaModelMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         requested_backend = getattr(config, "_experts_implementation_internal", None)
+        if requested_backend is None and self.zeda_spec.experts_attrs is not None:
+            # transformers' default (grouped_mm) reaches the family's stock inner model, which cannot
+            # take one (its experts are undecorated): build with eager, switch to zeda's below.
+            config._experts_implementation_internal = "eager"
         super().__init__(config, *args, **kwargs)
         zeda = getattr(config, "zeda", None) or {}
         z = int(zeda.get("num_zero_experts", 0))
@@ -60,6 +64,11 @@ class ZedaModelMixin:
                         t = getattr(router, name, None)
                         if isinstance(t, torch.Tensor):
                             t[e:].zero_()
+            for layer in find_moe_layers(self):
+                for name in self.zeda_spec.block_buffers:
+                    t = getattr(layer.block, name)
+                    if t.device.type != "meta":
+                        t[layer.router.num_experts :].zero_()
         set_zero_logit_bias(self, zeda.get("zero_logit_bias"))
         # zeda's backend skips zero slots on every device; an explicit request is respected,
         # except stock eager on families whose eager loop cannot skip the sentinel.

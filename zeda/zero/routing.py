@@ -61,6 +61,7 @@ class ZeroRouterMixin:
     """
 
     zeda_router_kind: ClassVar[str]
+    zeda_native_router_forward: ClassVar[Any] = None
     num_zero_experts: int = 0
     zero_experts_enabled: bool = True
     zero_logit_bias: float = 0.0
@@ -78,22 +79,33 @@ class ZeroRouterMixin:
         e = self.num_experts
         return torch.cat([t[:e].detach(), t[e:]])
 
-    def routing_params(self) -> RouterParams:
-        """This router's facts as the routing core reads them."""
+    def routing_params(self, *extra: torch.Tensor) -> RouterParams:
+        """This router's facts as the routing core reads them.
+
+        ``extra``: the per-expert tensors the family's block passes (named by the class's
+        ``zeda_block_buffers``; MiniMax-M2's correction bias lives on its block).
+        """
+        passed = dict(zip(getattr(self, "zeda_block_buffers", ()), extra, strict=False))
         return RouterParams(
             num_experts=self.num_experts,
             top_k=self.top_k,
             renormalize=bool(getattr(self, "norm_topk_prob", True)),
             zero_logit_bias=self.zero_logit_bias,
-            correction_bias=getattr(self, "e_score_correction_bias", None),
-            num_expert_group=int(getattr(self, "num_group", None) or 1),
+            correction_bias=passed.get(
+                "e_score_correction_bias", getattr(self, "e_score_correction_bias", None)
+            ),
+            # DeepSeek-V2's topk_method "greedy" selects without groups whatever n_group says.
+            num_expert_group=1
+            if getattr(self, "topk_method", None) == "greedy"
+            else int(getattr(self, "num_group", None) or 1),
             topk_group=int(getattr(self, "topk_group", None) or 1),
+            group_top=int(getattr(self, "group_top", 2)),
             routed_scaling_factor=getattr(self, "routed_scaling_factor", 1.0),
         )
 
     def gate_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(T, E+Z)`` router logits of ``(..., H)`` inputs, in the dtype the family's gate uses."""
-        h = hidden_states.reshape(-1, self.hidden_dim)
+        h = hidden_states.reshape(-1, self.weight.shape[-1])
         weight, bias = self.routing_tensor("weight"), self.routing_tensor("bias")
         if get_kind(self.zeda_router_kind).fp32_gate:
             return F.linear(h.float(), weight.float(), None if bias is None else bias.float())
@@ -104,9 +116,14 @@ class ZeroRouterMixin:
         """Whether the zero experts take part in routing right now."""
         return self.zero_experts_enabled and self.num_zero_experts > 0
 
-    def native_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The family's own router forward on the first E rows (bit-identical to the original)."""
+    def native_forward(self, hidden_states: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The family's own router forward on the first E rows (bit-identical to the original).
+
+        ``extra``: per-expert tensors a family's block passes to its router (MiniMax-M2's correction
+        bias), cut to their first E entries too.
+        """
         e = self.num_experts
+        extra = tuple(t[:e] if isinstance(t, torch.Tensor) and t.shape[0] > e else t for t in extra)
         swapped: list[tuple[dict, str, Any]] = []
         for name in PER_EXPERT_TENSORS:
             store = self._parameters if name in self._parameters else self._buffers
@@ -115,16 +132,23 @@ class ZeroRouterMixin:
                 swapped.append((store, name, t))
                 store[name] = t[:e]
         try:
-            return super().forward(hidden_states)
+            native = self.zeda_native_router_forward
+            if native is not None:
+                return native(self, hidden_states, *extra)
+            return super().forward(hidden_states, *extra)
         finally:
             for store, name, t in swapped:
                 store[name] = t
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, *extra: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route tokens over real + zero experts.
 
         Args:
             hidden_states: ``(..., H)`` router input.
+            *extra: What the family's block passes besides (MiniMax-M2: its ``(E + Z,)``
+                correction bias).
 
         Returns:
             ``(router_logits (T, E+Z) or (T, E) in teacher mode, weights (T, k), indices (T, k))``;
@@ -132,9 +156,9 @@ class ZeroRouterMixin:
         """
         if self.routes_to_zero:
             logits = self.gate_logits(hidden_states)
-            weights, indices = select_slots(logits, self.zeda_router_kind, self.routing_params())
+            weights, indices = select_slots(logits, self.zeda_router_kind, self.routing_params(*extra))
         else:
-            logits, weights, indices = self.native_forward(hidden_states)
+            logits, weights, indices = self.native_forward(hidden_states, *extra)
         weights, indices = drop_slots(
             weights,
             indices,
@@ -193,6 +217,11 @@ def zero_router_class(spec: MoESpec) -> type:
         }
         if spec.norm_topk_prob is not None:
             attrs["norm_topk_prob"] = spec.norm_topk_prob
+        if spec.block_buffers:
+            attrs["zeda_block_buffers"] = spec.block_buffers
+        if spec.native_router_forward is not None:
+            attrs["zeda_native_router_forward"] = staticmethod(spec.native_router_forward)
+        attrs.update(spec.router_attrs)
         cls = type(f"Zeda{spec.router_class.__name__}", (ZeroRouterMixin, spec.router_class), attrs)
         _ROUTER_CLASSES[spec.model_type] = cls
     return cls
