@@ -64,7 +64,7 @@ CORPORA: dict[str, Corpus] = {
         Corpus(
             "wiki",
             ("wiki",),
-            0.1,
+            0.12,
             0.1,
             200,
             "106 English Wikipedia articles (the excerpt shipped as gensim 4.4.0's test data), markup stripped",
