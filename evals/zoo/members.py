@@ -72,10 +72,11 @@ CORPORA: dict[str, Corpus] = {
         Corpus(
             "fortunes",
             ("fortunes",),
-            0.08,
-            0.08,
+            0.12,
+            0.12,
             1,
-            "Debian's fortune cookies (quotations, jokes, verse; packages fortunes and fortunes-min)",
+            "Debian's fortune cookies (quotations, jokes, verse; packages fortunes and fortunes-min; the 35 "
+            "files under 120 kB)",
         ),
     )
 }
@@ -346,9 +347,9 @@ MEMBERS: dict[str, Member] = {
             ),
             balance="aux",
             router_shape="top-4 of 32 on the biased router logits, softmax over the 4",
-            steps=800,
+            steps=1400,
             warmup=50,
-            eval_every=40,
+            eval_every=50,
             eval_blocks=64,
         ),
     )

@@ -673,6 +673,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rebuild-command", default=None, help="with --finalize/--recard: the card's rebuild command"
     )
     ap.add_argument(
+        "--status", action="store_true", help="print the checkpoint's step, curve and convergence"
+    )
+    ap.add_argument(
         "--recard", action="store_true", help="rewrite the committed model's card (check figure, command)"
     )
     ap.add_argument("--device", default="cpu", help="where training and evaluation run (e.g. cuda)")
@@ -706,6 +709,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     member = get_member(args.member)
     if args.recard:
         recard(member, args)
+        return
+    if args.status:
+        ck = torch.load(Path(args.run_dir) / "ckpt.pt", weights_only=False, map_location="cpu")
+        curve = " ".join(f"{p['step']}:{p['val_ppl']:.2f}" for p in ck.get("curve", []))
+        print(
+            f"{member.name}: step {ck['step']}/{ck['total_steps']}, {ck['tokens']:,} tokens, "
+            f"{ck['wall'] / 60:.1f} wall-min, {ck.get('cpu', 0) / 60:.1f} CPU-min\nvalidation curve: {curve}\n"
+            f"convergence: {convergence(ck.get('curve', []), ck['total_steps'])}"
+        )
         return
     if member.corpus not in CORPORA:
         raise SystemExit(f"zoo: member {member.name}: unknown corpus {member.corpus!r}")
