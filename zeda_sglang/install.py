@@ -7,7 +7,9 @@ Written against SGLang 0.5.23 (``sglang.srt.layers.moe.topk.TopK``, ``FusedMoE``
 1. The gate gets ``E + Z`` rows (and sigmoid routers an ``E + Z`` ``e_score_correction_bias``),
    so the export's grown router loads under its usual names.
 2. ``topk`` is replaced by a ``TopK`` whose ``custom_routing_function`` is `ZedaRouting`: zeda's
-   math over ``E + Z``, zero slots returned as expert id ``-1`` with weight 0.
+   math over ``E + Z``, zero slots returned as expert id ``-1`` with weight 0. Its output format
+   is forced to the standard one (top-k weights and ids), and MoE runner backends that run their
+   own top-k on the raw logits are refused (`zeda_sglang.compat`).
 3. The experts are untouched: E experts, loaded by SGLang's own loader. SGLang's Triton fused
    MoE on CUDA skips blocks whose expert id is ``-1`` (``fused_moe_kernel``: "Padding and
    nonlocal routes both use -1, including without EP"), so zero slots do no expert work there.
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 from sglang.srt.layers.linear import ReplicatedLinear
-from sglang.srt.layers.moe import get_moe_a2a_backend
+from sglang.srt.layers.moe import get_moe_a2a_backend, get_moe_runner_backend
 from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.runtime_context import get_exec
 from sglang.srt.utils import is_cuda
@@ -30,7 +32,13 @@ from torch import nn
 
 from zeda_routing.serving import ServedZeda, read_forced_share
 
+from .compat import check_runner_backend, folded_scaling, shared_topk_slots, supports_kwarg
 from .routing import ZedaRouting
+
+try:  # absent from some SGLang releases: then TopK has one output format only
+    from sglang.srt.layers.moe.topk import TopKOutputFormat
+except ImportError:  # pragma: no cover - depends on the SGLang release
+    TopKOutputFormat = None
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +118,8 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
     Raises:
         ValueError: without zero experts in the config, with a per-layer zero-logit bias of the
             wrong length, with a quantized checkpoint, with
-            expert-parallel load balancing or an all-to-all MoE backend, or with shared experts
-            fused into the routed top-k.
+            expert-parallel load balancing, an all-to-all MoE backend or an MoE runner backend
+            that routes inside its kernel, or with shared experts fused into the routed top-k.
     """
     served = ServedZeda.read(config, "zeda_sglang", FORCED_SHARE_ENV)
     z, forced = served.num_zero_experts, served.forced_share
@@ -128,11 +136,16 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
         raise ValueError(
             "zeda_sglang: all-to-all MoE backends (--moe-a2a-backend) route inside their kernels; use 'none'"
         )
+    check_runner_backend(get_moe_runner_backend())
+    standard = {}
+    if TopKOutputFormat is not None and supports_kwarg(TopK.__init__, "output_format"):
+        standard["output_format"] = TopKOutputFormat.STANDARD
     blocks = _moe_blocks(model)
     computed = 0
     for layer, block in blocks:
+        check_runner_backend(getattr(block.experts, "runner_backend", None))
         old_cfg = block.topk.topk_config
-        if old_cfg.num_shared_topk_slots:
+        if shared_topk_slots(old_cfg):
             raise ValueError(
                 "zeda_sglang: shared experts fused into the routed top-k are not supported; "
                 "launch with --disable-shared-experts-fusion"
@@ -153,6 +166,7 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
             gate=gate if kind == "sigmoid_bias" else None,
             num_expert_group=int(old_cfg.num_expert_group or 1) if old_cfg.use_grouped_topk else 1,
             topk_group=int(old_cfg.topk_group or 1) if old_cfg.use_grouped_topk else 1,
+            routed_scaling_factor=folded_scaling(old_cfg),
             kernel_skips_dropped=skips,
         )
         topk = TopK(
@@ -160,14 +174,16 @@ def install_zero_experts(model: nn.Module, config: Any) -> int:
             layer_id=layer,
             renormalize=bool(old_cfg.renormalize),
             custom_routing_function=routing,
-            # kept so SGLang folds the factor into the weights exactly where it did before
             routed_scaling_factor=old_cfg.routed_scaling_factor,
-            apply_routed_scaling_factor_on_output=old_cfg.apply_routed_scaling_factor_on_output,
+            # SGLang's custom-routing path asserts this is off; the routing folds the factor itself
+            apply_routed_scaling_factor_on_output=False,
+            **standard,
         )
-        topk.bind_runner_backend(
-            getattr(block.experts, "runner_backend", None),
-            routing_method_type=getattr(block.experts, "routing_method_type", None),
-        )
+        if hasattr(topk, "bind_runner_backend"):  # absent from some SGLang releases
+            topk.bind_runner_backend(
+                getattr(block.experts, "runner_backend", None),
+                routing_method_type=getattr(block.experts, "routing_method_type", None),
+            )
         block.topk = topk
     if computed:
         logger.warning(

@@ -10,9 +10,9 @@ The math itself is the routing core's `zeda_routing.route` (torch only), the one
 zeda's transformers routers and the vLLM plugin use too; tests/serving/test_sglang_routing.py pins
 this adapter to zeda's routers.
 
-Sigmoid routers (glm4_moe) return weights *without* ``routed_scaling_factor``: SGLang applies
-that factor itself after the experts (or folds it into the weights when its kernel asks), as it
-does for its own biased grouped top-k.
+Sigmoid routers (glm4_moe) return weights *without* ``routed_scaling_factor`` where SGLang
+applies that factor itself after the experts, and *with* it where SGLang's experts expect it in
+the top-k weights (`zeda_sglang.compat.folded_scaling`), as SGLang's own biased grouped top-k.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class ZedaRouting(LayerRouting):
         kernel_skips_dropped: True where the experts kernel skips expert id -1 (SGLang's
             Triton fused MoE on CUDA). Otherwise dropped slots are sent to expert 0 with weight
             0: correct, but computed.
-        **kwargs: `zeda_routing.serving.LayerRouting`'s arguments (``routed_scaling_factor``
-            stays 1: SGLang scales routed outputs itself).
+        **kwargs: `zeda_routing.serving.LayerRouting`'s arguments (``routed_scaling_factor``: 1
+            where SGLang scales routed outputs itself).
     """
 
     def __init__(self, *, kernel_skips_dropped: bool = True, **kwargs: Any) -> None:

@@ -9,10 +9,13 @@ refusals), and the config registration SGLang's parser relies on.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 import zeda
 from zeda.tiny import tiny_model
+from zeda_sglang.compat import check_runner_backend, folded_scaling, shared_topk_slots, supports_kwarg
 from zeda_sglang.routing import DROPPED, ZedaRouting
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,3 +207,75 @@ def test_sglang_config_parser_reads_exports_and_refuses_other_families(tmp_path:
         "zeda_sglang: zeda family 'qwen2_moe' (model_type 'zeda_qwen2_moe') is not supported by the "
         "SGLang models; supported families: glm4_moe, mixtral, qwen3_moe",
     ]
+
+
+def test_folded_scaling_matches_zeda_weights_with_the_factor() -> None:
+    """Where SGLang expects the factor in the top-k weights, the routing folds it in (glm4_moe)."""
+    kind, router = _router("glm4_moe")
+    h = torch.randn(32, router.hidden_dim, generator=torch.Generator().manual_seed(8))
+    cfg = SimpleNamespace(apply_routed_scaling_factor_on_output=True, routed_scaling_factor=2.5)
+    router.zero_logit_bias = 0.3
+    routing, weight = _sglang_routing(
+        kind, router, zero_logit_bias=0.3, routed_scaling_factor=folded_scaling(cfg)
+    )
+    with torch.no_grad():
+        theirs = router(h)
+        mine = routing(h, _logits(kind, weight, h), router.top_k, routing.renormalize)
+    _assert_same(theirs, mine, router.num_experts, 1.0)
+    assert (
+        folded_scaling(
+            SimpleNamespace(apply_routed_scaling_factor_on_output=False, routed_scaling_factor=2.5)
+        )
+        == 1.0
+    )
+
+
+# SGLang cannot be installed here: the release-dependent names are read through zeda_sglang.compat,
+# exercised with plain objects carrying the attributes each SGLang release spells differently.
+def test_compat_reads_either_spelling_of_fused_shared_slots() -> None:
+    assert shared_topk_slots(SimpleNamespace(num_shared_topk_slots=1)) == 1
+    assert shared_topk_slots(SimpleNamespace(num_fused_shared_experts=2)) == 2
+    assert shared_topk_slots(SimpleNamespace()) == 0
+
+
+class _Backend(Enum):
+    TRITON = "triton"
+    FLASHINFER_TRTLLM = "flashinfer_trtllm"
+    TRITON_KERNEL = "triton_kernel"
+
+
+def test_backends_that_route_in_their_kernel_are_refused_in_one_line() -> None:
+    for ok in (None, "auto", "triton", _Backend.TRITON, "flashinfer_cutlass"):
+        check_runner_backend(ok)
+    for bad in ("flashinfer_trtllm", "flashinfer_mxfp4", _Backend.FLASHINFER_TRTLLM, _Backend.TRITON_KERNEL):
+        with pytest.raises(
+            ValueError, match=r"^zeda_sglang: --moe-runner-backend \S+ routes inside its kernel"
+        ) as err:
+            check_runner_backend(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_install_reads_release_dependent_names_through_compat() -> None:
+    """install.py builds its TopK with the scaling flag off and the standard output format, and
+    touches ``bind_runner_backend`` only where it exists."""
+    tree = ast.parse((REPO / "zeda_sglang" / "install.py").read_text())
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not attrs & {"num_shared_topk_slots", "num_fused_shared_experts"}
+    (topk_call,) = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "TopK"
+    ]
+    kwargs = {k.arg: k.value for k in topk_call.keywords}
+    assert isinstance(kwargs["apply_routed_scaling_factor_on_output"], ast.Constant)
+    assert kwargs["apply_routed_scaling_factor_on_output"].value is False
+    assert any(k.arg is None for k in topk_call.keywords)  # **standard: the output format
+    guarded = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If)
+        and "hasattr" in ast.unparse(n.test)
+        and "bind_runner_backend" in ast.unparse(n.test)
+    ]
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "bind_runner_backend"]
+    assert guarded and all(any(c in ast.walk(g) for g in guarded) for c in calls)
+    assert supports_kwarg(lambda a, *, output_format=None: a, "output_format")
+    assert not supports_kwarg(lambda a: a, "output_format")
