@@ -20,7 +20,7 @@ import torch
 
 from .kinds import RouterParams, get_kind
 from .layers import MOE_LAYERS, layer_zero_logit_bias
-from .slots import route
+from .slots import DROPPED, route
 
 __all__ = ["AdapterConfigs", "LayerRouting", "ServedZeda", "read_forced_share"]
 
@@ -150,11 +150,15 @@ class LayerRouting:
             routed_scaling_factor=self.routed_scaling_factor,
         )
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route ``(T, E + Z)`` gate logits.
+    def route(self, logits: torch.Tensor, dropped_id: int = DROPPED) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route ``(T, E + Z)`` gate logits (static shapes, no host synchronisation).
+
+        Args:
+            logits: ``(T, E + Z)`` gate logits (``(T, E)`` with a forced share).
+            dropped_id: The id of a dropped slot (see `zeda_routing.route`).
 
         Returns:
-            ``(weights (T, k) float32, ids (T, k) int32)``; dropped slots have id -1, weight 0.
+            ``(weights (T, k) float32, ids (T, k) int32)``; dropped slots have ``dropped_id``, weight 0.
         """
         return route(
             logits,
@@ -162,6 +166,7 @@ class LayerRouting:
             self.params(),
             zero_experts_enabled=self.forced_share is None,
             forced_share=self.forced_share,
+            dropped_id=dropped_id,
         )
 
 

@@ -227,8 +227,12 @@ def route(
     *,
     zero_experts_enabled: bool = True,
     forced_share: float | None = None,
+    dropped_id: int = DROPPED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A serving engine's routing: select, renormalise, then drop to id `DROPPED`.
+    """A serving engine's routing: select, renormalise, then drop.
+
+    Static shapes and no host synchronisation (``torch.compile(fullgraph=True)`` traces it), so
+    it runs inside CUDA-graph capture.
 
     Args:
         logits: ``(T, E + Z)`` gate outputs (``(T, E)`` is fine with ``zero_experts_enabled=False``).
@@ -236,10 +240,12 @@ def route(
         params: The router's facts.
         zero_experts_enabled: False routes as the original router (zeda's teacher mode).
         forced_share: Also drop exactly ``floor(share·T·k)`` of the lowest-weight slots.
+        dropped_id: The id of a dropped slot: `DROPPED` (-1: kernels that skip it, or a host-side
+            compaction), or E where an expert map sends E to "no expert here".
 
     Returns:
-        ``(weights (T, k) float32, ids (T, k) int32)`` with dropped slots at id -1, weight 0.
+        ``(weights (T, k) float32, ids (T, k) int32)`` with dropped slots at ``dropped_id``, weight 0.
     """
     weights, ids = select_slots(logits, kind, params, zero_experts_enabled)
-    weights, ids = drop_slots(weights, ids, params.num_experts, dropped_id=DROPPED, forced_share=forced_share)
+    weights, ids = drop_slots(weights, ids, params.num_experts, dropped_id=dropped_id, forced_share=forced_share)
     return weights.float().contiguous(), ids.to(torch.int32).contiguous()

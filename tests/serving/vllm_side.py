@@ -1,11 +1,13 @@
 """The vLLM half of the serving parity tests; runs in the vLLM environment (``.venv-vllm``).
 
 Usage: ``python vllm_side.py SPEC.json RESULTS.json``. SPEC lists cases
-``{name, model, hf_overrides, prompts, continuations, max_tokens, expect_error}``; for each
-case one ``vllm.LLM`` (CPU, fp32, eager) greedily generates from the prompts (token ids) and
-scores ``prompt + continuation`` (the transformers model's greedy continuation) with
-``prompt_logprobs``. RESULTS maps case name to ``{tokens, gen_logprobs, scored_logprobs}`` or
-``{error}``. Nothing from zeda is imported here.
+``{name, model, hf_overrides, prompts, continuations, max_tokens, enforce_eager, fake_vllm_version,
+import_zeda}``; for each case one ``vllm.LLM`` (CPU, fp32, eager unless told) greedily generates
+from the prompts (token ids) and scores ``prompt + continuation`` (the transformers model's greedy
+continuation) with ``prompt_logprobs``. RESULTS maps case name to ``{tokens, gen_logprobs,
+scored_logprobs}`` or ``{error}``. zeda itself is imported only by an ``import_zeda`` case (one
+process holding both registrations; it then also loads the export with ``zeda.load``), which
+must come last; ``fake_vllm_version`` sets ``vllm.__version__`` for that case only.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import traceback
 
 def run_case(case: dict) -> dict:
     """Run one case; returns its results (or the error text when loading fails)."""
+    import vllm
     from vllm import LLM, SamplingParams
 
+    if case.get("import_zeda"):
+        import zeda  # noqa: F401  (registers zeda's own zeda_<family> classes in this process)
+    real_version = vllm.__version__
+    vllm.__version__ = case.get("fake_vllm_version") or real_version
     try:
         llm = LLM(
             model=case["model"],
@@ -36,6 +43,8 @@ def run_case(case: dict) -> dict:
         )
     except Exception as exc:  # noqa: BLE001 - the refusal cases assert on this text
         return {"error": "".join(traceback.format_exception_only(type(exc), exc)).strip()}
+    finally:
+        vllm.__version__ = real_version
     prompts = [{"prompt_token_ids": p} for p in case["prompts"]]
     gen = llm.generate(
         prompts,
@@ -65,7 +74,17 @@ def run_case(case: dict) -> dict:
             scored.append([lps[i][ids[i]].logprob for i in range(len(p), len(ids))])
     del llm
     gc.collect()
-    return {"tokens": tokens, "gen_logprobs": gen_lp, "scored_logprobs": scored}
+    out = {"tokens": tokens, "gen_logprobs": gen_lp, "scored_logprobs": scored}
+    if case.get("import_zeda"):
+        import torch
+
+        import zeda
+
+        model = zeda.load(case["model"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(case["prompts"][:1])).logits[0, -1]
+        out["zeda_load"] = [type(model).__name__, int(logits.argmax())]
+    return out
 
 
 def main() -> None:
