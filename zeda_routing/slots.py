@@ -247,5 +247,7 @@ def route(
         ``(weights (T, k) float32, ids (T, k) int32)`` with dropped slots at ``dropped_id``, weight 0.
     """
     weights, ids = select_slots(logits, kind, params, zero_experts_enabled)
-    weights, ids = drop_slots(weights, ids, params.num_experts, dropped_id=dropped_id, forced_share=forced_share)
+    weights, ids = drop_slots(
+        weights, ids, params.num_experts, dropped_id=dropped_id, forced_share=forced_share
+    )
     return weights.float().contiguous(), ids.to(torch.int32).contiguous()

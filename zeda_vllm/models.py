@@ -200,14 +200,7 @@ class MappedExperts(ZedaRoutedExperts):
     alignment (``moe_align_block_size(..., ignore_invalid_experts=True)``) and in its weighted sum:
     static shapes, no host sync, CUDA-graph safe. `map_dropped_slots` sets the map up."""
 
-    def forward_modular(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        shared_experts: Any = None,
-        shared_experts_input: torch.Tensor | None = None,
-    ) -> Any:
+    def forward_modular(self, *args: Any, **kwargs: Any) -> Any:
         """The kernel's own forward; on the first call, refuse a kernel that ignores the map."""
         if not getattr(self, "_zeda_kernel_checked", False):
             kernel = getattr(getattr(self.quant_method, "moe_kernel", None), "fused_experts", None)
@@ -222,7 +215,7 @@ class MappedExperts(ZedaRoutedExperts):
                     "be skipped (tested: vLLM's Triton fused MoE, unquantized)"
                 )
             self._zeda_kernel_checked = True
-        return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        return super().forward_modular(*args, **kwargs)
 
 
 def map_dropped_slots(experts: RoutedExperts, num_experts: int) -> None:

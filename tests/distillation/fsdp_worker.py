@@ -5,16 +5,21 @@ Usage: fsdp_worker.py OUT_DIR RECIPE_YAML
 Trains the recipe's model (loaded from ``model.name_or_path``) with `zeda.distill` on an
 `Accelerator` built from the launch's options, then writes OUT_DIR/rank{r}.json: accelerate's
 distributed type, the class of the trained module, its FSDP units, and for every parameter whether
-it is a DTensor with this rank's local and the full element counts, and whether transformers'
-``generate`` sees an FSDP-managed model (it then keeps the ranks in step).
+it is a DTensor with this rank's local and the full element counts, whether transformers'
+``generate`` sees an FSDP-managed model (it then keeps the ranks in step), and the routers'
+zero-logit biases. With ``ZEDA_TEST_PLACEHOLDER_WEIGHTS=1`` every rank but 0 overwrites its
+loaded weights with placeholders first, as RAM-efficient loading leaves them where transformers
+skips the read on those ranks (transformers 5.25 reads the checkpoint on every rank).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -23,6 +28,7 @@ from transformers.distributed.fsdp import is_fsdp_managed_module
 from zeda.config import load_recipe
 from zeda.distillation.loop import distill
 from zeda.io import load, load_tokenizer
+from zeda.zero.routing import zero_routers
 
 
 def main() -> None:
@@ -30,7 +36,12 @@ def main() -> None:
     cfg = load_recipe(recipe)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    student, _ = distill(load(cfg.model.name_or_path), cfg, tokenizer, accelerator)
+    model = load(cfg.model.name_or_path)
+    if os.environ.get("ZEDA_TEST_PLACEHOLDER_WEIGHTS") == "1" and accelerator.process_index != 0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(0.5)
+    student, _ = distill(model, cfg, tokenizer, accelerator)
     params = {
         n: {
             "dtensor": isinstance(p, DTensor),
@@ -46,6 +57,7 @@ def main() -> None:
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in student.modules()),
         "generate_syncs_ranks": is_fsdp_managed_module(student.get_base_model()),
         "params": params,
+        "zero_logit_bias": sorted({float(r.zero_logit_bias) for r in zero_routers(student)}),
     }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
     accelerator.end_training()

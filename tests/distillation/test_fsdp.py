@@ -53,7 +53,7 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _fsdp_launch() -> list[str]:
+def _fsdp_launch(ram_efficient: bool = False) -> list[str]:
     """accelerate's FSDP2 launch of 2 CPU processes (a fixed free port: port 0 can hang here)."""
     return [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -61,7 +61,7 @@ def _fsdp_launch() -> list[str]:
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_transformer_layer_cls_to_wrap", "Qwen3MoeDecoderLayer",
-        "--fsdp_cpu_ram_efficient_loading", "false",
+        "--fsdp_cpu_ram_efficient_loading", "true" if ram_efficient else "false",
     ]  # fmt: skip
 
 
@@ -215,6 +215,33 @@ def test_sharded_rollouts_and_on_policy_stage(world, tmp_path):
     assert (tmp_path / "run" / "export" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("init", ["threshold", "relative"])
+def test_ram_efficient_sharded_start_is_solved_once_and_broadcast(world, tmp_path, init):
+    """``inject.init=threshold|relative`` under FSDP2 with RAM-efficient loading: rank 1 holds
+    placeholder weights until sharding, so only rank 0 can solve the start; its zero rows and
+    zero-logit bias reach rank 1 (`zeda.zero.start.start_at_share`), and rank 0's weights reach
+    rank 1's shards (`zeda.distillation.sharding.shard_fsdp2`): the 1-process trajectory."""
+    root = world["root"]
+    extra = (f"inject.init={init}", "inject.num_zero_experts=4")
+    one = _recipe(root, f"one_{init}", 4, STEPS // 2, *extra)
+    zeda.distill(load(root / "model"), one, load_tokenizer(root / "model"))
+    save_recipe(_recipe(root, f"two_{init}", 2, STEPS // 2, *extra), tmp_path / "two.yaml")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    res = subprocess.run(
+        [*_fsdp_launch(ram_efficient=True), str(WORKER), str(out), str(tmp_path / "two.yaml")],
+        env={**ENV, "ZEDA_TEST_PLACEHOLDER_WEIGHTS": "1"}, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["zero_logit_bias"] == ranks[1]["zero_logit_bias"]
+    assert _losses(root / f"two_{init}") == pytest.approx(_losses(root / f"one_{init}"), rel=1e-4, abs=1e-6)
+    assert _losses(root / f"two_{init}", "zero_share") == pytest.approx(
+        _losses(root / f"one_{init}", "zero_share"), rel=1e-6
+    )
+
+
 def test_fsdp_launch_options_the_cpu_path_cannot_honour_are_refused(monkeypatch):
     for key in (
         "ACCELERATE_USE_FSDP",
@@ -229,9 +256,7 @@ def test_fsdp_launch_options_the_cpu_path_cannot_honour_are_refused(monkeypatch)
     assert cpu_fsdp2_plugin(DistributedType.MULTI_GPU) is None  # GPUs: accelerate's own FSDP2
     assert cpu_fsdp2_plugin(DistributedType.MULTI_CPU).fsdp_version == 2
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # accelerate launch's default
-    with pytest.raises(zeda.ZedaError, match="--fsdp_cpu_ram_efficient_loading false") as err:
-        cpu_fsdp2_plugin(DistributedType.MULTI_CPU)
-    assert "\n" not in str(err.value)
+    assert cpu_fsdp2_plugin(DistributedType.MULTI_CPU).cpu_ram_efficient_loading  # rank 0's weights broadcast
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(zeda.ZedaError, match="version 2 only"):

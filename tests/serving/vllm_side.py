@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -32,7 +33,8 @@ def run_case(case: dict) -> dict:
         llm = LLM(
             model=case["model"],
             dtype="float32",
-            enforce_eager=case.get("enforce_eager", True),
+            # ZEDA_VLLM_GRAPHS=1 (evals/serve/gpu_check.sh): vLLM's default mode everywhere, CUDA graphs on GPUs
+            enforce_eager=case.get("enforce_eager", True) and os.environ.get("ZEDA_VLLM_GRAPHS") != "1",
             skip_tokenizer_init=True,
             max_model_len=64,
             max_num_seqs=64,

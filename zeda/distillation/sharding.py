@@ -76,12 +76,6 @@ def cpu_fsdp2_plugin(distributed_type: DistributedType) -> FullyShardedDataParal
             f"FSDP version {plugin.fsdp_version} was asked for on CPU; zeda shards CPU runs with FSDP "
             "version 2 only (accelerate launch --fsdp_version 2, or FSDP_VERSION=2 in the environment)"
         )
-    if plugin.cpu_ram_efficient_loading:
-        # transformers then leaves the weights of every rank but 0 unloaded, for accelerate's GPU
-        # path to broadcast; the CPU path loads the model on every rank instead.
-        raise ZedaError(
-            "FSDP on CPU needs every rank to load the model: launch with --fsdp_cpu_ram_efficient_loading false"
-        )
     _refuse_fsdp_activation_checkpointing(plugin)
     return plugin
 
@@ -117,9 +111,16 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
     does. Parameters become ``DTensor`` shards (dim 0 split across ranks); frozen and trainable
     parameters are sharded alike.
 
+    With RAM-efficient loading (``--fsdp_cpu_ram_efficient_loading true``) only rank 0's weights
+    count: other ranks may hold placeholders, and rank 0's full state is broadcast into every
+    rank's shards after sharding (torch's ``set_model_state_dict(..., broadcast_from_rank0=True)``,
+    as accelerate's GPU path does).
+
     Args:
-        model: The student, unsharded and on the CPU, with identical values on every rank.
-        plugin: The launch's FSDP2 options (wrap policy, ``reshard_after_forward``).
+        model: The student, unsharded and on the CPU, with identical values on every rank (or
+            valid on rank 0 only, with RAM-efficient loading).
+        plugin: The launch's FSDP2 options (wrap policy, ``reshard_after_forward``,
+            ``cpu_ram_efficient_loading``).
 
     Returns:
         ``model`` itself (a PEFT wrapper stays one; the model inside is now an ``FSDPModule``).
@@ -132,6 +133,8 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
     # ``PeftModel.generate`` (teacher rollouts, stage-2 samples) calls the inner model directly,
     # which would skip a wrapper's all-gather.
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from_rank0 = bool(plugin.cpu_ram_efficient_loading)
+    full = root.state_dict() if from_rank0 and torch.distributed.get_rank() == 0 else {}
     policy = fsdp2_prepare_auto_wrap_policy(plugin, root)
     units = 0
     if policy is not None:
@@ -141,6 +144,13 @@ def shard_fsdp2(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> nn.
                 units += 1
     # The root keeps torch's default (no reshard after forward), as accelerate does.
     fully_shard(root)
+    if from_rank0:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(
+            root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
+        del full
     _mark_fsdp_managed(model)
     logger.info("FSDP2 on CPU: %d wrapped modules + the root", units)
     return model

@@ -3,6 +3,10 @@
 `start_at_share` puts the zero rows on a training-free rule (an absolute logit threshold, or
 rows fitted by `fit_zero_rows` to each token's log-sum-exp) and solves the zero-logit bias with
 `zeda.zero.calibrate.calibrate`. Used by ``inject.init=threshold|relative``.
+
+In a distributed run (``torch.distributed`` initialised, more than one rank) the start is solved
+once, on rank 0, and broadcast: other ranks may hold placeholder or meta weights (FSDP's
+RAM-efficient loading), and every rank must route with the same bias and zero rows.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from tqdm.auto import tqdm
 
 from zeda.errors import ZedaError
 from zeda.zero.calibrate import CalibrationResult, _blocks, _sweep, calibrate
-from zeda.zero.structure import find_moe_layers, is_injected
+from zeda.zero.structure import find_moe_layers, is_injected, set_zero_logit_bias
 from zeda.zero.teacher import teacher_mode
 from zeda_routing import get_kind
 
@@ -151,11 +155,86 @@ def start_at_share(
 
     Returns:
         The `CalibrationResult` (the bias is set on the routers and in ``config.zeda``).
+
+    In a distributed run every rank must call it (a collective): rank 0 solves, the others
+    receive its zero rows, bias and result (`_from_rank0`).
     """
     if not is_injected(model):
         raise ZedaError("start_at_share needs a model with zero experts (inject them first)")
     if rows not in ("zero", "fitted"):
         raise ZedaError(f"start_at_share: rows must be 'zero' or 'fitted', got {rows!r}")
+    if _world_size() > 1:
+        return _from_rank0(
+            model, lambda: _solve_start(model, target_share, texts_or_batches, tokenizer, rows, **kwargs)
+        )
+    return _solve_start(model, target_share, texts_or_batches, tokenizer, rows, **kwargs)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _zero_rows(model: nn.Module) -> dict[int, dict[str, torch.Tensor]]:
+    """Views of every router's zero-expert rows (``weight``/``bias`` rows ``[E, E+Z)``), by MoE layer."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for layer in find_moe_layers(model):
+        e = layer.router.num_experts
+        for name in ("weight", "bias"):
+            t = getattr(layer.router, name, None)
+            if isinstance(t, torch.Tensor) and t.shape[0] > e:
+                out.setdefault(layer.index, {})[name] = t[e:]
+    return out
+
+
+def _from_rank0(model: nn.Module, solve: Any) -> CalibrationResult:
+    """Run ``solve`` on rank 0 only; give every other rank its zero rows, bias and result.
+
+    Ranks whose router tensors are on the meta device keep them: the sharding broadcasts rank 0's
+    weights into them. A failure on rank 0 is raised on every rank (no rank is left waiting).
+    """
+    dist = torch.distributed
+    payload: list[Any] = [None]
+    result: CalibrationResult | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = solve()
+            rows = {
+                i: {n: v.detach().cpu().clone() for n, v in d.items()} for i, d in _zero_rows(model).items()
+            }
+            payload = [{"result": result.to_dict(), "rows": rows}]
+        except Exception as exc:
+            payload = [{"error": str(exc)}]
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    got = payload[0]
+    if "error" in got:
+        raise ZedaError(f"the distillation start failed on rank 0: {got['error']}")
+    if result is not None:
+        return result
+    with torch.no_grad():
+        for index, views in _zero_rows(model).items():
+            for name, view in views.items():
+                if view.device.type != "meta":
+                    view.copy_(got["rows"][index][name])
+    result = CalibrationResult(**got["result"])
+    set_zero_logit_bias(model, result.zero_logit_bias)
+    model.config.zeda = {
+        **(getattr(model.config, "zeda", None) or {}),
+        "zero_logit_bias": result.zero_logit_bias,
+    }
+    return result
+
+
+def _solve_start(
+    model: nn.Module,
+    target_share: float,
+    texts_or_batches: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor,
+    tokenizer: Any,
+    rows: str,
+    **kwargs: Any,
+) -> CalibrationResult:
     with torch.no_grad():
         for layer in find_moe_layers(model):
             router, e = layer.router, layer.router.num_experts
