@@ -11,9 +11,10 @@ import: the engine package passes its transformers classes in).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +24,8 @@ from .layers import MOE_LAYERS, layer_zero_logit_bias
 from .slots import DROPPED, route
 
 __all__ = ["AdapterConfigs", "LayerRouting", "ServedZeda", "read_forced_share"]
+
+logger = logging.getLogger(__name__)
 
 
 def read_forced_share(config: Any, env_var: str) -> float | None:
@@ -180,7 +183,8 @@ class AdapterConfigs:
         module: The adapter module that owns the classes (its ``__name__``).
         engine: The adapter package, for messages (``"zeda_vllm"``).
         what: How the adapter calls itself (``"the vLLM plugin"``).
-        served: Served family (base ``model_type``) -> the family's transformers config class.
+        served: The served families (base ``model_type``); their config classes are
+            transformers' own (``CONFIG_MAPPING[family]``).
         transformers: The engine environment's ``transformers`` module (``PretrainedConfig`` is
             the base of the refusing classes; ``AutoConfig`` registers them).
 
@@ -192,10 +196,12 @@ class AdapterConfigs:
     """
 
     def __init__(
-        self, module: str, engine: str, what: str, served: Mapping[str, type], transformers: Any
+        self, module: str, engine: str, what: str, served: tuple[str, ...], transformers: Any
     ) -> None:
-        self.engine, self.what, self.served = engine, what, dict(served)
         self._transformers = transformers
+        mapping = transformers.models.auto.configuration_auto.CONFIG_MAPPING
+        self.engine, self.what = engine, what
+        self.served = {family: mapping[family] for family in served}
         base = transformers.PretrainedConfig
         self.classes: dict[str, type] = {}
         for family in sorted(MOE_LAYERS):
@@ -245,6 +251,7 @@ class AdapterConfigs:
         done = [t for t in self.classes if t not in known]
         for model_type in done:
             from_pretrained.register(model_type, self.classes[model_type], exist_ok=True)
+        logger.debug("%s registered zeda config classes: %s", self.engine, ", ".join(done))
         return done
 
 

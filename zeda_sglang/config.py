@@ -14,21 +14,12 @@ A model type zeda itself has registered in this process is left as it is.
 
 from __future__ import annotations
 
-import logging
-
 import transformers
-from transformers import Glm4MoeConfig, MixtralConfig, Qwen3MoeConfig
 
 from zeda_routing.serving import AdapterConfigs
 
-logger = logging.getLogger(__name__)
-
 CONFIGS = AdapterConfigs(
-    __name__,
-    "zeda_sglang",
-    "the SGLang models",
-    {"qwen3_moe": Qwen3MoeConfig, "glm4_moe": Glm4MoeConfig, "mixtral": MixtralConfig},
-    transformers,
+    __name__, "zeda_sglang", "the SGLang models", ("qwen3_moe", "glm4_moe", "mixtral"), transformers
 )
 """The config classes of every zeda family (``CONFIGS.classes``); the refused ones raise."""
 
@@ -36,8 +27,4 @@ SUPPORTED_FAMILIES: dict[str, str] = CONFIGS.architectures
 """zeda family (base ``model_type``) -> architecture name served by ``zeda_sglang.models``."""
 UNSUPPORTED_FAMILIES: tuple[str, ...] = CONFIGS.unsupported
 unsupported_message = CONFIGS.message
-
-
-def register_configs() -> None:
-    """Register every ``zeda_<family>`` model type with transformers' ``AutoConfig`` (idempotent)."""
-    logger.debug("registered zeda config classes: %s", ", ".join(CONFIGS.register()))
+register_configs = CONFIGS.register  # every zeda_<family> model type with AutoConfig (idempotent)
