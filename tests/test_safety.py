@@ -12,10 +12,12 @@ subprocess), and checks:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from zeda.cli import main
 from zeda.io import atomic_save
@@ -111,7 +114,8 @@ def _zeda(capfd, *argv: str) -> tuple[int, list[str]]:
 
 
 def _is_progress(line: str) -> bool:
-    return "it/s]" in line or "s/it]" in line or "?it/s" in line
+    """A tqdm bar (``desc: 25%|██  | 1/4 [00:01<00:03, 1.2it/s, ...]``)."""
+    return re.search(r"\d+/\d+ \[[\d:?]+<", line) is not None
 
 
 def _refused(
@@ -454,3 +458,96 @@ def test_console_script_one_line_and_status_2(world):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("zeda: error: "), proc.stderr
     assert _tree(world) == before
+
+
+# ---- one writer per run directory; a failed run leaves nothing (issue 29) ---------------------
+
+
+def _ok(capfd, *argv: str) -> None:
+    rc, lines = _zeda(capfd, *argv)
+    assert rc == 0, lines
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(world, capfd):
+    # What a live `zeda distill` writing run/ holds: an flock on run/'s lock file.
+    fd = os.open(world / ".run.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _refused(
+            world,
+            capfd,
+            "distill",
+            "recipe.yaml",
+            "train.resume=true",
+            "stage1.steps=4",
+            expect="another zeda process",
+            after_loading=True,
+        )
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(world, capfd):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open('.run.lock', os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        cwd=world,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()  # kill -9: the lock file stays behind, the lock does not
+    holder.wait()
+    assert (world / ".run.lock").exists()
+    _ok(capfd, "distill", "recipe.yaml", "train.resume=true", "stage1.steps=3")
+    assert json.loads((world / "run" / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert not list(world.glob(".run.*"))
+
+
+@pytest.mark.parametrize("seq_len", ["100000", "100000000"])
+def test_a_run_that_fails_after_it_started_leaves_no_run_directory(world, capfd, seq_len):
+    _refused(
+        world,
+        capfd,
+        "distill",
+        "recipe.yaml",
+        "train.output_dir=new",
+        f"data.seq_len={seq_len}",
+        after_loading=True,
+    )
+
+
+# ---- the non-finite stop: advice that works (issue 29) ----------------------------------------
+
+
+def test_nan_before_the_first_checkpoint_leaves_nothing_and_the_advice_works(world, capfd):
+    argv = ("distill", "recipe.yaml", "train.output_dir=new", "stage1.steps=4")
+    msg = _refused(world, capfd, *argv, "stage1.lr=1e30", expect="non-finite", after_loading=True)
+    assert "run the same command again" in msg and "lower stage1.lr" in msg
+    _ok(capfd, *argv, "stage1.lr=0.01")  # the advice: a lower lr, the same command
+    assert json.loads((world / "new" / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+def test_nan_mid_run_keeps_a_checkpoint_whose_next_step_was_finite(world, capfd):
+    # lr warms up from 0: step 0 changes nothing, step 1 drives the weights to ~1e29 (still
+    # finite, and checkpointed), step 2's loss is not finite.
+    argv = ("distill", "recipe.yaml", "train.output_dir=new", "stage1.steps=6", "train.save_every=1")
+    argv += ("train.warmup_ratio=0.5",)
+    rc, lines = _zeda(capfd, *argv, "stage1.lr=1e30")
+    lines = [ln for ln in lines if not _is_progress(ln)]
+    assert rc == 2 and len(lines) == 1 and "non-finite" in lines[0], lines
+    assert "resume" in lines[0]
+    ckpt = world / "new" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text()) == {"stage": "stage1", "step": 1}
+    assert not (world / "new" / ".checkpoint.old").exists()
+    tensors = load_file(ckpt / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in tensors.values())
+    _ok(capfd, *argv, "stage1.lr=0.01", "train.resume=true")  # the advice works
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 6

@@ -31,7 +31,7 @@ from zeda.config import RunConfig, load_recipe
 from zeda.data import read_jsonl
 from zeda.distillation.data import validate_data
 from zeda.distillation.loop import DistillResult, distill
-from zeda.distillation.run_dir import prepare_run_dir, run_inputs
+from zeda.distillation.run_dir import RunDir, prepare_run_dir, run_inputs
 from zeda.distillation.sharding import cpu_fsdp2_plugin, is_sharded
 from zeda.distillation.student import inject_for_run, load_run
 from zeda.errors import ZedaError
@@ -159,6 +159,14 @@ def run(
     inputs = run_inputs(cfg)
     run_dir = prepare_run_dir(cfg, inputs, explicit=explicit_out)
     _check_export_dir(export_dir, inputs)
+    # The run directory is locked while this process writes it; a failure before its first
+    # checkpoint leaves nothing behind.
+    with run_dir.session(state.is_main_process):
+        return _run(cfg, run_dir, export_dir, state, evaluate)
+
+
+def _run(cfg: RunConfig, run_dir: RunDir, export_dir: Path, state: PartialState, evaluate: bool) -> RunResult:
+    out = Path(cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
 
     # 1. The original model.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -62,9 +63,12 @@ def test_killed_run_resumes_from_checkpoint_old_without_repeating_metrics(corpus
     # The recipe was written at the start: the killed run can be exported.
     student, _, stored, _ = load_run(run)
     assert stored.stage1.steps == 6 and zeda.is_injected(student)
+    # The step-2 checkpoint stays until a finite step follows the step-4 one.
+    assert json.loads((run / ".checkpoint.old" / "state.json").read_text())["step"] == 2
     # A row logged after the checkpoint, then a crash between the two renames of the next save.
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"stage": "stage1", "step": 5, "loss": 0.0}) + "\n")
+    shutil.rmtree(run / ".checkpoint.old")
     (run / "checkpoint").rename(run / ".checkpoint.old")
     (run / ".checkpoint.tmp").mkdir()
     resumed, _ = distill(tiny_model("olmoe"), apply_overrides(cfg, ["train.resume=true"]), tok)
@@ -94,7 +98,10 @@ def test_nan_loss_stops_keeps_a_finite_checkpoint_and_resume_with_lower_lr_finis
     with pytest.raises(zeda.ZedaError, match=r"non-finite loss at stage1 step 4.*lower stage1.lr and resume"):
         distill(tiny_model("qwen3_moe"), cfg_for(corpus, run), tok)
     monkeypatch.undo()
-    assert json.loads((run / "checkpoint" / "state.json").read_text()) == {"stage": "stage1", "step": 4}
+    # The step-4 checkpoint's next step was not finite: the step-2 one (whose next step was) is kept.
+    assert json.loads((run / "checkpoint" / "state.json").read_text()) == {"stage": "stage1", "step": 2}
+    assert not (run / ".checkpoint.old").exists()
+    assert [r["step"] for r in _rows(run)] == [2]
     assert all(
         torch.isfinite(t).all() for t in load_file(run / "checkpoint" / "trainable.safetensors").values()
     )
@@ -105,6 +112,7 @@ def test_nan_loss_stops_keeps_a_finite_checkpoint_and_resume_with_lower_lr_finis
     rows = _rows(run)
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert rows[-1]["lr"] == pytest.approx(0.005)
+    assert not (run / ".checkpoint.old").exists()
     assert not (run / "stopped.json").exists()
 
 

@@ -11,15 +11,20 @@ with ``torch.distributed.checkpoint.state_dict`` (optimiser state keyed by param
 `restore_optimizer` shards them back onto the optimiser of any layout. A checkpoint written by
 two sharded processes therefore resumes on one process and vice versa, and exports as is.
 
-A save writes ``.checkpoint.tmp``, moves the old checkpoint to ``.checkpoint.old``, renames the
-new one into place and deletes the old one. A crash between those renames leaves a complete
-``.checkpoint.old``, which `find_checkpoint` then returns. Non-finite weights are never saved.
+A save writes ``.checkpoint.tmp``, moves the previous checkpoint to ``.checkpoint.old`` and renames
+the new one into place. The previous one stays until the next optimisation step after the save
+has proven finite (`prove_checkpoint` deletes it); if that step is not finite, `rollback_checkpoint`
+puts it back, so the checkpoint a run keeps is always one whose next step was finite. A crash
+between the renames leaves a complete ``.checkpoint.old``, which `find_checkpoint` then returns.
+Non-finite weights are never saved; a save that fails (full disk, file size limit) leaves no
+``.checkpoint.tmp`` and the previous checkpoint in place.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -33,21 +38,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from zeda.errors import ZedaError
+from zeda.errors import ZedaError, write_failure
 
 __all__ = [
     "CHECKPOINT",
+    "checkpoint_bytes",
     "find_checkpoint",
     "gather_train_state",
     "load_optim_state",
     "load_trainable",
+    "prove_checkpoint",
     "read_state",
     "restore_optimizer",
+    "rollback_checkpoint",
     "save_checkpoint",
     "trim_metrics",
 ]
 
 CHECKPOINT = "checkpoint"
+OLD = f".{CHECKPOINT}.old"
+TMP = f".{CHECKPOINT}.tmp"
 STAGES = ("stage1", "stage2")
 
 
@@ -58,7 +68,7 @@ def _complete(path: Path) -> bool:
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's latest complete checkpoint directory (``checkpoint/`` or ``.checkpoint.old/``), or None."""
     run_dir = Path(run_dir)
-    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+    for name in (CHECKPOINT, OLD):
         if _complete(run_dir / name):
             return run_dir / name
     return None
@@ -112,8 +122,24 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state:
         ) from None
 
 
+def checkpoint_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(total, largest file)`` bytes a checkpoint of ``model``'s trainable parameters takes.
+
+    ``trainable.safetensors`` holds the tensors, ``optim.pt`` AdamW's two moments of each (fp32
+    or the parameter's dtype, whichever is wider) plus a few KiB of bookkeeping.
+    """
+    tensors = moments = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            tensors += p.numel() * p.element_size()
+            moments += 2 * p.numel() * max(p.element_size(), 4)
+    overhead = 64 * 1024
+    return tensors + moments + 2 * overhead, max(tensors, moments) + overhead
+
+
 def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, optim_state: dict) -> None:
-    """Atomically write ``run_dir/checkpoint`` (main process only).
+    """Atomically write ``run_dir/checkpoint`` (main process only); the previous one becomes
+    ``.checkpoint.old`` until `prove_checkpoint` (or `rollback_checkpoint`).
 
     Args:
         run_dir: The run directory.
@@ -122,31 +148,98 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict
         optim_state: ``{"optimizer": full name-keyed optimiser state, "scheduler": its state}``.
 
     Raises:
-        ZedaError: if any tensor is not finite (the previous checkpoint is kept).
+        ZedaError: if any tensor is not finite, or the disk is full (the previous checkpoint is
+            kept and nothing else is left behind).
     """
     bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise ZedaError(
             f"refusing to checkpoint non-finite weights ({bad[0]}); the previous checkpoint is kept"
         )
-    tmp, final, old = run_dir / f".{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"
+    tmp, final, old = run_dir / TMP, run_dir / CHECKPOINT, run_dir / OLD
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp / "trainable.safetensors")
-    torch.save(optim_state, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        save_file(
+            {n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp / "trainable.safetensors"
+        )
+        torch.save(optim_state, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise ZedaError(
+            f"cannot write a checkpoint in {run_dir}: {reason}; the previous checkpoint is kept; "
+            "free disk space (or raise ulimit -f) and resume with train.resume=true"
+        ) from None
     if _complete(final):
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     else:
         shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def prove_checkpoint(run_dir: Path) -> None:
+    """The step after the latest save was finite: the checkpoint before it is no longer needed."""
+    if _complete(Path(run_dir) / CHECKPOINT):
+        shutil.rmtree(Path(run_dir) / OLD, ignore_errors=True)
+
+
+def rollback_checkpoint(run_dir: Path, latest_unproven: bool) -> dict | None:
+    """After a non-finite step: keep only a checkpoint whose next step was finite.
+
+    Args:
+        run_dir: The run directory.
+        latest_unproven: No finite step has followed the latest save yet.
+
+    Returns:
+        The progress record of the checkpoint kept, or None when none is left.
+    """
+    run_dir = Path(run_dir)
+    final, old = run_dir / CHECKPOINT, run_dir / OLD
+    if _complete(old):
+        shutil.rmtree(final, ignore_errors=True)
+        old.rename(final)
+    elif latest_unproven:
+        shutil.rmtree(final, ignore_errors=True)
+    return read_state(final) if _complete(final) else None
 
 
 def read_state(ckpt: Path) -> dict:
-    """The progress record (``state.json``) of a checkpoint directory."""
-    return json.loads((ckpt / "state.json").read_text())
+    """The progress record (``state.json``) of a checkpoint directory.
+
+    Raises:
+        ZedaError: if the file is not ``{"stage": "stage1"|"stage2", "step": N}``.
+    """
+    path = Path(ckpt) / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZedaError(
+            f"{path} is unreadable or damaged ({_first(exc)}); delete {ckpt} to fall back to an "
+            "earlier checkpoint, or start a new run"
+        ) from None
+    ok = (
+        isinstance(state, dict)
+        and state.get("stage") in STAGES
+        and isinstance(state.get("step"), int)
+        and not isinstance(state.get("step"), bool)
+        and state["step"] >= 0
+    )
+    if not ok:
+        raise ZedaError(
+            f'{path} is damaged (expected {{"stage": "stage1", "step": N}}); delete {ckpt} to fall '
+            "back to an earlier checkpoint, or start a new run"
+        )
+    return state
+
+
+def _first(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def load_trainable(run_dir_or_ckpt: str | Path, model: nn.Module) -> dict:
@@ -164,7 +257,14 @@ def load_trainable(run_dir_or_ckpt: str | Path, model: nn.Module) -> dict:
     ckpt = path if _complete(path) else find_checkpoint(path)
     if ckpt is None:
         raise ZedaError(f"{path} holds no complete checkpoint")
-    tensors = load_file(ckpt / "trainable.safetensors")
+    state = read_state(ckpt)
+    try:
+        tensors = load_file(ckpt / "trainable.safetensors")
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise ZedaError(
+            f"{ckpt / 'trainable.safetensors'} is damaged or truncated ({_first(exc)}); delete {ckpt} "
+            "to fall back to an earlier checkpoint, or start a new run"
+        ) from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         raise ZedaError(f"checkpoint {ckpt} does not match this model/recipe; use another train.output_dir")
@@ -174,8 +274,10 @@ def load_trainable(run_dir_or_ckpt: str | Path, model: nn.Module) -> dict:
                 raise ZedaError(
                     f"checkpoint {ckpt}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(p.shape)}"
                 )
+            if not torch.isfinite(tensors[n]).all():
+                raise ZedaError(f"checkpoint {ckpt}: {n} holds NaN or Inf values; start a new run")
             p.copy_(tensors[n])
-    return read_state(ckpt)
+    return state
 
 
 def load_optim_state(ckpt: Path) -> dict:
@@ -185,14 +287,28 @@ def load_optim_state(ckpt: Path) -> dict:
         ZedaError: if ``optim.pt`` holds anything but tensors and plain values.
     """
     path = ckpt / "optim.pt"
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not path.is_file():
         raise ZedaError(
-            f"refusing to load {path}: it is not plain optimiser state ({first[:160]}); "
-            "delete the file or start a new run"
+            f"{path} is missing, so the optimiser cannot resume; start a new run "
+            "(or export the run as it is: zeda export --model RUN)"
+        )
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a Python object ({found.group(1)})" if found else "something other than tensors"
+        raise ZedaError(
+            f"refusing to load {path}: it holds {what}, not plain optimiser state, and zeda never "
+            "runs code from a run directory; delete the file or start a new run"
         ) from None
+    except (RuntimeError, EOFError, AttributeError, TypeError, OSError) as exc:
+        raise ZedaError(
+            f"{path} is damaged or truncated ({_first(exc)}); start a new run "
+            "(or export the run as it is: zeda export --model RUN)"
+        ) from None
+    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict) and "scheduler" in state):
+        raise ZedaError(f"{path} is not a zeda optimiser state; start a new run")
+    return state
 
 
 def trim_metrics(run_dir: Path, state: dict) -> None:

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from zeda.config import RunConfig, load_recipe, recipe_differences, save_recipe
+from zeda.config import RunConfig, load_recipe, recipe_differences
 from zeda.distillation import data as zdata
 from zeda.distillation.checkpoint import find_checkpoint, load_optim_state, load_trainable, trim_metrics
 from zeda.distillation.losses import (
@@ -40,7 +40,7 @@ from zeda.distillation.losses import (
     token_nll,
 )
 from zeda.distillation.rollouts import Batch, generate, pad_sequences, teacher_rollouts, text_batch
-from zeda.distillation.run_dir import RunDir, prepare_run_dir, run_inputs
+from zeda.distillation.run_dir import RunDir, check_resume_inputs, prepare_run_dir, run_inputs
 from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, DistillResult, Stage, Trainer
@@ -91,21 +91,29 @@ def distill(
         )
     check_launch(accelerator)  # refuse unusable FSDP launch options before writing
     main = accelerator.is_main_process
-    run = run_dir or prepare_run_dir(config, run_inputs(config))
+    if run_dir is not None:  # the caller holds the run's session
+        return _distill(model, config, tokenizer, accelerator, run_dir)
+    run = prepare_run_dir(config, run_inputs(config))
     accelerator.wait_for_everyone()  # every rank decides on the directory before any rank writes
+    with run.session(main):
+        return _distill(model, config, tokenizer, accelerator, run)
+
+
+def _distill(
+    model: nn.Module, config: RunConfig, tokenizer: Any, accelerator: Accelerator, run: RunDir
+) -> tuple[nn.Module, DistillResult]:
+    main = accelerator.is_main_process
     ckpt = find_checkpoint(run.path) if run.resuming else None
     if ckpt is not None:
         _check_resumable(run.path, config)
-        load_optim_state(ckpt)  # refuse an unsafe optim.pt before recipe.yaml is rewritten
+        load_optim_state(ckpt)  # refuse an unsafe optim.pt before anything is written
 
     # 1. The student (train.seed set right before LoRA is created), restored from the checkpoint.
     student = build_student(model, config)
     resume = load_trainable(ckpt, student) if ckpt is not None else None
-    run.start(main)
-    if main:
-        save_recipe(config, run.path / "recipe.yaml")
-        if resume:
-            trim_metrics(run.path, resume)
+    run.start(main, config)
+    if main and resume:
+        trim_metrics(run.path, resume)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -126,6 +134,7 @@ def distill(
             continue
         stage = _stage1(trainer) if name == "stage1" else _stage2(trainer)
         trainer.run(stage, resume if resume and resume["stage"] == name else None)
+    trainer.finish()
     trainer.result.wall_seconds = time.perf_counter() - t0
     if config.train.gradient_checkpointing:
         disable_activation_checkpointing(student)  # the returned student runs as it came in
@@ -227,6 +236,7 @@ def _check_resumable(run_path: Path, config: RunConfig) -> None:
     stored_path = run_path / "recipe.yaml"
     if not stored_path.is_file():
         raise ZedaError(f"{run_path} has a checkpoint but no recipe.yaml; it cannot be resumed safely")
+    check_resume_inputs(run_path, config)
     stopped = (run_path / STOP_FILE).is_file()
     allow = ("stage1.lr", "stage2.lr", "train.max_grad_norm") if stopped else ()
     diffs = recipe_differences(load_recipe(stored_path), config, allow=allow)

@@ -23,7 +23,9 @@ from zeda.distillation.checkpoint import (
     find_checkpoint,
     gather_train_state,
     load_optim_state,
+    prove_checkpoint,
     restore_optimizer,
+    rollback_checkpoint,
     save_checkpoint,
 )
 from zeda.distillation.rollouts import Batch, forward_logits
@@ -119,6 +121,8 @@ class Trainer:
         b = cfg.balance
         self.tracker = BalanceTracker(b.alpha, b.resolve_w(e, z), b.global_batch, b.per_layer)
         self.result = DistillResult(output_dir=str(run.final), target_zero_share=b.resolve_target_share(e, z))
+        # No finite step has followed the latest checkpoint yet (a resumed one may be such).
+        self._unproven = run.resuming
 
     def step(self, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher → student → capture → loss, for one micro-batch.
@@ -226,6 +230,7 @@ class Trainer:
                 for k, v in parts.items():
                     window[k] = window.get(k, 0.0) + v / cfg.grad_accum
             self._apply_update(stage, step, optimizer, scheduler, loss_ok)
+            self._prove()
             done, window_steps = step + 1, window_steps + 1
             if done % cfg.log_every == 0 or done == stage.steps:
                 row = self._global_mean({k: v / window_steps for k, v in window.items()})
@@ -260,24 +265,56 @@ class Trainer:
                 return
         optimizer.zero_grad()
         what = "loss" if not loss_ok else "gradients" if not grads_ok else "weights"
-        ckpt = find_checkpoint(self.run_dir.path)
-        if ckpt is not None:
-            last = json.loads((ckpt / "state.json").read_text())
-            kept = f"the last good checkpoint ({last['stage']} step {last['step']}) is kept in {ckpt}"
-        else:
-            kept = "no checkpoint was written yet"
+        where = f"non-finite {what} at {stage.name} step {step}; the update was discarded"
+        kept = self._rollback()
+        if kept is None:
+            raise ZedaError(
+                f"{where}, before any checkpoint that a finite step followed, so nothing was saved and "
+                f"{self.run_dir.final} is as it was; lower {stage.name}.lr and run the same command again"
+            )
         if acc.is_main_process:
             (self.run_dir.path / STOP_FILE).write_text(
                 json.dumps({"reason": f"non-finite {what}", "stage": stage.name, "step": step}) + "\n"
             )
         raise ZedaError(
-            f"non-finite {what} at {stage.name} step {step}; the update was discarded and {kept}; "
-            f"lower {stage.name}.lr and resume with train.resume=true"
+            f"{where}; kept the checkpoint at {kept['stage']} step {kept['step']} in {self.run_dir.final} "
+            f"(the last one a finite step followed); lower {stage.name}.lr and resume with train.resume=true"
         )
+
+    def _prove(self) -> None:
+        """A finite step followed the latest checkpoint: drop the one before it and, for a new
+        run, make the run directory final (an overwritten run is replaced only now)."""
+        if not self._unproven:
+            return
+        acc = self.accelerator
+        if acc.is_main_process:
+            prove_checkpoint(self.run_dir.path)
+        acc.wait_for_everyone()
+        self.run_dir.commit(acc.is_main_process)
+        acc.wait_for_everyone()
+        self._unproven = False
+
+    def _rollback(self) -> dict | None:
+        """After a non-finite step: the progress record of the checkpoint kept (None if none is)."""
+        acc = self.accelerator
+        kept = None
+        if acc.is_main_process:
+            kept = rollback_checkpoint(self.run_dir.path, self._unproven)
+        acc.wait_for_everyone()
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            kept = broadcast_object_list([kept])[0]
+        return kept
+
+    def finish(self) -> None:
+        """At the end of training: the last checkpoint stands (no step follows it)."""
+        self._unproven = True
+        self._prove()
 
     def save(self, state: dict, optimizer: Any, scheduler: Any) -> None:
         """Checkpoint the consolidated trained tensors and optimiser state (gathered from every
-        rank's shards; the main process writes), then commit a staged run."""
+        rank's shards; the main process writes); the next finite step proves it (`_prove`)."""
         acc = self.accelerator
         names = {n for n, p in self.student.named_parameters() if p.requires_grad}
         raw = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
@@ -290,8 +327,8 @@ class Trainer:
                 state,
                 {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
             )
-        acc.wait_for_everyone()
-        self.run_dir.commit(acc.is_main_process)
+            self.run_dir.saved()
+        self._unproven = True
         acc.wait_for_everyone()
 
     def _global_mean(self, row: dict[str, float]) -> dict[str, float]:
