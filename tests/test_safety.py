@@ -12,13 +12,16 @@ subprocess), and checks:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -28,11 +31,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import zeda
 from zeda.cli import main
 from zeda.io import atomic_save
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+#: A case that runs longer than this hangs (the slowest takes a few seconds on 2 cores).
+HANG_SECONDS = 300
 
 
 # ---- the world --------------------------------------------------------------------------------
@@ -78,19 +84,27 @@ def world(pristine, tmp_path, monkeypatch) -> Path:
         shutil.copytree(pristine / name, tmp_path / name)
     for name in ("data.jsonl", "recipe.yaml"):
         shutil.copy(pristine / name, tmp_path / name)
+    # The run records its inputs by absolute path: as if it had been made here.
+    inputs = tmp_path / "run" / "inputs.json"
+    if inputs.exists():
+        inputs.write_text(inputs.read_text().replace(str(pristine), str(tmp_path)))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
 def _tree(root: Path) -> dict[str, str]:
-    """Relative path → sha256 of every file (directories by their listing)."""
+    """Relative path → sha256 of every file (directories by their listing, links by target)."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        if p.is_dir():
+        if p.is_symlink():
+            out[rel] = f"-> {os.readlink(p)}"
+        elif p.is_dir():
             out[rel + "/"] = "dir"
-        else:
+        elif p.is_file():
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:  # a FIFO or a device: never opened
+            out[rel] = "special"
     return out
 
 
@@ -100,11 +114,19 @@ def _zeda(capfd, *argv: str) -> tuple[int, list[str]]:
     saved = root.handlers[:]
     root.handlers = []  # main() configures logging only when nothing else has
     capfd.readouterr()
+
+    def hang(signum, frame):
+        raise TimeoutError(f"zeda {' '.join(argv)} still running after {HANG_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(HANG_SECONDS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             rc = main(list(argv))
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         for h in root.handlers:
             if h not in saved:
                 root.removeHandler(h)
@@ -333,8 +355,12 @@ def test_crafted_optimizer_pickle_is_refused_on_resume(world, capfd):
     marker = world.parent / f"{world.name}.pwned"
     ckpt = world / "run" / "checkpoint"
     _evil_pickle(ckpt / "optim.pt", marker)
-    _refused(world, capfd, "run", "recipe.yaml", "train.resume=true", "stage1.steps=4", after_loading=True)
+    msg = _refused(
+        world, capfd, "run", "recipe.yaml", "train.resume=true", "stage1.steps=4", after_loading=True
+    )
     assert not marker.exists(), "a pickle from the run directory was executed"
+    # The whole message: what was found, that nothing ran, and the fix (no cut-off, no escapes).
+    assert "exec" in msg and msg.endswith("start a new run") and "\x1b" not in msg
 
 
 def test_crafted_optimizer_pickle_is_not_run_by_export(world, capfd):
@@ -535,6 +561,23 @@ def test_nan_before_the_first_checkpoint_leaves_nothing_and_the_advice_works(wor
     assert json.loads((world / "new" / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
+def test_nan_after_the_first_checkpoint_of_an_overwrite_keeps_the_old_run(world, capfd):
+    # Step 0 drives the weights to ~1e30 (finite, checkpointed at step 1), step 1 is not finite:
+    # no checkpoint was followed by a finite step, so the old run is not replaced.
+    _refused(
+        world,
+        capfd,
+        "distill",
+        "recipe.yaml",
+        "train.overwrite=true",
+        "train.save_every=1",
+        "stage1.steps=4",
+        "stage1.lr=1e30",
+        expect="nothing was saved",
+        after_loading=True,
+    )
+
+
 def test_nan_mid_run_keeps_a_checkpoint_whose_next_step_was_finite(world, capfd):
     # lr warms up from 0: step 0 changes nothing, step 1 drives the weights to ~1e29 (still
     # finite, and checkpointed), step 2's loss is not finite.
@@ -549,5 +592,416 @@ def test_nan_mid_run_keeps_a_checkpoint_whose_next_step_was_finite(world, capfd)
     assert not (world / "new" / ".checkpoint.old").exists()
     tensors = load_file(ckpt / "trainable.safetensors")
     assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in tensors.values())
+    # A resume that stops again changes nothing: recipe.yaml, metrics.jsonl and the checkpoint
+    # are rewritten only with a new checkpoint.
+    before = _tree(world / "new")
+    rc, lines = _zeda(capfd, *argv, "stage1.lr=1e30", "train.resume=true")
+    assert rc == 2 and "non-finite" in lines[-1], lines
+    assert _tree(world / "new") == before
     _ok(capfd, *argv, "stage1.lr=0.01", "train.resume=true")  # the advice works
     assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+
+
+# ---- exports never replace an input of the run (issue 29) -------------------------------------
+
+
+@pytest.mark.parametrize("out", ["model", "data.jsonl"])
+def test_export_of_a_run_refuses_to_replace_any_input_of_the_run(world, capfd, out):
+    # The run's base model and data are inputs of its export, not only --model.
+    _refused(world, capfd, "export", "--model", "run", "--out", out, "--overwrite", expect="input")
+
+
+def test_export_from_another_directory_uses_the_recorded_base_model(world, capfd, monkeypatch):
+    other = world / "other"
+    atomic_save(tiny_model("qwen3_moe", seed=7), other / "model", tokenizer=tiny_tokenizer())
+    monkeypatch.chdir(other)  # here, "model" (the recipe's relative path) is a different model
+    rc, lines = _zeda(capfd, "export", "--model", "../run", "--out", "../exp")
+    assert rc == 0, lines
+    got, want = (
+        load_file(world / "exp" / "model.safetensors"),
+        load_file(world / "run/export/model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("verb", ["export", "resume"])
+def test_a_hand_edited_run_recipe_is_refused(world, capfd, verb):
+    recipe = world / "run" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("alpha: 16", "alpha: 64"))
+    argv = (
+        ("export", "--model", "run", "--out", "exp")
+        if verb == "export"
+        else ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
+    )
+    _refused(world, capfd, *argv, expect=("recipe.yaml", "edited"))
+
+
+@pytest.mark.parametrize("verb", ["export", "resume"])
+def test_a_changed_base_model_is_refused(world, capfd, verb):
+    config = world / "model" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rope_theta": 12345.0}))
+    argv = (
+        ("export", "--model", "run", "--out", "exp")
+        if verb == "export"
+        else ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
+    )
+    _refused(world, capfd, *argv, expect=("base model", "config.json"))
+
+
+# ---- bounded recipes (issue 29) ---------------------------------------------------------------
+
+
+def _billion_laughs(levels: int) -> str:
+    lines = ["eval:", '  l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"  l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, f"  tasks: *l{levels}", ""])
+
+
+@pytest.mark.parametrize("verb", ["validate", "run"])
+def test_a_billion_laughs_recipe_is_refused_not_expanded(world, capfd, verb):
+    (world / "laughs.yaml").write_text(_billion_laughs(9))  # 9**10 values once expanded
+    _refused(world, capfd, verb, "laughs.yaml", expect="aliases")
+
+
+def test_a_billion_laughs_override_is_refused(world, capfd):
+    value = "[&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]"
+    value += ", &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], [*d,*d,*d,*d,*d,*d,*d,*d,*d], [*d,*d,*d,*d,*d,*d,*d,*d]]"
+    _refused(world, capfd, "run", "recipe.yaml", f"eval.tasks={value}", expect="aliases")
+
+
+@pytest.mark.parametrize("base", ["/dev/zero", "fifo.yaml", "big.yaml"])
+def test_a_recipe_base_that_is_not_a_small_regular_file_is_refused(world, capfd, base):
+    os.mkfifo(world / "fifo.yaml")  # opening it would block forever
+    (world / "big.yaml").write_text("# padding\n" * 300_000)  # 3 MB
+    (world / "child.yaml").write_text(f"base: {base}\n")
+    _refused(world, capfd, "validate", "child.yaml", expect="recipe")
+    _refused(world, capfd, "validate", base, expect="recipe")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "stage1.steps=1000000000000000000000000000000",
+        "data.seq_len=100000000",
+        "train.batch_size=10000000000",
+    ],
+)
+def test_integer_settings_have_upper_bounds(world, capfd, override):
+    _refused(world, capfd, "run", "recipe.yaml", override, "train.output_dir=new", expect="too large")
+
+
+def test_a_nested_list_of_tasks_is_refused(world, capfd):
+    _refused(
+        world, capfd, "run", "recipe.yaml", "eval.tasks=[[a]]", "train.output_dir=new", expect="eval.tasks"
+    )
+
+
+# ---- damaged checkpoints (issue 29) -----------------------------------------------------------
+
+
+def _damage(world: Path, what: str) -> None:
+    ckpt = world / "run" / "checkpoint"
+    if what == "truncated trainable.safetensors":
+        f = ckpt / "trainable.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif what == "missing optim.pt":
+        (ckpt / "optim.pt").unlink()
+    elif what == "garbage state.json":
+        (ckpt / "state.json").write_text("garbage{\n")
+    else:
+        (ckpt / "state.json").write_text("[1, 2]\n")
+
+
+DAMAGES = ["truncated trainable.safetensors", "missing optim.pt", "garbage state.json", "list state.json"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_refused_on_resume(world, capfd, damage):
+    _damage(world, damage)
+    _refused(
+        world,
+        capfd,
+        "distill",
+        "recipe.yaml",
+        "train.resume=true",
+        "stage1.steps=4",
+        expect="checkpoint",
+        after_loading=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "damage", [d for d in DAMAGES if d != "missing optim.pt"]
+)  # export needs no optimiser
+def test_a_damaged_checkpoint_is_refused_on_export(world, capfd, damage):
+    _damage(world, damage)
+    _refused(
+        world, capfd, "export", "--model", "run", "--out", "exp", expect="checkpoint", after_loading=True
+    )
+
+
+# ---- full disks and read-only places (issue 29) -----------------------------------------------
+
+
+class _FileSizeLimit:
+    """``ulimit -f``: writing past ``nbytes`` fails with EFBIG (Python ignores SIGXFSZ)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def __enter__(self) -> None:
+        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.nbytes, self.saved[1]))
+
+    def __exit__(self, *exc) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
+
+
+CASES_WRITING = {
+    "distill": ("distill", "recipe.yaml", "train.output_dir=new"),
+    "resume": ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4"),
+    "export": ("export", "--model", "run", "--out", "exp"),
+    "eval --overwrite": ("eval", "--model", "run/export", "--teacher", "model", "--out", "ev", "--overwrite"),
+    "inject": ("inject", "--model", "model", "--out", "inj"),
+    "calibrate": (
+        "calibrate",
+        "--model",
+        "run/export",
+        "--target-share",
+        "0.5",
+        "--data",
+        "data.jsonl",
+        "--out",
+        "cal",
+    ),
+}
+
+
+def _old_evaluation(world: Path) -> None:
+    (world / "ev").mkdir()
+    for name in ("results.json", "report.md", "zero_share_per_layer.png"):
+        (world / "ev" / name).write_bytes(os.urandom(4096))
+
+
+@pytest.mark.parametrize("case", list(CASES_WRITING))
+def test_a_full_disk_is_refused_before_the_work_and_keeps_the_previous_output(world, capfd, case):
+    _old_evaluation(world)
+    before = _tree(world)
+    with _FileSizeLimit(20 * 1024):  # ulimit -f 20
+        rc, lines = _zeda(capfd, *CASES_WRITING[case])
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("zeda: error: "), lines  # nothing loaded
+    assert "ulimit -f" in lines[0]
+    assert _tree(world) == before
+
+
+def test_a_full_disk_is_refused_before_the_work(world, capfd, monkeypatch):
+    import zeda.fs
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(zeda.fs.shutil, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
+    _refused(world, capfd, "export", "--model", "run", "--out", "exp", expect="free")
+
+
+@contextlib.contextmanager
+def _read_only(path: Path):
+    """A directory nothing can be created in, even by root (immutable), else by mode."""
+    path.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("no way to make a directory read-only for root here (chattr)")
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+
+
+CASES_READ_ONLY = {
+    "distill": ("distill", "recipe.yaml", "train.output_dir=ro/new"),
+    "export": ("export", "--model", "run", "--out", "ro/exp"),
+    "eval": ("eval", "--model", "run/export", "--teacher", "model", "--out", "ro/ev"),
+    "inject": ("inject", "--model", "model", "--out", "ro/inj"),
+    "calibrate": (
+        "calibrate",
+        "--model",
+        "run/export",
+        "--target-share",
+        "0.5",
+        "--data",
+        "data.jsonl",
+        "--out",
+        "ro/cal",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES_READ_ONLY))
+def test_a_read_only_output_directory_is_refused_before_the_work(world, capfd, case):
+    with _read_only(world / "ro"):
+        before = _tree(world)
+        rc, lines = _zeda(capfd, *CASES_READ_ONLY[case])
+        assert rc == 2 and len(lines) == 1 and "cannot write in" in lines[0], lines  # nothing loaded
+        assert _tree(world) == before
+
+
+def test_a_read_only_run_directory_is_refused_on_resume(world, capfd):
+    with _read_only(world / "run"):
+        _refused(world, capfd, *CASES_WRITING["resume"], expect="cannot write in")
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_checkpoint_and_leaves_nothing(tmp_path):
+    from zeda.distillation.checkpoint import prove_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    tensors = {"w": torch.ones(64, 64)}
+    save_checkpoint(run, tensors, {"stage": "stage1", "step": 1}, {"optimizer": {}, "scheduler": {}})
+    prove_checkpoint(run)
+    before = _tree(tmp_path)
+    big = {"w": torch.ones(256, 256)}
+    with (
+        _FileSizeLimit(100 * 1024),
+        pytest.raises(zeda.ZedaError, match="previous checkpoint is kept") as err,
+    ):
+        save_checkpoint(run, big, {"stage": "stage1", "step": 2}, {"optimizer": {}, "scheduler": {}})
+    assert "\n" not in str(err.value)
+    assert _tree(tmp_path) == before
+
+
+def test_an_evaluation_that_fails_midway_keeps_the_previous_one(tmp_path):
+    from zeda.evaluation import render
+    from zeda.evaluation.result import EvalResult
+
+    result = EvalResult("m", "qwen3_moe", True, 8, 4, 2, zero_share_per_layer={0: 0.5, 1: 0.4})
+    for fig in result.plot():  # the figure code warms its caches outside the limit
+        render.close_figure(fig)
+    _old_evaluation(tmp_path)
+    before = _tree(tmp_path)
+    with _FileSizeLimit(8 * 1024), pytest.raises(zeda.ZedaError, match="previous one is kept"):
+        result.save(tmp_path / "ev", overwrite=True)
+    assert _tree(tmp_path) == before
+    result.save(tmp_path / "ev", overwrite=True)
+    assert (tmp_path / "ev" / "zero_share_per_layer.png").stat().st_size > 8 * 1024
+
+
+# ---- weights that are not finite (issue 29) ---------------------------------------------------
+
+
+def test_weights_with_nan_are_refused_on_load(world, capfd):
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "experts" in n).view(-1)[3] = float("nan")
+    atomic_save(model, world / "bad", tokenizer=tiny_tokenizer())
+    _refused(world, capfd, "inject", "--model", "bad", "--out", "inj", expect="nan", after_loading=True)
+    _refused(
+        world,
+        capfd,
+        "run",
+        "recipe.yaml",
+        "model.name_or_path=bad",
+        "train.output_dir=new",
+        expect="nan",
+        after_loading=True,
+    )
+
+
+def test_an_injection_that_overflows_is_refused(world, capfd):
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):  # finite rows whose spread overflows float32
+                p.copy_(torch.full_like(p, 3.3e38) * (torch.arange(p.shape[0])[:, None] % 2 * 2 - 1))
+    atomic_save(model, world / "huge", tokenizer=tiny_tokenizer())
+    _refused(
+        world,
+        capfd,
+        "inject",
+        "--model",
+        "huge",
+        "--out",
+        "inj",
+        expect="after injection",
+        after_loading=True,
+    )
+
+
+# ---- leftovers and wording (issue 29) ---------------------------------------------------------
+
+
+def test_export_clears_temporaries_of_a_killed_export_and_only_those(world, capfd):
+    stale = world / ".exp.tmp-killed"  # what kill -9 during `zeda export --out exp` leaves
+    stale.mkdir()
+    (stale / ".zeda-tmp").write_text("pid 1\n")
+    (stale / "model.safetensors").write_bytes(os.urandom(1024))
+    foreign = world / ".exp.tmp-notzeda"  # no marker: not zeda's, left alone
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine\n")
+    live = world / ".exp.tmp-live"  # a zeda export still writing: its marker is locked
+    live.mkdir()
+    fd = os.open(live / ".zeda-tmp", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        rc, lines = _zeda(capfd, "export", "--model", "run", "--out", "exp")
+    finally:
+        os.close(fd)
+    assert rc == 0, lines
+    assert not stale.exists() and (foreign / "keep.txt").exists() and live.exists()
+    assert (world / "exp" / "config.json").exists() and not (world / "exp" / ".zeda-tmp").exists()
+
+
+def test_export_onto_a_symlink_leaves_no_backup(world, capfd):
+    (world / "target").mkdir()
+    (world / "target" / "notes.txt").write_text("mine\n")
+    (world / "link").symlink_to("target")
+    rc, lines = _zeda(capfd, "export", "--model", "run", "--out", "link", "--overwrite")
+    assert rc == 0, lines
+    assert not list(world.glob(".link*")), "a backup or a temporary was left behind"
+    assert (world / "target" / "notes.txt").read_text() == "mine\n"  # the link's target is untouched
+    assert (world / "link" / "config.json").is_file() and not (world / "link").is_symlink()
+
+
+@pytest.mark.parametrize("verb", ["export", "eval"])
+def test_a_directory_that_is_neither_a_model_nor_a_run_is_named_as_such(world, capfd, verb):
+    (world / "junk").mkdir()
+    (world / "junk" / "notes.txt").write_text("mine\n")
+    msg = _refused(
+        world,
+        capfd,
+        verb,
+        "--model",
+        "junk",
+        "--out",
+        "out",
+        expect="not a model directory" if verb == "eval" else "neither a model directory",
+    )
+    assert "tokenizer" not in msg
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("export", "--model", "no_such_dir", "--out", "exp"),
+        ("eval", "--model", "no_such_dir", "--out", "ev"),
+        ("inject", "--model", "./no_such_dir", "--out", "inj"),
+        (
+            "calibrate",
+            "--model",
+            "gone/model",
+            "--target-share",
+            "0.5",
+            "--data",
+            "data.jsonl",
+            "--out",
+            "cal",
+        ),
+        ("run", "recipe.yaml", "model.name_or_path=no_such_dir", "train.output_dir=new"),
+    ],
+)
+def test_a_missing_local_path_is_named_without_the_model_hub(world, capfd, argv, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = _refused(world, capfd, *argv, expect="no such directory")
+    assert "hub" not in msg.lower() and "huggingface" not in msg.lower()

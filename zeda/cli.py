@@ -29,13 +29,22 @@ from typing import Any
 from zeda.errors import ZedaError
 
 
-def _check_output(out: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:
-    """Refuse an output directory that exists (without ``--overwrite``) or is or holds an input.
+def _check_output(
+    out: str | Path,
+    inputs: Sequence[str | Path],
+    overwrite: bool,
+    size: tuple[int, int] = (2**20, 2**20),
+    what: str = "the output",
+) -> Path:
+    """Refuse an output directory that exists (without ``--overwrite``), is or holds an input, is
+    not writable, or lacks the space (or ``ulimit -f``) for what will be written there.
 
     Args:
         out: The output directory a command will write (and, with ``overwrite``, replace).
         inputs: Every path the command reads.
         overwrite: Whether ``--overwrite`` was passed.
+        size: ``(total, largest file)`` bytes the command will write.
+        what: What is written, for the message.
 
     Returns:
         ``out`` as a `Path`.
@@ -43,15 +52,24 @@ def _check_output(out: str | Path, inputs: Sequence[str | Path], overwrite: bool
     Raises:
         ZedaError: One line naming the conflict.
     """
+    from zeda.fs import check_space, check_writable
+
     out = Path(out)
     target = out.resolve()
     for inp in inputs:
         src = Path(inp).resolve()
         if target == src or target in src.parents:
             raise ZedaError(f"output directory {out} is or contains the input {inp}; choose another --out")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise ZedaError(f"output directory {out} already exists; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    check_writable(parent, "choose another --out")
+    check_space(parent, size[0], size[1], what)
     return out
+
+
+#: What ``zeda eval`` writes at most: results.json, report.md and two figures.
+_EVAL_BYTES = (2**20, 2**20)
 
 
 def _print_paths(**paths: Any) -> None:
@@ -73,13 +91,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_inject(args: argparse.Namespace) -> int:
-    from zeda.io import atomic_save, load, load_tokenizer
+    from zeda.io import atomic_save, check_finite, check_source, load, load_tokenizer, weights_bytes
     from zeda.zero.inject import inject_zero_experts
 
-    out = _check_output(args.out, [args.model], args.overwrite)
+    check_source(args.model)
+    out = _check_output(
+        args.out, [args.model], args.overwrite, weights_bytes(args.model), "the injected model"
+    )
     tokenizer = load_tokenizer(args.model)
     model = load(args.model, dtype=args.dtype)
     report = inject_zero_experts(model, num_zero_experts=args.num_zero_experts, seed=args.seed)
+    check_finite(model, f"{args.model} after injection")
     atomic_save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(json.dumps(report.to_dict(), indent=1))
     return 0
@@ -88,10 +110,13 @@ def _cmd_inject(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from zeda.config import RunConfig, load_recipe
     from zeda.evaluation.run_eval import evaluate
-    from zeda.io import load, load_tokenizer
+    from zeda.io import check_source, load, load_tokenizer
 
+    check_source(args.model)
+    if args.teacher:
+        check_source(args.teacher)
     inputs = [args.model, *([args.teacher] if args.teacher else []), *([args.recipe] if args.recipe else [])]
-    out = _check_output(args.out, inputs, args.overwrite)
+    out = _check_output(args.out, inputs, args.overwrite, _EVAL_BYTES, "the evaluation")
     cfg = load_recipe(args.recipe) if args.recipe else RunConfig()
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     tokenizer = load_tokenizer(args.model)
@@ -114,11 +139,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from zeda.io import export, load, load_tokenizer
+    from zeda.io import check_source, export, load, load_tokenizer, weights_bytes
 
     src = Path(args.model)
-    out = _check_output(args.out, [src], args.overwrite)
-    if (src / "recipe.yaml").is_file():  # a run directory: rebuild its student
+    check_source(src, run_ok=True)
+    is_run = (src / "recipe.yaml").is_file()
+    if is_run:  # every input of the run is an input of its export: never an output
+        from zeda.distillation.checkpoint import check_checkpoint, find_checkpoint
+        from zeda.distillation.run_dir import recorded_inputs, run_config
+
+        ckpt = find_checkpoint(src)
+        if ckpt is not None:  # a damaged one is refused before the model is loaded
+            check_checkpoint(ckpt, optimizer=False)
+        inputs = [src, *recorded_inputs(src)]
+        size = weights_bytes(run_config(src).model.name_or_path)
+    else:
+        inputs, size = [src], weights_bytes(src)
+    out = _check_output(args.out, inputs, args.overwrite, (size[0] + 2**20, size[1] + 2**20), "the export")
+    if is_run:  # a run directory: rebuild its student
         from zeda.distillation.student import load_run
 
         model, tokenizer, cfg, metrics = load_run(src)
@@ -148,8 +186,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_share < 1.0:  # before the model is loaded
         raise ZedaError(f"--target-share {args.target_share} must be between 0 and 1 (exclusive)")
+    from zeda.io import check_source, weights_bytes
+
+    check_source(args.model)
     inputs = [args.model, args.data, *([args.heldout] if args.heldout else [])]
-    out = _check_output(args.out, inputs, args.overwrite)
+    size = weights_bytes(args.model)
+    out = _check_output(
+        args.out, inputs, args.overwrite, (size[0] + 2**20, size[1] + 2**20), "the calibrated export"
+    )
     result = calibrate_export(
         args.model,
         target_share=args.target_share,

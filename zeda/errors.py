@@ -54,3 +54,10 @@ def write_failure(exc: BaseException) -> str | None:
             return "the write was cut short (a full disk or the file size limit, ulimit -f)"
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return None
+
+
+def write_fix(reason: str) -> str:
+    """The fix for a `write_failure` reason."""
+    if any(w in reason for w in ("full", "limit", "quota", "cut short")):
+        return "free disk space (or raise ulimit -f) and run again"
+    return "choose a writable output directory"

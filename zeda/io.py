@@ -3,7 +3,10 @@
 - `load`: an original, an injected (``zeda_<family>``) or a ZEDA-reference checkpoint.
 - `load_tokenizer`: a tokenizer checked against the model it will feed.
 - `atomic_write` / `atomic_save`: write into a temporary sibling, then rename into place; the
-  only place in zeda that replaces a directory.
+  only place in zeda that replaces a directory. A write that fails (full disk, ``ulimit -f``)
+  leaves the previous output as it was and nothing else; a temporary sibling left by a killed
+  process is removed by the next write to the same place.
+- `check_source`, `check_finite`, `weights_bytes`: checks made before the work.
 - `export`: merge a student's adapters, write a standard checkpoint with a model card, reload it
   and check that its logits equal the student's before it is moved into place. Loading the
   result needs only ``import zeda``::
@@ -20,6 +23,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,8 +35,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from zeda.card import model_card, zeda_version
-from zeda.errors import ZedaError
+from zeda.errors import ZedaError, write_failure, write_fix
 from zeda.families import get_spec, supported_model_types
+from zeda.fs import FileLock, check_space, check_writable, is_locked
 from zeda.zero import reference_format
 from zeda.zero.modeling import check_loading_info, zeda_classes
 from zeda.zero.structure import current_zero_logit_bias, is_injected
@@ -42,11 +47,16 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "atomic_save",
     "atomic_write",
+    "check_finite",
+    "check_output",
+    "check_source",
     "check_tokenizer",
     "export",
     "load",
     "load_tokenizer",
     "merge_student",
+    "model_bytes",
+    "weights_bytes",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -61,21 +71,109 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
+def _hub_id_form(path: str) -> bool:
+    """``org/name``, the form of a hub MoE checkpoint id (a local path may have it too)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None
+
+
+def check_source(path: str | os.PathLike, run_ok: bool = False) -> None:
+    """Refuse a ``--model`` that is neither a model directory nor (where allowed) a zeda run.
+
+    A path that does not exist is "no such directory"; only an ``org/name`` id, when the hub is
+    not switched off (``HF_HUB_OFFLINE``), is left for transformers to fetch.
+
+    Args:
+        path: A local directory or a hub id.
+        run_ok: A zeda run directory (``recipe.yaml``) is accepted too (export).
+
+    Raises:
+        ZedaError: one line naming the problem and what to pass instead.
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file() or (run_ok and (local / "recipe.yaml").is_file()):
+            return
+        if (local / "recipe.yaml").is_file():
+            raise ZedaError(
+                f"{path} is a zeda run directory, not a model; export it first "
+                f"(zeda export --model {path} --out DIR) and pass the export"
+            )
+        if run_ok:
+            raise ZedaError(
+                f"{path} is neither a model directory (no config.json) nor a zeda run (no recipe.yaml); "
+                "pass a saved model or a run directory"
+            )
+        raise ZedaError(f"{path} is not a model directory (no config.json); pass a saved model directory")
+    if local.exists():
+        raise ZedaError(f"{path} is a file, not a model directory; pass the directory that holds config.json")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_id_form(str(path)):
+        raise ZedaError(f"no such directory: {path}; pass the path of a saved model directory")
+
+
 def _read_config(path: str) -> Any:
-    local = Path(path)
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise ZedaError(
-            f"{path} has no config.json; pass a model directory (a saved transformers checkpoint)"
-        )
+    check_source(path)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        hint = "" if local.exists() else " (no such directory; a hub id needs network access)"
-        raise ZedaError(f"cannot read a model config at {path!r}{hint}: {_first_line(exc)}") from exc
+        raise ZedaError(f"cannot read a model config at {path!r}: {_first_line(exc)}") from exc
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model whose weights or buffers hold NaN or Inf (a damaged checkpoint, or an
+    injection that overflowed), before anything is trained on or written from it.
+
+    Raises:
+        ZedaError: naming the first offending tensor.
+    """
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ZedaError(
+                f"{source}: {name} holds NaN or Inf values; the weights are damaged: "
+                "use an intact copy of the model"
+            )
+
+
+#: transformers' default ``max_shard_size`` (the largest weights file ``save_pretrained`` writes).
+_SHARD_BYTES = 50 * 10**9
+
+
+def model_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(total, largest file)`` bytes ``save_pretrained`` will write for ``model`` (adapters
+    merged, so LoRA factors are not counted), with 1 MiB for config, tokenizer and card."""
+    total = sum(
+        t.numel() * t.element_size()
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if "lora_" not in n and "original_module" not in n  # adapters, frozen copies of trained modules
+    )
+    return total + 2**20, min(total, _SHARD_BYTES) + 2**20
+
+
+def check_output(out: str | os.PathLike, size: tuple[int, int], what: str, fix: str) -> None:
+    """Refuse, before the work, an output place that is read-only or short of space.
+
+    Args:
+        out: The output directory.
+        size: ``(total, largest file)`` bytes the command writes there.
+        what: What is written, for the message (e.g. ``"the export"``).
+        fix: The end of the read-only message (e.g. ``"choose another --out"``).
+    """
+    check_writable(Path(out).expanduser().absolute().parent, fix)
+    check_space(Path(out).expanduser().absolute().parent, size[0], size[1], what)
+
+
+def weights_bytes(path: str | os.PathLike) -> tuple[int, int]:
+    """``(total, largest file)`` bytes of the weight files in a model directory (0, 0 if none)."""
+    sizes = [
+        f.stat().st_size
+        for f in Path(path).expanduser().glob("*")
+        if f.is_file() and f.suffix in (".safetensors", ".bin")
+    ]
+    return sum(sizes), max(sizes, default=0)
 
 
 def load(
@@ -117,8 +215,10 @@ def load(
         kwargs["experts_implementation"] = experts_implementation
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    check_source(path)
     if reference_format.is_reference_checkpoint(path):
         model = reference_format.load_reference(path, dtype=torch_dtype, **kwargs)
+        check_finite(model, path)
         return model.to(device).eval() if device is not None else model.eval()
     config = _read_config(path)
     model_type = getattr(config, "model_type", "")
@@ -142,6 +242,7 @@ def load(
             ) from exc
         raise ZedaError(f"cannot load {path}: {msg}") from exc
     check_loading_info(info, path)
+    check_finite(model, path)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -178,9 +279,10 @@ def load_tokenizer(path: str | os.PathLike, model: nn.Module | None = None) -> A
     """Load the tokenizer at ``path`` and check it against ``model`` (or the config at ``path``).
 
     Raises:
-        ZedaError: if no tokenizer can be read, it is empty, or it has more tokens than the
-            model's embedding has rows.
+        ZedaError: if ``path`` is not a model directory, no tokenizer can be read, it is empty,
+            or it has more tokens than the model's embedding has rows.
     """
+    check_source(path)
     local = Path(path)
     if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
         raise ZedaError(
@@ -217,36 +319,87 @@ def _apply_umask(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+#: Inside a temporary sibling while its writer lives: an flock on it marks the directory as zeda's
+#: and as in use; a sibling whose marker nobody holds was left by a killed process.
+_TMP_MARKER = ".zeda-tmp"
+
+
+def _clear_stale_temporaries(out: Path) -> None:
+    """Remove ``.<name>.tmp-*`` siblings of ``out`` that a killed zeda process left behind.
+
+    Only zeda's own: a directory whose `_TMP_MARKER` no live process holds a lock on.
+    """
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        marker = tmp / _TMP_MARKER
+        if tmp.is_dir() and not tmp.is_symlink() and marker.is_file() and not is_locked(marker):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def atomic_write(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it into place.
 
     A crash or an exception in ``write`` never leaves a half-written ``out_dir``; an existing
-    ``out_dir`` is replaced only once the new one is complete (and only with ``overwrite``).
-    The result gets the user's umask.
+    ``out_dir`` (or a symlink there, which is replaced, not followed) is replaced only once the
+    new one is complete (and only with ``overwrite``). The result gets the user's umask.
 
     Raises:
-        ZedaError: if ``out_dir`` exists and ``overwrite`` is False.
+        ZedaError: if ``out_dir`` exists and ``overwrite`` is False, or the write fails for want
+            of space or permission (the previous ``out_dir`` is kept, nothing is left behind).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise ZedaError(
             f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = []
+    p = out.parent
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    tmp = None
+    lock = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        lock = FileLock(tmp / _TMP_MARKER)
+        lock.acquire()
         write(tmp)
+        lock.release()  # removes the marker: nothing of it reaches the output
         _apply_umask(tmp)
-        if out.exists():
+        if out.exists() or out.is_symlink():
             backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
+            _remove(backup)
             out.rename(backup)
             tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
+            _remove(backup)
         else:
             tmp.rename(out)
+    except BaseException as exc:
+        reason = write_failure(exc)
+        if reason is None or isinstance(exc, ZedaError):
+            raise
+        raise ZedaError(
+            f"cannot write {out}: {reason}; nothing was written"
+            + (" and the previous one is kept" if out.exists() else "")
+            + f"; {write_fix(reason)}"
+        ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            lock.release()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():
+            for d in created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return out
 
 
@@ -264,6 +417,11 @@ def atomic_save(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
+    if Path(out_dir).exists() and not overwrite:
+        raise ZedaError(
+            f"output directory {out_dir} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    check_output(out_dir, model_bytes(model), "saving the model", "choose another output directory")
     out = atomic_write(out_dir, write, overwrite)
     logger.info("saved %s", out)
     return out
@@ -370,6 +528,7 @@ def export(
         )
     if not is_injected(model):
         raise ZedaError("export needs a model with zero experts (inject and distill it first)")
+    check_output(out, model_bytes(model), "the export", "choose another output directory")
     if format == "zeda-reference":
         reference_format.check_exportable(model)
     base_name = base_model or str(getattr(model.config, "_name_or_path", "") or "") or None

@@ -31,13 +31,14 @@ from zeda.config import RunConfig, load_recipe
 from zeda.data import read_jsonl
 from zeda.distillation.data import validate_data
 from zeda.distillation.loop import DistillResult, distill
-from zeda.distillation.run_dir import RunDir, prepare_run_dir, run_inputs
+from zeda.distillation.run_dir import RunDir, check_resume_inputs, prepare_run_dir, run_inputs
 from zeda.distillation.sharding import cpu_fsdp2_plugin, is_sharded
 from zeda.distillation.student import inject_for_run, load_run
 from zeda.errors import ZedaError
 from zeda.evaluation.result import EvalResult
 from zeda.evaluation.run_eval import evaluate as evaluate_model
-from zeda.io import export, load, load_tokenizer
+from zeda.fs import check_space
+from zeda.io import check_finite, export, load, load_tokenizer, weights_bytes
 from zeda.zero.calibrate import CalibrationResult, calibrate
 from zeda.zero.inject import InjectionReport
 
@@ -167,6 +168,11 @@ def run(
 
 def _run(cfg: RunConfig, run_dir: RunDir, export_dir: Path, state: PartialState, evaluate: bool) -> RunResult:
     out = Path(cfg.train.output_dir)
+    if run_dir.resuming:  # the recorded base model and recipe, before the model is loaded
+        check_resume_inputs(run_dir.final, cfg)
+    # Room for the export (about the base model's size) and the evaluation, before any work.
+    total, largest = weights_bytes(cfg.model.name_or_path)
+    check_space(export_dir.absolute().parent, total + 2 * 2**20, largest + 2**20, "the run's export")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
 
     # 1. The original model.
@@ -179,6 +185,8 @@ def _run(cfg: RunConfig, run_dir: RunDir, export_dir: Path, state: PartialState,
 
     # 2. Zero experts: Z rows per router (skipped when the checkpoint is already injected).
     injection = inject_for_run(model, cfg)
+    if injection is not None:
+        check_finite(model, f"{cfg.model.name_or_path} after injection")
 
     # 3. Stage 1 and stage 2 self-distillation against the model's own teacher mode
     #    (LoRA on the experts, routers trained in full, the group balance loss sets the share).

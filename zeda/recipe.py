@@ -7,6 +7,11 @@ types; this module adds what zeda promises on top: one-line `ZedaError` messages
 key and suggest the closest valid one, YAML errors with line and column, the exclusive-key rule,
 and a scalar accepted where a list is expected. It never imports `zeda.config` (which imports it):
 the sections are passed in as ``{name: dataclass}``.
+
+Recipes are bounded before they are parsed: only regular files of at most `MAX_RECIPE_BYTES` are
+read (never a device or a FIFO), YAML aliases may expand to at most `MAX_YAML_NODES` values (a
+"billion laughs" is refused, not expanded), a ``base:`` chain is at most `MAX_BASE_DEPTH` deep,
+and integer settings have upper bounds (`INT_BOUNDS`, else `DEFAULT_INT_BOUND`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
+import stat
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,6 +49,32 @@ KEY_HINTS: dict[str, str] = {
     "zero_experts": "'inject.num_zero_experts'",
     "target_share": "'balance.target_zero_share'",
 }
+
+#: Largest recipe file read, in bytes.
+MAX_RECIPE_BYTES = 2**20
+#: Most values a recipe (or one override) may hold once its YAML aliases are expanded.
+MAX_YAML_NODES = 100_000
+#: Deepest ``base:`` chain.
+MAX_BASE_DEPTH = 32
+#: Upper bounds of integer settings (beyond them a run could never finish or fit anywhere).
+INT_BOUNDS: dict[str, int] = {
+    "stage1.steps": 10**7,
+    "stage2.steps": 10**7,
+    "data.seq_len": 2**20,
+    "stage1.max_new_tokens": 2**20,
+    "stage2.max_new_tokens": 2**20,
+    "stage1.rollout_batch_size": 2**20,
+    "stage2.num_prompts_per_step": 2**20,
+    "train.batch_size": 2**20,
+    "train.grad_accum": 2**20,
+    "train.seed": 2**32 - 1,
+    "inject.seed": 2**32 - 1,
+    "inject.num_zero_experts": 2**16,
+    "lora.r": 2**16,
+    "lora.alpha": 2**16,
+}
+#: Upper bound of any other integer setting.
+DEFAULT_INT_BOUND = 2**31 - 1
 
 #: Keys that older zeda versions wrote into run directories; read with a warning and ignored.
 RETIRED_KEYS: dict[str, str] = {"export.merge_lora": "export always merges LoRA adapters"}
@@ -142,6 +175,8 @@ def _normalise(data: Any, sections: Sections) -> dict[str, Any]:
                 if isinstance(value, Mapping):
                     raise ZedaError(f"config key {key!r}: expected {_type_name(tp)}, got a mapping")
                 value = [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+                if any(isinstance(v, Mapping | list | tuple) for v in value):
+                    raise ZedaError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
             out[section][name] = value
     return out
 
@@ -179,7 +214,27 @@ def build(conf: DictConfig, sections: Sections) -> Any:
         obj = OmegaConf.to_object(conf)
     except oc_errors.OmegaConfBaseException as e:
         raise _translate(e, None, sections) from None
+    _check_int_bounds(obj, sections)
     return obj.validate()  # type: ignore[union-attr]
+
+
+def _check_int_bounds(obj: Any, sections: Sections) -> None:
+    for name, cls in sections.items():
+        section = getattr(obj, name, None)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name, None)
+            tp = hints.get(f.name)
+            ints = tp is int or (
+                typing.get_origin(tp) in (typing.Union, type(int | None)) and int in typing.get_args(tp)
+            )
+            if not ints or not isinstance(value, int) or isinstance(value, bool):
+                continue
+            key = f"{name}.{f.name}"
+            bound = INT_BOUNDS.get(key, DEFAULT_INT_BOUND)
+            if value > bound:
+                shown = str(value) if value < 10**12 else f"{float(value):.3g}"
+                raise ZedaError(f"config key {key!r}: {shown} is too large (at most {bound})")
 
 
 def parse_overrides(overrides: Iterable[str] | str) -> dict[str, Any]:
@@ -196,6 +251,7 @@ def parse_overrides(overrides: Iterable[str] | str) -> dict[str, Any]:
             raise ZedaError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
         if not key or any(not p for p in key.split(".")):
             raise ZedaError(f"override {item!r} has an empty key; use a dotted key like lora.r=16")
+        _check_yaml_size(raw, f"override {key}")
         try:
             conf.merge_with_dotlist([f"{key}={raw}"])
         except yaml.YAMLError as e:
@@ -206,15 +262,73 @@ def parse_overrides(overrides: Iterable[str] | str) -> dict[str, Any]:
     return typing.cast(dict, OmegaConf.to_container(conf))
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
+    """Values in ``node`` once its aliases are expanded, counting at most ``limit + 1``."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = limit + 1  # an alias back into a node being counted expands forever
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [x for pair in node.value for x in pair]
+    else:
+        children = []
+    n = 1
+    for child in children:
+        n += _expanded_size(child, memo, limit)
+        if n > limit:
+            break
+    memo[key] = min(n, limit + 1)
+    return memo[key]
+
+
+def _check_yaml_size(text: str, source: str) -> None:
+    """Refuse YAML whose aliases expand beyond `MAX_YAML_NODES` values, before it is built."""
+    if "*" not in text:  # no alias: the text's own size bounds it
+        return
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # reported with line and column by the parser
+    except RecursionError:
+        raise ZedaError(f"{source}: YAML nested too deeply; write it flat") from None
+    if node is not None and _expanded_size(node, {}, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ZedaError(
+            f"{source}: YAML aliases expand to more than {MAX_YAML_NODES} values; "
+            "write the values out instead of nesting aliases"
+        )
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        info = os.stat(path)
     except FileNotFoundError:
         raise ZedaError(f"recipe {str(path)!r} not found") from None
+    except OSError as e:
+        raise ZedaError(f"cannot read recipe {str(path)!r}: {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ZedaError(f"recipe {str(path)!r} is not a regular file; pass a YAML file")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise ZedaError(
+            f"recipe {str(path)!r} is {info.st_size} bytes, more than a recipe's {MAX_RECIPE_BYTES}; "
+            "pass a recipe YAML file"
+        )
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        text = data.decode()
     except (OSError, UnicodeDecodeError) as e:
         raise ZedaError(f"cannot read recipe {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ZedaError(
+            f"recipe {str(path)!r} is larger than {MAX_RECIPE_BYTES} bytes; pass a recipe YAML file"
+        )
     try:
+        _check_yaml_size(text, f"recipe {str(path)!r}")
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ZedaError(f"recipe {str(path)!r}: YAML nested too deeply; write it flat") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -233,6 +347,8 @@ def recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, A
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise ZedaError(f"recipe inheritance cycle: {chain}")
+    if len(seen) >= MAX_BASE_DEPTH:
+        raise ZedaError(f"recipe {str(path)!r}: the base: chain is more than {MAX_BASE_DEPTH} recipes deep")
     data = _read_yaml(path)
     if data is None:
         data = {}

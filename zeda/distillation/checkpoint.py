@@ -42,6 +42,7 @@ from zeda.errors import ZedaError, write_failure
 
 __all__ = [
     "CHECKPOINT",
+    "check_checkpoint",
     "checkpoint_bytes",
     "find_checkpoint",
     "gather_train_state",
@@ -218,10 +219,7 @@ def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ZedaError(
-            f"{path} is unreadable or damaged ({_first(exc)}); delete {ckpt} to fall back to an "
-            "earlier checkpoint, or start a new run"
-        ) from None
+        raise _damaged(path, Path(ckpt), _first(exc)) from None
     ok = (
         isinstance(state, dict)
         and state.get("stage") in STAGES
@@ -230,16 +228,50 @@ def read_state(ckpt: Path) -> dict:
         and state["step"] >= 0
     )
     if not ok:
-        raise ZedaError(
-            f'{path} is damaged (expected {{"stage": "stage1", "step": N}}); delete {ckpt} to fall '
-            "back to an earlier checkpoint, or start a new run"
-        )
+        raise _damaged(path, Path(ckpt), 'expected {"stage": "stage1", "step": N}')
     return state
 
 
 def _first(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _damaged(path: Path, ckpt: Path, detail: str) -> ZedaError:
+    earlier = ckpt.name == CHECKPOINT and _complete(ckpt.parent / OLD)
+    fix = f"delete {ckpt} to fall back to the earlier checkpoint" if earlier else "start a new run"
+    return ZedaError(f"{path} is damaged or truncated ({detail}); {fix}")
+
+
+def check_checkpoint(ckpt: Path, optimizer: bool = True) -> dict:
+    """Read a checkpoint's progress record and headers (not its tensors): a damaged one is
+    refused before any model is loaded.
+
+    Args:
+        ckpt: The checkpoint directory.
+        optimizer: ``optim.pt`` must be there too (a resume needs it, an export does not).
+
+    Returns:
+        The progress record.
+
+    Raises:
+        ZedaError: naming the damaged or missing file.
+    """
+    from safetensors import safe_open
+
+    state = read_state(ckpt)
+    path = ckpt / "trainable.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise _damaged(path, ckpt, _first(exc)) from None
+    if optimizer and not (ckpt / "optim.pt").is_file():
+        raise ZedaError(
+            f"{ckpt / 'optim.pt'} is missing, so the optimiser cannot resume; start a new run "
+            "(or export the run as it is: zeda export --model RUN)"
+        )
+    return state
 
 
 def load_trainable(run_dir_or_ckpt: str | Path, model: nn.Module) -> dict:
@@ -261,10 +293,7 @@ def load_trainable(run_dir_or_ckpt: str | Path, model: nn.Module) -> dict:
     try:
         tensors = load_file(ckpt / "trainable.safetensors")
     except Exception as exc:  # safetensors raises its own error type for damaged files
-        raise ZedaError(
-            f"{ckpt / 'trainable.safetensors'} is damaged or truncated ({_first(exc)}); delete {ckpt} "
-            "to fall back to an earlier checkpoint, or start a new run"
-        ) from None
+        raise _damaged(ckpt / "trainable.safetensors", ckpt, _first(exc)) from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         raise ZedaError(f"checkpoint {ckpt} does not match this model/recipe; use another train.output_dir")

@@ -31,7 +31,13 @@ from torch import nn
 
 from zeda.config import RunConfig, load_recipe, recipe_differences
 from zeda.distillation import data as zdata
-from zeda.distillation.checkpoint import find_checkpoint, load_optim_state, load_trainable, trim_metrics
+from zeda.distillation.checkpoint import (
+    checkpoint_bytes,
+    find_checkpoint,
+    load_optim_state,
+    load_trainable,
+    trim_metrics,
+)
 from zeda.distillation.losses import (
     distill_loss,
     policy_gradient_reverse_kl,
@@ -45,6 +51,7 @@ from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, DistillResult, Stage, Trainer
 from zeda.errors import ZedaError
+from zeda.fs import check_space
 from zeda.zero.checkpointing import disable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
@@ -111,6 +118,7 @@ def _distill(
     # 1. The student (train.seed set right before LoRA is created), restored from the checkpoint.
     student = build_student(model, config)
     resume = load_trainable(ckpt, student) if ckpt is not None else None
+    check_space(run.path, *checkpoint_bytes(student), "a checkpoint")  # before anything is written
     run.start(main, config)
     if main and resume:
         trim_metrics(run.path, resume)

@@ -139,10 +139,15 @@ def _absolute_paths(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def _write_record(run_path: Path, cfg: RunConfig) -> None:
-    """Write ``recipe.yaml`` and `INPUTS` (each to a temporary name, then renamed)."""
+def _write_record(run_path: Path, cfg: RunConfig, final: Path) -> None:
+    """Write ``recipe.yaml`` and `INPUTS` (each to a temporary name, then renamed).
+
+    Each input is recorded by absolute path and by its path relative to the run directory
+    (``final``), so a run moved together with its inputs still finds them.
+    """
     save_recipe(cfg, run_path / "recipe.yaml")
     model = Path(cfg.model.name_or_path).expanduser()
+    paths = _absolute_paths(cfg)
     record = {
         "recipe_sha256": _sha256(run_path / "recipe.yaml"),
         "model": {
@@ -150,7 +155,8 @@ def _write_record(run_path: Path, cfg: RunConfig) -> None:
             "path": str(model.resolve()) if model.is_dir() else None,
             "files": fingerprint(model) if model.is_dir() else None,
         },
-        "paths": _absolute_paths(cfg),
+        "paths": paths,
+        "relative_to_run": {k: os.path.relpath(v, final) for k, v in paths.items()},
     }
     tmp = run_path / f".{INPUTS}.tmp"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -198,14 +204,24 @@ def _check_model(record: dict, model_dir: Path, run_dir: Path) -> None:
         )
 
 
+def _recorded(record: dict, run_dir: Path) -> dict[str, list[Path]]:
+    """``key -> [absolute path, path relative to the run]`` of each recorded input."""
+    rel = record.get("relative_to_run", {})
+    return {
+        k: [Path(v), *([run_dir.absolute() / rel[k]] if k in rel else [])]
+        for k, v in record.get("paths", {}).items()
+    }
+
+
 def run_config(run_dir: str | os.PathLike) -> RunConfig:
     """A run's recipe with its input paths made absolute as recorded when the run started.
 
     The base model is read from the absolute path recorded in `INPUTS`, whatever the working
-    directory; it and ``recipe.yaml`` must be unchanged since the run wrote them.
+    directory (or, if the run and its inputs moved together, from the same place relative to
+    the run); its files and ``recipe.yaml`` must be unchanged since the run wrote them.
 
     Raises:
-        ZedaError: for a missing or edited recipe, a moved or changed base model.
+        ZedaError: for a missing or edited recipe, a missing or changed base model.
     """
     run_dir = Path(run_dir)
     record = _read_record(run_dir)
@@ -214,11 +230,22 @@ def run_config(run_dir: str | os.PathLike) -> RunConfig:
     cfg = load_recipe(run_dir / "recipe.yaml")
     if record is None:
         return cfg
-    for key, value in record.get("paths", {}).items():
+    for key, candidates in _recorded(record, run_dir).items():
         section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-    if record["model"].get("path"):
-        _check_model(record, Path(record["model"]["path"]), run_dir)
+        found = next((c for c in candidates if c.exists()), candidates[0])
+        if key == "model.name_or_path" and record["model"].get("files") is not None:
+            # The first candidate with the recorded files; else the error names the recorded path.
+            found = next(
+                (
+                    c
+                    for c in candidates
+                    if c.is_dir() and _diff(record["model"]["files"], fingerprint(c)) is None
+                ),
+                None,
+            )
+            if found is None:
+                _check_model(record, candidates[0], run_dir)
+        setattr(getattr(cfg, section), name, str(os.path.normpath(found)))
     return cfg
 
 
@@ -248,7 +275,7 @@ def recorded_inputs(run_dir: str | os.PathLike) -> list[Path]:
     with contextlib.suppress(ZedaError):
         record = _read_record(run_dir)
         if record is not None:
-            return [Path(p) for p in record.get("paths", {}).values()]
+            return [p for candidates in _recorded(record, run_dir).values() for p in candidates]
     try:
         cfg = load_recipe(run_dir / "recipe.yaml")
     except ZedaError:
@@ -282,6 +309,7 @@ class RunDir:
     _started: bool = field(default=False, repr=False, compare=False)
     _final_existed: bool = field(default=False, repr=False, compare=False)
     _pending: RunConfig | None = field(default=None, repr=False, compare=False)
+    _resumed_from: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.committed = self.committed or self.resuming
@@ -401,8 +429,8 @@ class RunDir:
     def start(self, main: bool = True, cfg: RunConfig | None = None) -> None:
         """Create the directory the run writes into and mark it as a zeda run.
 
-        A new run writes ``recipe.yaml`` and `INPUTS` now; a resumed one when it saves its first
-        checkpoint (`saved`), so a resume that fails changes neither.
+        A new run writes ``recipe.yaml`` and `INPUTS` now; a resumed one once a finite step has
+        followed its first new checkpoint (`commit`), so a resume that fails changes neither.
         """
         self._started = True
         if not main:
@@ -411,19 +439,26 @@ class RunDir:
         (self.path / MARKER).write_text(json.dumps({"zeda_run": 1}) + "\n")
         if cfg is not None:
             if self.resuming:
-                self._pending = cfg
-            else:
-                _write_record(self.path, cfg)
+                from zeda.distillation.checkpoint import find_checkpoint, read_state
 
-    def saved(self, main: bool = True) -> None:
-        """After a checkpoint: a resumed run records the recipe that produced it."""
-        if main and self._pending is not None:
-            _write_record(self.path, self._pending)
-        self._pending = None
+                ckpt = find_checkpoint(self.path)
+                self._pending = cfg
+                self._resumed_from = read_state(ckpt) if ckpt is not None else None
+            else:
+                _write_record(self.path, cfg, self.final)
 
     def commit(self, main: bool = True) -> None:
-        """Once a checkpoint is proven: replace the old run with the staged one (if staged)."""
+        """Once a checkpoint is proven: replace the old run with the staged one (if staged); a
+        resumed run records the recipe that produced the checkpoint."""
+        from zeda.distillation.checkpoint import find_checkpoint, read_state
+
         self.committed = True
+        if self._pending is not None:
+            ckpt = find_checkpoint(self.path)
+            if ckpt is not None and read_state(ckpt) != self._resumed_from:  # a new checkpoint
+                if main:
+                    _write_record(self.path, self._pending, self.final)
+                self._pending = None
         if not self.staged:
             return
         if main:
@@ -458,7 +493,7 @@ def prepare_run_dir(cfg: RunConfig, inputs: list[Path], explicit: bool = False) 
     Raises:
         ZedaError: one line naming the problem.
     """
-    from zeda.distillation.checkpoint import find_checkpoint
+    from zeda.distillation.checkpoint import check_checkpoint, find_checkpoint
 
     final = Path(cfg.train.output_dir).expanduser().resolve()
     for inp in inputs:
@@ -478,12 +513,14 @@ def prepare_run_dir(cfg: RunConfig, inputs: list[Path], explicit: bool = False) 
     if not final.is_dir():
         raise ZedaError(f"train.output_dir {final} is a file, not a directory")
     if cfg.train.resume:
-        if find_checkpoint(final) is None:
+        ckpt = find_checkpoint(final)
+        if ckpt is None:
             raise ZedaError(
                 f"train.resume=true but {final} holds no checkpoint; start over with train.overwrite=true"
                 if _is_zeda_run(final)
                 else f"train.resume=true but {final} holds no checkpoint; start a new run without resume"
             )
+        check_checkpoint(ckpt)  # a damaged one is refused before the model is loaded
         return RunDir(final, final, resuming=True, recheck=recheck)
     if not cfg.train.overwrite:
         raise ZedaError(

@@ -28,7 +28,7 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from zeda.config import LoraConfig as ZedaLoraConfig
-from zeda.config import RunConfig, load_recipe
+from zeda.config import RunConfig
 from zeda.distillation.split_lora import enable_split_lora
 from zeda.errors import ZedaError
 from zeda.families import spec_for_model
@@ -180,7 +180,9 @@ def build_student(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if _is_run_dir(path):
-            cfg = cfg or load_recipe(path / "recipe.yaml")
+            from zeda.distillation.run_dir import run_config
+
+            cfg = cfg or run_config(path)
             from zeda.io import load
 
             student = build_student(load(cfg.model.name_or_path, dtype=cfg.model.dtype), cfg)
@@ -222,7 +224,9 @@ def load_run(run_dir: str | os.PathLike) -> tuple[PeftModel, Any, RunConfig, dic
         raise ZedaError(f"{run_dir} is not a zeda run directory (no recipe.yaml)")
     if not _is_run_dir(run_dir):
         raise ZedaError(f"{run_dir} holds no checkpoint to export; it stopped before its first checkpoint")
-    cfg = load_recipe(run_dir / "recipe.yaml")
+    from zeda.distillation.run_dir import run_config
+
+    cfg = run_config(run_dir)  # input paths as recorded (absolute), base model and recipe unchanged
     student = build_student(run_dir, cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path, model=student)
     metrics = None

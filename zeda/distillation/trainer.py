@@ -327,7 +327,6 @@ class Trainer:
                 state,
                 {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
             )
-            self.run_dir.saved()
         self._unproven = True
         acc.wait_for_everyone()
 

@@ -171,6 +171,11 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def close_figure(fig: Any) -> None:
+    """Close ``fig`` (a no-op if it is closed already)."""
+    _pyplot().close(fig)
+
+
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A fixed-width plain-text table for the console (cells formatted with `fmt`)."""
     cells = [list(header)] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -385,28 +384,36 @@ class EvalResult:
             The output directory.
 
         Raises:
-            ZedaError: if ``out_dir`` exists and ``overwrite`` is False.
+            ZedaError: if ``out_dir`` exists and ``overwrite`` is False, or the files cannot be
+                written (full disk, ``ulimit -f``): the previous evaluation is then kept as it was.
         """
-        out = Path(out_dir)
-        if out.exists():
-            if not overwrite:
-                raise ZedaError(
-                    f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
-                )
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        (out / "results.json").write_text(json.dumps(self.to_dict(), indent=1))
-        (out / "report.md").write_text(
-            "# zeda evaluation\n\n"
-            + self._repr_markdown_()
-            + "\n\n![zero share per layer](zero_share_per_layer.png)\n\n![accuracy vs FLOPs](frontier.png)\n"
-        )
+        from zeda.io import atomic_write
+
+        if (Path(out_dir).exists() or Path(out_dir).is_symlink()) and not overwrite:
+            raise ZedaError(
+                f"output directory {out_dir} already exists; pass --overwrite (overwrite=True) to replace it"
+            )
         figs = self.plot()
         names = (["zero_share_per_layer.png"] if self.zero_share_per_layer else []) + (
             ["frontier.png"] if self.curve else []
         )
-        for fig, name in zip(figs, names, strict=True):
-            render.save_figure(fig, out / name)
+
+        def write(tmp: Path) -> None:
+            (tmp / "results.json").write_text(json.dumps(self.to_dict(), indent=1))
+            (tmp / "report.md").write_text(
+                "# zeda evaluation\n\n"
+                + self._repr_markdown_()
+                + "\n\n![zero share per layer](zero_share_per_layer.png)\n\n![accuracy vs FLOPs](frontier.png)\n"
+            )
+            for fig, name in zip(figs, names, strict=True):
+                render.save_figure(fig, tmp / name)
+
+        # Written into a temporary sibling and renamed into place once complete.
+        try:
+            out = atomic_write(out_dir, write, overwrite)
+        finally:
+            for fig in figs:
+                render.close_figure(fig)
         logger.info("wrote evaluation to %s", out)
         return out
 
