@@ -83,8 +83,8 @@ def _hub_id_form(path: str) -> bool:
 def check_source(path: str | os.PathLike, run_ok: bool = False) -> None:
     """Refuse a ``--model`` that is neither a model directory nor (where allowed) a zeda run.
 
-    A path that does not exist is "no such directory"; only an ``org/name`` id, when the hub is
-    not switched off (``HF_HUB_OFFLINE``), is left for transformers to fetch.
+    A path that does not exist is "no such directory", unless it has the ``org/name`` form of a
+    hub id: that is left for transformers (the hub, or its local cache when offline).
 
     Args:
         path: A local directory or a hub id.
@@ -110,8 +110,7 @@ def check_source(path: str | os.PathLike, run_ok: bool = False) -> None:
         raise ZedaError(f"{path} is not a model directory (no config.json); pass a saved model directory")
     if local.exists():
         raise ZedaError(f"{path} is a file, not a model directory; pass the directory that holds config.json")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline or not _hub_id_form(str(path)):
+    if not _hub_id_form(str(path)):
         raise ZedaError(f"no such directory: {path}; pass the path of a saved model directory")
 
 
@@ -120,6 +119,10 @@ def _read_config(path: str) -> Any:
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
+        if not Path(path).expanduser().exists():  # an org/name id: neither here nor on the hub
+            raise ZedaError(
+                f"no such directory {path!r}, and no hub model of that id could be loaded ({_first_line(exc)})"
+            ) from exc
         raise ZedaError(f"cannot read a model config at {path!r}: {_first_line(exc)}") from exc
 
 
@@ -292,6 +295,11 @@ def load_tokenizer(path: str | os.PathLike, model: nn.Module | None = None) -> A
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as exc:
+        if not local.expanduser().exists():  # an org/name id: neither here nor on the hub
+            raise ZedaError(
+                f"no such directory {str(path)!r}, and no hub model of that id could be loaded "
+                f"({_first_line(exc)})"
+            ) from exc
         raise ZedaError(f"{path}: cannot read a tokenizer ({_first_line(exc)})") from exc
     target: Any = model
     if target is None and (Path(path) / "config.json").is_file():
