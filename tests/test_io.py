@@ -108,7 +108,7 @@ def test_missing_config_json_is_named(tmp_path):
     atomic_save(_injected("qwen3_moe"), tmp_path / "m")
     (tmp_path / "m" / "config.json").unlink()
     before = _tree(tmp_path)
-    with pytest.raises(zeda.ZedaError, match="has no config.json") as err:
+    with pytest.raises(zeda.ZedaError, match="not a model directory \\(no config.json\\)") as err:
         load(tmp_path / "m")
     assert "\n" not in str(err.value) and "model_type" not in str(err.value)
     assert _tree(tmp_path) == before

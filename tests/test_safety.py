@@ -1011,7 +1011,7 @@ def test_a_directory_that_is_neither_a_model_nor_a_run_is_named_as_such(world, c
         (
             "calibrate",
             "--model",
-            "gone/model",
+            "gone/away/model",
             "--target-share",
             "0.5",
             "--data",

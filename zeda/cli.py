@@ -94,10 +94,10 @@ def _cmd_inject(args: argparse.Namespace) -> int:
     from zeda.io import atomic_save, check_finite, check_source, load, load_tokenizer, weights_bytes
     from zeda.zero.inject import inject_zero_experts
 
-    check_source(args.model)
     out = _check_output(
         args.out, [args.model], args.overwrite, weights_bytes(args.model), "the injected model"
     )
+    check_source(args.model)
     tokenizer = load_tokenizer(args.model)
     model = load(args.model, dtype=args.dtype)
     report = inject_zero_experts(model, num_zero_experts=args.num_zero_experts, seed=args.seed)
@@ -112,11 +112,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from zeda.evaluation.run_eval import evaluate
     from zeda.io import check_source, load, load_tokenizer
 
+    inputs = [args.model, *([args.teacher] if args.teacher else []), *([args.recipe] if args.recipe else [])]
+    out = _check_output(args.out, inputs, args.overwrite, _EVAL_BYTES, "the evaluation")
     check_source(args.model)
     if args.teacher:
         check_source(args.teacher)
-    inputs = [args.model, *([args.teacher] if args.teacher else []), *([args.recipe] if args.recipe else [])]
-    out = _check_output(args.out, inputs, args.overwrite, _EVAL_BYTES, "the evaluation")
     cfg = load_recipe(args.recipe) if args.recipe else RunConfig()
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     tokenizer = load_tokenizer(args.model)
