@@ -80,6 +80,14 @@ def _hardware(r: dict) -> str:
     return f"{r['train_wall_seconds'] / 60:.1f} min on one {r['device']}"
 
 
+def _schedule_changes(r: dict) -> str:
+    segs = r.get("segments", [])
+    if len({s["steps"] for s in segs}) < 2:
+        return ""
+    parts = [f"from step {s['from_step']} on a {s['steps']}-step schedule" for s in segs]
+    return "; trained " + ", then ".join(parts)
+
+
 def _notes(member: Member) -> str:
     return f"\n{member.notes}\n" if member.notes else ""
 
@@ -167,7 +175,7 @@ Corpus: {corpus.description}; split by document (`{data}/`: train `{member.train
 
 | | |
 |---|---|
-| optimiser steps | {r["steps"]} of a {r["planned_steps"]}-step cosine schedule (warmup {r["warmup"]}, peak lr {r["lr"]}, AdamW 0.9/0.95, wd 0.1) |
+| optimiser steps | {r["steps"]} of a {r["planned_steps"]}-step cosine schedule (warmup {r["warmup"]}, peak lr {r["lr"]}, AdamW 0.9/0.95, wd 0.1){_schedule_changes(r)} |
 | batch | {r["batch_size"]} x {r["seq_len"]} tokens |
 | tokens seen | {r["tokens_seen"]:,} ({r["epochs"]:.2f} epochs of the train split) |
 | training wall time | {_hardware(r)} |

@@ -307,7 +307,15 @@ def train(
     device = device_name(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "wall": 0.0, "cpu": 0.0, "curve": [], "invocations": []}
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "wall": 0.0,
+        "cpu": 0.0,
+        "curve": [],
+        "invocations": [],
+        "segments": [],
+    }
     ckpt = run / "ckpt.pt"
     if ckpt.exists():
         if not args.resume:
@@ -318,13 +326,15 @@ def train(
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
-        state = {k: ck[k] for k in ("step", "tokens", "wall", "cpu", "curve", "invocations") if k in ck}
-        for key, empty in (("curve", []), ("invocations", []), ("cpu", 0.0)):
+        keys = ("step", "tokens", "wall", "cpu", "curve", "invocations", "segments")
+        state = {k: ck[k] for k in keys if k in ck}
+        for key, empty in (("curve", []), ("invocations", []), ("segments", []), ("cpu", 0.0)):
             state.setdefault(key, empty)
         log.info("resumed at step %d (%d tokens, %.0f s)", state["step"], state["tokens"], state["wall"])
     elif args.resume:
         log.info("no checkpoint in %s: starting from scratch", run)
     state["invocations"].append(invocation)
+    state["segments"].append({"from_step": state["step"], "steps": args.steps, "threads": args.threads})
     cfg = model.config
     spec = get_spec(cfg.model_type)
     stop = min(args.steps, args.stop_at_step or args.steps)
@@ -544,6 +554,7 @@ def finalize(member: Member, model: torch.nn.Module, tok, args: argparse.Namespa
             "expert_load_test": load,
             "params": sum(p.numel() for p in saved.parameters()),
             "curve": ck.get("curve", []),
+            "segments": ck.get("segments", []),
             "curve_eval_tokens": args.eval_blocks * args.seq_len,
             "convergence": convergence(ck.get("curve", []), ck["total_steps"]),
             "check": check,

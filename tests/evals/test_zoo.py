@@ -171,3 +171,31 @@ def test_zoo_table_names_every_member_and_its_role():
     for m in MEMBERS.values():
         assert re.search(rf"\| `{m.name}` \| {m.role} \| `{m.family}` \|", table), m.name
     assert {m.name for m in MEMBERS.values() if m.role == "tuning"} == {"reference", "reference_sigmoid"}
+
+
+@pytest.mark.parametrize("name", [m.name for m in COMMITTED])
+def test_zeda_injects_the_committed_model_and_teacher_mode_is_bit_exact(name):
+    """What the distillation runs on: zeda loads the member, grows every router by E/2 zero experts,
+    and teacher mode reproduces the original logits exactly."""
+    import zeda
+    from zeda.zero.inject import teacher_mode
+
+    member = MEMBERS[name]
+    original = zeda.load(member.model_dir, experts_implementation="eager")
+    injected = zeda.load(member.model_dir)
+    report = zeda.inject_zero_experts(injected)
+    spec = get_spec(member.family)
+    e = spec.num_experts(original.config)
+    assert (report.num_experts, report.num_zero_experts, report.top_k) == (
+        e,
+        e // 2,
+        spec.top_k(original.config),
+    )
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = original(ids).logits
+        student = injected(ids).logits
+        with teacher_mode(injected):
+            teacher = injected(ids).logits
+    assert torch.equal(teacher, ref)
+    assert not torch.equal(student, ref)  # the zero experts are live outside teacher mode
