@@ -261,7 +261,10 @@ MEMBERS: dict[str, Member] = {
             ),
             balance="aux",
             router_shape="softmax top-2 of 8, renormalised",
-            steps=800,
+            notes="Schedule: an 800-step cosine schedule first (4.2 epochs; validation perplexity still fell 5% "
+            "over its last 20%), then continued from step 800 on a 2000-step cosine schedule (a warm restart at lr "
+            "1.35e-3), 10.5 epochs in all.",
+            steps=2000,
             warmup=50,
             eval_every=40,
             eval_blocks=64,
@@ -347,10 +350,10 @@ MEMBERS: dict[str, Member] = {
             ),
             balance="aux",
             router_shape="top-4 of 32 on the biased router logits, softmax over the 4",
-            steps=1400,
+            steps=2800,
             warmup=50,
-            eval_every=50,
-            eval_blocks=64,
+            eval_every=100,
+            eval_blocks=169,  # the whole validation split: a curve point moves by noise < 1%
         ),
     )
 }
