@@ -105,19 +105,20 @@ def _kind(row: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="re-measure cached points")
-    p.add_argument("--only", nargs="*", default=None, help="point names")
+    p.add_argument(
+        "--only", nargs="*", default=None, help="measure only these points (all cached ones are tabulated)"
+    )
     p.add_argument("--cached", action="store_true", help="only the points already measured")
     args = p.parse_args()
     points_dir = HERE / "points"
     points_dir.mkdir(exist_ok=True)
     rows = []
     for name, extra in POINTS:
-        if args.only and name not in args.only:
-            continue
         out = points_dir / f"{name}.json"
-        if args.cached and not out.exists():
-            continue
-        if args.force or not out.exists():
+        chosen = not args.only or name in args.only
+        if (args.cached or not chosen) and not out.exists():
+            continue  # tabulate what is measured; measure only the chosen points
+        if chosen and not args.cached and (args.force or not out.exists()):
             cmd = [sys.executable, str(HERE / "measure.py"), *extra, "--out", str(out)]
             print("$", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -145,8 +146,11 @@ def main() -> int:
         "fresh process, arguments in `POINTS` of run_validation.py; cached under `evals/plan/points/`;",
         "`--cached` tabulates the measured points only).",
         f"zeda at commit {commit.stdout.strip() or '(not a git checkout)'}; torch {rows[0]['torch'] if rows else '?'}; bf16;",
-        "batch 1; LoRA r8 on the experts unless `full experts`; 2 optimiser steps of `zeda.distill`",
-        "(stage 1 text mode, forward KL), measured peak RSS minus the RSS after imports.",
+        "batch 1; LoRA r8 on the experts (merged: PEFT's forward, `lora.split=false`, the only path before",
+        "split LoRA; split: zeda's default) unless `full experts`; ckpt: `train.gradient_checkpointing=true`;",
+        "2 optimiser steps of `zeda.distill` (stage 1 text mode, forward KL), measured peak RSS minus the",
+        "RSS after imports. Each point's JSON records the zeda commit it was measured with (the first",
+        "eight points, without one, were measured at c8b57f7).",
         "Shapes: true hidden size, expert width and vocabulary of the named model, 1-2 layers, E as listed.",
         "",
     ]
@@ -163,6 +167,42 @@ def main() -> int:
     worst = max(abs(r["error"]) for r in rows) if rows else float("nan")
     lines.append("")
     lines.append(f"Largest error: {worst:.1%} (limit 10%).")
+    real = {r["name"]: r for r in rows if r["name"].startswith("qwen3_L2_E128_T2048_")}
+    if real:
+        lines += [
+            "",
+            "## Real Qwen3-30B-A3B shapes: the loop before and after (2 layers, 128 experts, 2048 tokens)",
+            "",
+            "Hidden 2048, 128 experts (+64 zero) of width 768, top-8, vocabulary 151,936 (the vendored",
+            "Qwen3 tokenizer), random bf16 weights; whole `zeda.distill` steps (teacher pass, forward KL,",
+            "balance loss, backward, AdamW). Before = PEFT's merged LoRA without checkpointing (the loop",
+            "until split LoRA and `train.gradient_checkpointing`); after = both. Wall time is of 2 steps on",
+            "a shared, loaded 2-core machine (indicative only).",
+            "",
+            "| loop | measured peak GiB | planned GiB | error | merged expert weights + their gradient buffers (plan) | wall s |",
+            "|---|---|---|---|---|---|",
+        ]
+        labels = {
+            "merged": "before: merged LoRA, no checkpointing",
+            "split": "split LoRA",
+            "ckpt": "after: split LoRA + checkpointing",
+        }
+        for key, label in labels.items():
+            r = real.get(f"qwen3_L2_E128_T2048_{key}")
+            if r is None:
+                continue
+            comp = r["predicted_components_gib"]
+            merged = comp.get("merged LoRA expert weights", 0) + comp.get("expert weight-gradient buffers", 0)
+            lines.append(
+                f"| {label} | {r['measured_peak_gib']:.2f} | {r['predicted_peak_gib']:.2f} | {r['error']:+.1%} | "
+                f"{merged:.2f} | {r['distill_s']:.0f} |"
+            )
+        lines += [
+            "",
+            "Commands: `python evals/plan/run_validation.py --only qwen3_L2_E128_T2048_merged "
+            "qwen3_L2_E128_T2048_split qwen3_L2_E128_T2048_ckpt`; each point is",
+            "`python evals/plan/measure.py --layers 2 --seq-len 2048 [--merged | --gradient-checkpointing]`.",
+        ]
     (HERE / "results.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(lines))
     return 0 if worst <= 0.10 else 1
