@@ -20,8 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-#: (name, measure.py arguments). The first eight were measured with PEFT's merged LoRA forward,
-#: before split LoRA existed (zeda at c8b57f7): ``--merged`` is what that loop did.
+#: (name, measure.py arguments). ``--merged``: PEFT's merged LoRA forward, the loop before split LoRA.
 POINTS: list[tuple[str, list[str]]] = [
     ("qwen3_L1_E32_T128", ["--layers", "1", "--experts", "32", "--seq-len", "128", "--merged"]),
     ("qwen3_L2_E32_T128", ["--layers", "2", "--experts", "32", "--seq-len", "128", "--merged"]),
@@ -88,10 +87,9 @@ def predict(row: dict) -> object:
     ]
     if row["full_experts"]:
         overrides += ["lora.enabled=false", "lora.full_experts=true"]
-    # Points measured before split LoRA existed carry no flag: PEFT's merged forward.
     overrides += [
-        f"lora.split={str(row.get('split_lora', False)).lower()}",
-        f"train.gradient_checkpointing={str(row.get('gradient_checkpointing', False)).lower()}",
+        f"lora.split={str(row['split_lora']).lower()}",
+        f"train.gradient_checkpointing={str(row['gradient_checkpointing']).lower()}",
     ]
     return plan(apply_overrides(cfg, overrides), 1, None, model_config=config, overhead_gib=0.0)
 
@@ -99,7 +97,7 @@ def predict(row: dict) -> object:
 def _kind(row: dict) -> str:
     if row["full_experts"]:
         return "full experts"
-    return f"LoRA r{row['lora_r']} {'split' if row.get('split_lora', False) else 'merged'}"
+    return f"LoRA r{row['lora_r']} {'split' if row['split_lora'] else 'merged'}"
 
 
 def main() -> int:
@@ -149,8 +147,8 @@ def main() -> int:
         "batch 1; LoRA r8 on the experts (merged: PEFT's forward, `lora.split=false`, the only path before",
         "split LoRA; split: zeda's default) unless `full experts`; ckpt: `train.gradient_checkpointing=true`;",
         "2 optimiser steps of `zeda.distill` (stage 1 text mode, forward KL), measured peak RSS minus the",
-        "RSS after imports. Each point's JSON records the zeda commit it was measured with (the first",
-        "eight points, without one, were measured at c8b57f7).",
+        "RSS after imports, with oneDNN's primitive cache off (a CPU-only cache of per-shape GEMM",
+        "buffers; README.md). Each point's JSON records the zeda commit it was measured with.",
         "Shapes: true hidden size, expert width and vocabulary of the named model, 1-2 layers, E as listed.",
         "",
     ]
@@ -161,7 +159,7 @@ def main() -> int:
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['layers']} | {r['experts']} | {r['batch_size'] * r['seq_len']} | "
-            f"{_kind(r)} | {'yes' if r.get('gradient_checkpointing') else 'no'} | "
+            f"{_kind(r)} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
             f"{r['measured_peak_gib']:.3f} | {r['predicted_peak_gib']:.3f} | {r['error']:+.1%} | {r['predicted_phase']} |"
         )
     worst = max(abs(r["error"]) for r in rows) if rows else float("nan")
