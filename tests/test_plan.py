@@ -74,7 +74,9 @@ def test_weights_and_optimizer_state_follow_the_config():
     [("qwen3-30b-a3b", 30.5), ("glm-4.7-flash", 29.9), ("mixtral-8x7b", 46.7), ("deepseek-v3", 671.0)],
 )
 def test_builtin_configs_give_plausible_totals(name, params_b):
-    p = plan(MIXTRAL_RECIPE, 8, 80, model_config=name, overrides=["stage1.mode=text"])
+    # Without stage 2's generation, which is the peak for DeepSeek-V3 once the recipe checkpoints.
+    overrides = ["stage1.mode=text", "stage2.enabled=false"]
+    p = plan(MIXTRAL_RECIPE, 8, 80, model_config=name, overrides=overrides)
     weights_gib = p.components["weights (bfloat16, frozen)"] * 8 / GIB
     assert weights_gib == pytest.approx(params_b * 1e9 * 2 / GIB, rel=0.05)
     assert p.components["weights (bfloat16, frozen)"] < p.total < 2000 * GIB
