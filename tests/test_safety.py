@@ -815,12 +815,14 @@ def test_a_full_disk_is_refused_before_the_work_and_keeps_the_previous_output(wo
     assert _tree(world) == before
 
 
-def test_a_full_disk_is_refused_before_the_work(world, capfd, monkeypatch):
+@pytest.mark.parametrize("case", list(CASES_WRITING))
+def test_a_full_disk_is_refused_before_the_work(world, capfd, monkeypatch, case):
     import zeda.fs
 
+    _old_evaluation(world)
     real = shutil.disk_usage
     monkeypatch.setattr(zeda.fs.shutil, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
-    _refused(world, capfd, "export", "--model", "run", "--out", "exp", expect="free")
+    _refused(world, capfd, *CASES_WRITING[case], expect="free", after_loading=True)
 
 
 @contextlib.contextmanager
@@ -1025,3 +1027,164 @@ def test_a_directory_that_is_neither_a_model_nor_a_run_is_named_as_such(world, c
 def test_a_missing_local_path_is_named_without_the_model_hub(world, capfd, argv):
     msg = _refused(world, capfd, *argv, expect="no such directory")
     assert "hub" not in msg.lower() and "huggingface" not in msg.lower()
+
+
+# ---- audit of issue 29: the remaining sub-cases ----------------------------------------------
+
+
+def test_two_distill_processes_into_one_run_directory(world, capfd, monkeypatch):
+    """Issue 29 item 3, as reported: a second `zeda distill` (another process, another lr) starts
+    while the first one writes the run directory. It is refused in one line; the run is the
+    first one's alone (its recipe, its metrics)."""
+    import zeda.distillation.trainer as trainer_mod
+
+    real = trainer_mod.save_checkpoint
+    second = {}
+
+    def save_then_race(*args, **kwargs):
+        if not second:  # the first checkpoint: the run directory is being written right now
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            second["proc"] = subprocess.run(
+                [sys.executable, "-m", "zeda.cli", "distill", "recipe.yaml", "train.overwrite=true"]
+                + ["stage1.lr=0.02"],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=world,
+                timeout=HANG_SECONDS,
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_race)
+    _ok(capfd, "distill", "recipe.yaml", "train.overwrite=true", "train.save_every=1")
+    proc = second["proc"]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not _is_progress(ln)]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("zeda: error: ") and "another zeda process" in lines[0], lines
+    assert "lr: 0.01" in (world / "run" / "recipe.yaml").read_text()
+    steps = [json.loads(ln)["step"] for ln in (world / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "metrics.jsonl interleaves two runs"
+    assert not list(world.glob(".run.*"))
+
+
+def _disk_fills_midway(monkeypatch, nbytes: int) -> _FileSizeLimit:
+    """A write that fails although the size check passed (the estimate was short, or another
+    process filled the disk meanwhile): the check sees no limit, the writes meet ``ulimit -f``."""
+    import zeda.fs
+
+    monkeypatch.setattr(zeda.fs, "file_size_limit", lambda: None)
+    return _FileSizeLimit(nbytes)
+
+
+MIDWAY = {
+    # what fails, the command; each writes a file larger than 40 KiB (checkpoint, export weights)
+    "a new run's first checkpoint": ("distill", "recipe.yaml", "train.output_dir=new"),
+    "an overwrite's first checkpoint": ("distill", "recipe.yaml", "train.overwrite=true"),
+    "a resume's checkpoint": ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4"),
+    "an export": ("export", "--model", "run", "--out", "run/export", "--overwrite"),
+}
+
+
+@pytest.mark.parametrize("case", list(MIDWAY))
+def test_a_disk_that_fills_midway_leaves_nothing_and_the_advice_works(world, capfd, monkeypatch, case):
+    """Issue 29 items 6 and 8: a full disk during a checkpoint, a resume or an export exits 2 in
+    one line, keeps the previous output, and leaves no ``.run.new``, ``.checkpoint.tmp`` or
+    ``.export.tmp-*``; ``recipe.yaml`` and ``metrics.jsonl`` are not rewritten."""
+    with _disk_fills_midway(monkeypatch, 40 * 1024):
+        msg = _refused(world, capfd, *MIDWAY[case], expect="ulimit -f", after_loading=True)
+    assert "traceback" not in msg.lower() and ".run.new" not in msg
+    # The advice works: with room to write, the suggested command succeeds.
+    if case == "a resume's checkpoint":
+        assert "resume with train.resume=true" in msg and "previous checkpoint is kept" in msg, msg
+        _ok(capfd, *MIDWAY[case])
+        assert json.loads((world / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
+    else:  # nothing was saved: a resume could not work, the same command does
+        assert "resume" not in msg and ("run the same command again" in msg or msg.endswith("run again")), msg
+        _ok(capfd, *MIDWAY[case])
+
+
+def test_kill_9_during_export_leaves_no_temporary_for_long(world, capfd):
+    """Issue 29 item 8, with a real kill: an export killed once the whole model copy is written
+    (its temporary's marker still held) leaves ``.exp.tmp-*``; the next export removes it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed_at_rename = (
+        "import os, signal, zeda.io\n"
+        "from zeda.cli import main\n"
+        "class Killed(zeda.io.FileLock):\n"
+        "    def release(self):\n"
+        "        if self.path.name == zeda.io._TMP_MARKER and self.held:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)  # the copy is complete, not yet renamed\n"
+        "        super().release()\n"
+        "zeda.io.FileLock = Killed\n"
+        "main(['export', '--model', 'run', '--out', 'exp'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", killed_at_rename],
+        env=env,
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=HANG_SECONDS,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (stale,) = world.glob(".exp.tmp-*")
+    assert (stale / "model.safetensors").is_file() and not (world / "exp").exists()
+    _ok(capfd, "export", "--model", "run", "--out", "exp")
+    assert not list(world.glob(".exp*")) and (world / "exp" / "config.json").is_file()
+
+
+def test_nan_at_the_first_step_with_save_every_1_leaves_nothing_and_the_advice_works(world, capfd):
+    """Issue 29 item 7: ``stage1.lr=1e30 train.save_every=1`` checkpoints weights near 1e30 at
+    step 1 whose next step is not finite; that checkpoint is not kept, nor the run directory, and
+    the advice (a lower lr, the same command) works."""
+    argv = ("distill", "recipe.yaml", "train.output_dir=new", "stage1.steps=4", "train.save_every=1")
+    msg = _refused(world, capfd, *argv, "stage1.lr=1e30", expect="non-finite", after_loading=True)
+    assert "run the same command again" in msg and "lower stage1.lr" in msg
+    _ok(capfd, *argv, "stage1.lr=0.01")
+    assert json.loads((world / "new" / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+def test_weights_with_inf_are_refused_on_load(world, capfd):
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "self_attn" in n).view(-1)[5] = float("-inf")
+    atomic_save(model, world / "bad", tokenizer=tiny_tokenizer())
+    for argv in (("inject", "--model", "bad", "--out", "inj"), ("eval", "--model", "bad", "--out", "ev")):
+        _refused(world, capfd, *argv, expect="nan or inf", after_loading=True)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("what", ["tokenizer.json", "model.safetensors"])
+@pytest.mark.parametrize("verb", ["export", "resume"])
+def test_a_changed_tokenizer_or_weights_file_of_the_base_model_is_refused(world, capfd, verb, what):
+    """The fingerprint covers the tokenizer and the weights, not only config.json."""
+    path = world / "model" / what
+    if what == "tokenizer.json":
+        path.write_text(path.read_text().replace('"<unk>"', '"<UNK>"', 1))
+    else:
+        _flip_a_byte(path)  # same size, other weights
+    argv = (
+        ("export", "--model", "run", "--out", "exp")
+        if verb == "export"
+        else ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
+    )
+    _refused(world, capfd, *argv, expect=("base model", what))
+
+
+def test_a_changed_weights_index_of_a_sharded_base_model_is_refused(world, capfd):
+    tiny_model("qwen3_moe").save_pretrained(world / "sharded", max_shard_size="60KB")
+    tiny_tokenizer().save_pretrained(world / "sharded")
+    index = world / "sharded" / "model.safetensors.index.json"
+    assert index.is_file()
+    _ok(capfd, "distill", "recipe.yaml", "model.name_or_path=sharded", "train.output_dir=run2")
+    record = json.loads((world / "run2" / "inputs.json").read_text())
+    assert index.name in record["model"]["files"] and record["model"]["path"] == str(world / "sharded")
+    data = json.loads(index.read_text())
+    data["metadata"] = {**data.get("metadata", {}), "note": "edited"}
+    index.write_text(json.dumps(data))
+    _refused(world, capfd, "export", "--model", "run2", "--out", "exp", expect=("base model", index.name))

@@ -380,8 +380,8 @@ def atomic_write(out_dir: str | os.PathLike, write: Callable[[Path], None], over
         lock = FileLock(tmp / _TMP_MARKER)
         lock.acquire()
         write(tmp)
+        _apply_umask(tmp)  # under the marker: a kill here still leaves a temporary marked as stale
         lock.release()  # removes the marker: nothing of it reaches the output
-        _apply_umask(tmp)
         if out.exists() or out.is_symlink():
             backup = out.with_name(f".{out.name}.old")
             _remove(backup)

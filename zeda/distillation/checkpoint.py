@@ -171,6 +171,11 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict
         reason = write_failure(exc)
         if reason is None:
             raise
+        if find_checkpoint(run_dir) is None:  # the run is removed (or the overwritten one kept)
+            raise ZedaError(
+                f"cannot write the run's first checkpoint: {reason}; nothing was saved; "
+                "free disk space (or raise ulimit -f) and run the same command again"
+            ) from None
         raise ZedaError(
             f"cannot write a checkpoint in {run_dir}: {reason}; the previous checkpoint is kept; "
             "free disk space (or raise ulimit -f) and resume with train.resume=true"
