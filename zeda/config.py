@@ -331,6 +331,9 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "train.save_every",
         "train.gradient_checkpointing",  # memory only: the same step, recomputed
         "lora.split",  # memory only: the same adapters, applied without a merged copy
+        "train.eval_every",
+        "train.patience",
+        "train.verdict",
         *(k for k in valid_keys() if k.split(".")[0] in ("eval", "export", "hardware")),
     }
 )

@@ -79,16 +79,14 @@ class RunResult:
         }
 
     def summary(self) -> str:
-        """A short console summary: the evaluation table (or the training outcome) and the paths."""
+        """A short console summary: the evaluation table, the training outcome with the validation
+        verdict against the best training-free rule, and the paths."""
         lines: list[str] = []
         if self.evaluation is not None:
             lines.append(self.evaluation.summary_table())
-        elif self.distill is not None:
-            d = self.distill
-            lines.append(
-                f"distilled: stage 1 {d.stage1_steps} steps, stage 2 {d.stage2_steps} steps, "
-                f"{d.wall_seconds:.0f} s; zero share {d.final_zero_share:.3f} (target {d.target_zero_share:.3f})"
-            )
+        if self.distill is not None:
+            # The training outcome and the validation verdict against the best training-free rule.
+            lines.append(self.distill.summary())
         paths = {
             "report": self.report_path,
             "export": self.export_dir,

@@ -38,7 +38,8 @@ def main() -> None:
     current = {}
 
     def mask_hook(module, args, kwargs):
-        current["mask"] = kwargs["attention_mask"].reshape(-1).bool()
+        if "attention_mask" in kwargs:  # training forwards; validation forwards carry no mask
+            current["mask"] = kwargs["attention_mask"].reshape(-1).bool()
 
     def router_hook(module, args, output):
         if module.routes_to_zero and torch.is_grad_enabled():  # per training forward, padding excluded

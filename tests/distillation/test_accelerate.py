@@ -117,6 +117,8 @@ def test_two_ranks_split_rollouts_prompts_and_count_the_global_share(tmp_path):
         "stage2.max_new_tokens=3",
         "train.batch_size=2",
         "train.log_every=100",
+        "train.eval_every=0",  # the worker's hooks count every forward: no validation forwards
+        "train.verdict=false",
         f"train.output_dir={tmp_path / 'run'}",
     ]
     res = _launch(tmp_path, overrides)

@@ -80,6 +80,7 @@ def _recipe(root: Path, out: str, batch_size: int, steps: int, *extra: str) -> R
             "train.save_every=0",
             "train.warmup_ratio=0",
             "train.lr_schedule=constant",  # a resume may then extend the stage without changing the lr
+            "train.eval_every=2",  # the whole run and the half run + resume validate at the same steps
             f"train.output_dir={root / out}",
             "balance.target_zero_share=0.5",
             *extra,

@@ -11,6 +11,10 @@ with ``torch.distributed.checkpoint.state_dict`` (optimiser state keyed by param
 `restore_optimizer` shards them back onto the optimiser of any layout. A checkpoint written by
 two sharded processes therefore resumes on one process and vice versa, and exports as is.
 
+``<run>/best/`` holds the same tensors and ``state.json`` (no optimiser state) of the evaluation
+with the lowest validation KL at the target share (`zeda.distillation.validation`): the weights a
+finished run keeps; a resume continues from ``checkpoint/``, never from ``best/``.
+
 A save writes ``.checkpoint.tmp``, moves the previous checkpoint to ``.checkpoint.old`` and renames
 the new one into place. The previous one stays until the next optimisation step after the save
 has proven finite (`prove_checkpoint` deletes it); if that step is not finite, `rollback_checkpoint`
@@ -35,12 +39,18 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
 from zeda.errors import ZedaError, write_failure
 
 __all__ = [
+    "BEST",
+    "best_checkpoint",
+    "gather_trained",
+    "read_record",
+    "restore_trained",
     "CHECKPOINT",
     "check_checkpoint",
     "checkpoint_bytes",
@@ -59,6 +69,7 @@ __all__ = [
 CHECKPOINT = "checkpoint"
 OLD = f".{CHECKPOINT}.old"
 TMP = f".{CHECKPOINT}.tmp"
+BEST = "best"
 STAGES = ("stage1", "stage2")
 
 
@@ -73,6 +84,35 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
         if _complete(run_dir / name):
             return run_dir / name
     return None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's complete best checkpoint directory (``best/`` or ``.best.old/``), or None."""
+    run_dir = Path(run_dir)
+    for name in (BEST, f".{BEST}.old"):
+        if _complete(run_dir / name):
+            return run_dir / name
+    return None
+
+
+def gather_trained(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """The full trained tensors of a model of any layout (a collective: every rank calls it).
+
+    The main process gets full CPU tensors by parameter name, the others an empty dict.
+    """
+    trained = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    tensors = get_model_state_dict(model, options=trained)
+    # Buffers are not frozen parameters, so they are still in the state dict: keep parameters.
+    return {n: t for n, t in tensors.items() if n in names}
+
+
+def restore_trained(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load full trained tensors (from `gather_trained` or a checkpoint) into a model of any layout.
+
+    Every rank passes the same full tensors; each keeps its own shards. Frozen parameters and
+    buffers are left as they are.
+    """
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def gather_train_state(
@@ -94,11 +134,8 @@ def gather_train_state(
         parameters) and the optimiser state keyed by parameter name.
     """
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    trained = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    tensors = get_model_state_dict(model, options=trained)
-    optim = get_optimizer_state_dict(model, optimizer, options=full)
-    # Buffers are not frozen parameters, so they are still in the state dict: keep parameters.
-    return {n: t for n, t in tensors.items() if n in names}, optim
+    tensors = gather_trained(model, names)
+    return tensors, get_optimizer_state_dict(model, optimizer, options=full)
 
 
 def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -138,15 +175,27 @@ def checkpoint_bytes(model: nn.Module) -> tuple[int, int]:
     return tensors + moments + 2 * overhead, max(tensors, moments) + overhead
 
 
-def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, optim_state: dict) -> None:
-    """Atomically write ``run_dir/checkpoint`` (main process only); the previous one becomes
-    ``.checkpoint.old`` until `prove_checkpoint` (or `rollback_checkpoint`).
+def save_checkpoint(
+    run_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    state: dict,
+    optim_state: dict | None,
+    name: str = CHECKPOINT,
+    records: dict[str, dict] | None = None,
+) -> None:
+    """Atomically write ``run_dir/<name>`` (main process only). For ``checkpoint`` the previous one
+    becomes ``.checkpoint.old`` until `prove_checkpoint` (or `rollback_checkpoint`); the previous
+    ``best`` is deleted once the new one is in place.
 
     Args:
         run_dir: The run directory.
         tensors: The full (gathered) trained tensors by parameter name.
         state: Progress, e.g. ``{"stage": "stage1", "step": 4}``.
-        optim_state: ``{"optimizer": full name-keyed optimiser state, "scheduler": its state}``.
+        optim_state: ``{"optimizer": full name-keyed optimiser state, "scheduler": its state}``, or
+            None (no ``optim.pt``: the best checkpoint).
+        name: ``checkpoint`` (`CHECKPOINT`) or ``best`` (`BEST`).
+        records: Further JSON files to keep with it, ``{file name: content}`` (e.g. the
+            validation bookkeeping, ``validation.json``); read back with `read_record`.
 
     Raises:
         ZedaError: if any tensor is not finite, or the disk is full (the previous checkpoint is
@@ -157,14 +206,17 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict
         raise ZedaError(
             f"refusing to checkpoint non-finite weights ({bad[0]}); the previous checkpoint is kept"
         )
-    tmp, final, old = run_dir / TMP, run_dir / CHECKPOINT, run_dir / OLD
+    tmp, final, old = run_dir / f".{name}.tmp", run_dir / name, run_dir / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         save_file(
             {n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp / "trainable.safetensors"
         )
-        torch.save(optim_state, tmp / "optim.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optim.pt")
+        for file, content in (records or {}).items():
+            (tmp / file).write_text(json.dumps(content, indent=1))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,6 +238,8 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict
     else:
         shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    if name != CHECKPOINT:  # only the training checkpoint waits for a finite next step
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prove_checkpoint(run_dir: Path) -> None:
@@ -212,6 +266,12 @@ def rollback_checkpoint(run_dir: Path, latest_unproven: bool) -> dict | None:
     elif latest_unproven:
         shutil.rmtree(final, ignore_errors=True)
     return read_state(final) if _complete(final) else None
+
+
+def read_record(ckpt: Path, file: str) -> dict | None:
+    """A JSON record saved with a checkpoint (``records`` of `save_checkpoint`), or None."""
+    path = ckpt / file
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_state(ckpt: Path) -> dict:

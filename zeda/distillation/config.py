@@ -266,10 +266,28 @@ class TrainConfig:
     `zeda.config.RESUMABLE_KEYS` may change (more ``stage1.steps``/``stage2.steps``, ``eval.*``,
     ``export.*``, ``data.eval_file``, ``data.rollout_cache``, ``hardware.*``, the memory-only keys ``train.gradient_checkpointing``
     and ``lora.split``, and the bookkeeping keys ``train.resume``, ``train.overwrite``,
-    ``train.output_dir``, ``train.log_every``, ``train.save_every``), plus any
+    ``train.output_dir``, ``train.log_every``, ``train.save_every``, ``train.eval_every``,
+    ``train.patience``, ``train.verdict``), plus any
     ``stage2.*`` key if the stored run had stage 2 disabled; any other change is refused."""
     overwrite: bool = False
     """Replace an existing ``output_dir`` (a zeda run) with this run."""
+    eval_every: int = 100
+    """Score the student on the validation slice every N optimizer steps and at each stage's last
+    step (KL, perplexity ratio, top-1 agreement, measured zero share; ``val_*`` in
+    metrics.jsonl), keep the best checkpoint at the target share in ``<output_dir>/best`` and
+    restore it at the end; 0 = no evaluation during training."""
+    eval_tokens: int = 16384
+    """Tokens of ``data.eval_file`` in the validation slice (the first ones, in ``data.seq_len`` blocks)."""
+    best_tolerance: float = 0.01
+    """An evaluation competes for the best checkpoint when its measured zero share is at least
+    the target share minus this."""
+    patience: int = 0
+    """Stop a stage when the validation KL has not improved for this many evaluations once the
+    share has reached the target band (0 = never stop early)."""
+    verdict: bool = True
+    """Calibrate every training-free rule on the validation slice at the start (to the target
+    share) and at the end (to the student's measured share), and record whether the student beats
+    them all (the run summary, a WARNING when it does not, the export's ``config.json``)."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
@@ -285,6 +303,16 @@ class TrainConfig:
         check_config(self.log_every >= 1, "train.log_every", "must be >= 1")
         check_config(self.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)")
         check_config(bool(self.output_dir.strip()), "train.output_dir", "must not be empty")
+        check_config(
+            self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = no evaluation during training)"
+        )
+        check_config(self.eval_tokens >= 16, "train.eval_tokens", f"must be >= 16, got {self.eval_tokens}")
+        check_config(
+            0.0 <= self.best_tolerance < 1.0,
+            "train.best_tolerance",
+            f"must be in [0, 1), got {self.best_tolerance}",
+        )
+        check_config(self.patience >= 0, "train.patience", "must be >= 0 (0 = never stop early)")
         check_config(
             not (self.resume and self.overwrite),
             "train.resume",

@@ -36,6 +36,7 @@ from zeda.distillation.checkpoint import (
     find_checkpoint,
     load_optim_state,
     load_trainable,
+    read_record,
     trim_metrics,
 )
 from zeda.distillation.losses import (
@@ -130,7 +131,24 @@ def _distill(
     prepared = prepare_student(accelerator, student, config.train.gradient_checkpointing)
     trainer = Trainer(student, prepared, config, accelerator, run, tokenizer)
 
-    # 3. Stage 1, then stage 2; a resumed run skips what its checkpoint already covers.
+    # 3. The validation slice: the rules to beat at the target share, then (every
+    #    train.eval_every steps) the best checkpoint and early stopping.
+    tcfg = config.train
+    if Path(config.data.eval_file).is_file() and (tcfg.eval_every > 0 or tcfg.verdict):
+        from zeda.distillation.validation import Validator
+
+        trainer.validator = Validator(
+            student, config, tokenizer, trainer.result.target_zero_share, trainer._global_mean
+        )
+        record = read_record(ckpt, "validation.json") if ckpt is not None else None
+        trainer.validator.start(run.path, record, rules=tcfg.verdict)
+    elif tcfg.eval_every > 0 or tcfg.verdict:
+        logger.warning(
+            "no validation text at %s: no best checkpoint, early stopping or verdict against the rules",
+            config.data.eval_file,
+        )
+
+    # 4. Stage 1, then stage 2; a resumed run skips what its checkpoint already covers.
     order = ["stage1", "stage2"]
     t0 = time.perf_counter()
     for name in order:
@@ -146,6 +164,18 @@ def _distill(
     trainer.result.wall_seconds = time.perf_counter() - t0
     if config.train.gradient_checkpointing:
         disable_activation_checkpointing(student)  # the returned student runs as it came in
+
+    # 5. The student returns restored to its best validation checkpoint, with the verdict
+    #    against every rule at its measured share (also recorded for the export's config.json).
+    trainer.finish_validation(tcfg.verdict)
+    if trainer.result.verdict is not None:
+        from zeda.distillation.validation import verdict_config
+
+        base = student.get_base_model()
+        base.config.zeda = {
+            **(getattr(base.config, "zeda", None) or {}),
+            "verdict": verdict_config(trainer.result.verdict, config.data.eval_file),
+        }
     if main:
         (run.path / STOP_FILE).unlink(missing_ok=True)
         (run.path / "result.json").write_text(json.dumps(trainer.result.to_dict(), indent=1))

@@ -23,8 +23,10 @@ On CPU the options come from the launch environment (``FSDP_*``, set by ``accele
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_launch",
+    "root_gathered",
     "cpu_fsdp2_plugin",
     "is_sharded",
     "prepare_optimizer",
@@ -225,3 +228,26 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def root_gathered(model: nn.Module) -> Iterator[None]:
+    """Hold a sharded model's root-unit parameters (embeddings, final norm, output head) gathered.
+
+    Held-out scoring (`zeda.evaluation.heldout`) calls the decoder and the output head directly,
+    bypassing the root module's forward, whose hooks would gather them; each decoder layer
+    (its own unit) still gathers itself. One tiny root forward first initialises FSDP's state.
+    A no-op for a model that is not sharded.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(p for p in root.parameters()).device
+    with torch.no_grad():
+        root(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()

@@ -172,7 +172,8 @@ def build_student(
             model, a student (returned as is), the directory of an original or injected
             checkpoint, or a ``zeda run`` directory (``recipe.yaml`` + ``checkpoint/``).
         cfg: The run configuration (a run directory's own ``recipe.yaml`` when omitted there).
-        load_checkpoint: For a run directory, restore the trained tensors of its checkpoint.
+        load_checkpoint: For a run directory, restore the trained tensors of its best validation
+            checkpoint (``best/``) or, without one, of its latest checkpoint.
 
     Returns:
         The PEFT student; ``zeda.teacher_mode(student)`` is the frozen original.
@@ -187,9 +188,11 @@ def build_student(
 
             student = build_student(load(cfg.model.name_or_path, dtype=cfg.model.dtype), cfg)
             if load_checkpoint:
-                from zeda.distillation.checkpoint import load_trainable
+                from zeda.distillation.checkpoint import best_checkpoint, load_trainable
 
-                load_trainable(path, student)
+                # The weights a finished run keeps: its best validation checkpoint when it has one.
+                load_trainable(best_checkpoint(path) or path, student)
+                _attach_verdict(path, student, cfg)
             return student
         if cfg is None:
             raise ZedaError(
@@ -205,6 +208,22 @@ def build_student(
     inject_for_run(source, cfg)
     torch.manual_seed(cfg.train.seed)
     return _wrap(source, cfg.lora)
+
+
+def _attach_verdict(run_dir: Path, student: nn.Module, cfg: RunConfig) -> None:
+    """Record a run's validation verdict (``result.json``) in the student's ``config.zeda``, as
+    `zeda.distillation.loop.distill` does, so that an export of the run carries it."""
+    try:
+        verdict = json.loads((run_dir / "result.json").read_text()).get("verdict")
+    except (OSError, ValueError, AttributeError):  # no result yet (a stopped run) or not readable
+        return
+    if not isinstance(verdict, dict):
+        return
+    from zeda.distillation.validation import verdict_config
+
+    base = student.get_base_model()
+    zeda_meta = getattr(base.config, "zeda", None) or {}
+    base.config.zeda = {**zeda_meta, "verdict": verdict_config(verdict, cfg.data.eval_file)}
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[PeftModel, Any, RunConfig, dict | None]:

@@ -1,9 +1,11 @@
 """The optimisation machinery shared by both stages: the teacher → student → capture step,
-the update with its non-finite guard, checkpoints and metrics."""
+the update with its non-finite guard, checkpoints and metrics, and the validation hooks (best
+checkpoint, early stopping, the final verdict; `zeda.distillation.validation`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -20,11 +22,16 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from zeda.config import RunConfig
 from zeda.distillation.balance import BalanceTracker, RouterCapture
 from zeda.distillation.checkpoint import (
+    BEST,
+    best_checkpoint,
     find_checkpoint,
     gather_train_state,
+    gather_trained,
     load_optim_state,
     prove_checkpoint,
+    read_state,
     restore_optimizer,
+    restore_trained,
     rollback_checkpoint,
     save_checkpoint,
 )
@@ -34,6 +41,8 @@ from zeda.distillation.sharding import prepare_optimizer
 from zeda.errors import ZedaError
 from zeda.zero.inject import teacher_mode
 from zeda.zero.routing import zero_routers
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["STOP_FILE", "DistillResult", "Stage", "Trainer"]
 
@@ -56,6 +65,14 @@ class DistillResult:
         tokens_seen: Student tokens processed (this process).
         wall_seconds: Training time of this call.
         last: The last logged metrics row.
+        stop_reason: ``"completed"``, or why a stage stopped early (validation patience).
+        best: The evaluation the student was restored to at the end (``stage``, ``step`` and its
+            ``validation`` figures), or None (no evaluation reached the target share band).
+        rules_at_target: Every training-free rule calibrated to the target share on the
+            validation slice at the start (the figures to beat).
+        verdict: `zeda.evaluation.verdict.Verdict` (as a dict) of the final student against every
+            rule calibrated to its measured validation share, or None (``train.verdict=false``
+            or no validation text).
     """
 
     output_dir: str
@@ -66,13 +83,37 @@ class DistillResult:
     tokens_seen: int = 0
     wall_seconds: float = 0.0
     last: dict = field(default_factory=dict)
+    stop_reason: str = "completed"
+    best: dict | None = None
+    rules_at_target: list[dict] = field(default_factory=list)
+    verdict: dict | None = None
+
+    def summary(self) -> str:
+        """A few lines: steps, time, share, why training stopped and the verdict."""
+        lines = [
+            f"distilled: stage 1 {self.stage1_steps} steps, stage 2 {self.stage2_steps} steps, "
+            f"{self.wall_seconds:.0f} s; zero share {self.final_zero_share:.3f} "
+            f"(target {self.target_zero_share:.3f}); {self.stop_reason}"
+        ]
+        if self.best:
+            v = self.best["validation"]
+            lines.append(
+                f"kept the best validation checkpoint ({self.best['stage']} step {self.best['step']}): "
+                f"KL {v['mean_kl']:.4f} at {v['zero_share']:.1%} skipped"
+            )
+        if self.verdict:
+            from zeda.evaluation.verdict import Verdict
+
+            lines.append(Verdict(**_nan(self.verdict)).summary())
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """Plain-dict form (JSON-serialisable)."""
         return asdict(self)
 
     def _repr_markdown_(self) -> str:
-        rows = "\n".join(f"| {k} | {v} |" for k, v in self.to_dict().items() if k != "last")
+        skip = ("last", "rules_at_target", "verdict", "best")
+        rows = "\n".join(f"| {k} | {v} |" for k, v in self.to_dict().items() if k not in skip)
         return f"| field | value |\n|---|---|\n{rows}"
 
 
@@ -123,6 +164,9 @@ class Trainer:
         self.result = DistillResult(output_dir=str(run.final), target_zero_share=b.resolve_target_share(e, z))
         # No finite step has followed the latest checkpoint yet (a resumed one may be such).
         self._unproven = run.resuming
+        #: Set by `zeda.distillation.loop.distill` when there is validation text.
+        self.validator: Any = None
+        self._last_val: dict[str, str] = {}
 
     def step(self, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher → student → capture → loss, for one micro-batch.
@@ -204,9 +248,16 @@ class Trainer:
         return bool(flags[0] == 0), bool(flags[1] == 0)
 
     def run(self, stage: Stage, resume: dict | None) -> None:
-        """Optimise one stage from its start (or from the resumed step) to ``stage.steps``."""
+        """Optimise one stage from its start (or from the resumed step) to ``stage.steps``,
+        or until validation patience runs out."""
         acc, cfg = self.accelerator, self.cfg.train
+        if resume and resume.get("stopped"):  # the checkpoint ends a stage that stopped early
+            setattr(self.result, f"{stage.name}_steps", int(resume["step"]))
+            self.result.stop_reason = resume["stopped"]
+            return
         optimizer, scheduler, start = self._optimizer(stage, resume)
+        if self.validator is not None and not resume:
+            self.validator.new_stage()
         bar = tqdm(
             range(start, stage.steps),
             desc=stage.name,
@@ -216,6 +267,7 @@ class Trainer:
         )
         window: dict[str, float] = {}
         window_steps, tokens, t0 = 0, 0, time.perf_counter()
+        done, stop = start, None
         self.model.train()
         for step in bar:
             self.tracker.start_step()
@@ -232,7 +284,11 @@ class Trainer:
             self._apply_update(stage, step, optimizer, scheduler, loss_ok)
             self._prove()
             done, window_steps = step + 1, window_steps + 1
-            if done % cfg.log_every == 0 or done == stage.steps:
+            validation = None
+            if self.validator is not None and self.validator.due(done, stage.steps):
+                validation = self._validate(stage, done)
+                stop = self.validator.stop_reason()
+            if done % cfg.log_every == 0 or done == stage.steps or validation is not None:
                 row = self._global_mean({k: v / window_steps for k, v in window.items()})
                 dt = time.perf_counter() - t0
                 row.update(
@@ -241,13 +297,32 @@ class Trainer:
                     lr=scheduler.get_last_lr()[0],
                     zero_share=self.tracker.pop_share(),
                     tokens_per_s=tokens / dt if dt > 0 else 0.0,
+                    **(validation or {}),
                 )
                 self._log(row, bar)
                 self.result.tokens_seen += tokens
                 window, window_steps, tokens, t0 = {}, 0, 0, time.perf_counter()
+            if stop is not None:
+                stop = f"early stop at {stage.name} step {done}: {stop}"
+                self.save({"stage": stage.name, "step": done, "stopped": stop}, optimizer, scheduler)
+                self.result.stop_reason = stop
+                logger.info("%s", stop)
+                break
             if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == stage.steps:
                 self.save({"stage": stage.name, "step": done}, optimizer, scheduler)
-        setattr(self.result, f"{stage.name}_steps", stage.steps)
+        bar.close()
+        setattr(self.result, f"{stage.name}_steps", done)
+
+    def _validate(self, stage: Stage, done: int) -> dict[str, Any]:
+        """Score the student on the validation slice; write ``best/`` when it is the new best."""
+        self.model.eval()
+        try:
+            row, is_best = self.validator.evaluate(stage.name, done)
+        finally:
+            self.model.train()
+        if is_best:
+            self.save_best(self.validator.best)
+        return row
 
     def _apply_update(self, stage: Stage, step: int, optimizer: Any, scheduler: Any, loss_ok: bool) -> None:
         """Keep the step's update only if loss, gradients and resulting weights are finite."""
@@ -316,6 +391,7 @@ class Trainer:
         """Checkpoint the consolidated trained tensors and optimiser state (gathered from every
         rank's shards; the main process writes); the next finite step proves it (`_prove`)."""
         acc = self.accelerator
+        records = {"validation.json": self.validator.state_dict()} if self.validator is not None else None
         names = {n for n, p in self.student.named_parameters() if p.requires_grad}
         raw = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         tensors, optim_state = gather_train_state(self.model, raw, names)  # every rank takes part
@@ -326,9 +402,81 @@ class Trainer:
                 tensors,
                 state,
                 {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                records=records,
             )
         self._unproven = True
         acc.wait_for_everyone()
+
+    def save_best(self, state: dict) -> None:
+        """Write the current trained tensors as ``best/`` (atomically, no optimiser state)."""
+        acc = self.accelerator
+        names = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        tensors = gather_trained(self.model, names)  # every rank takes part
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(self.run_dir.path, tensors, state, None, name=BEST)
+        acc.wait_for_everyone()
+
+    def finish_validation(self, verdict: bool) -> None:
+        """The end of training: restore the student to ``best/`` and judge it against the rules.
+
+        Without a best checkpoint at the target share (no evaluation reached the band, or
+        ``train.eval_every=0``) the student keeps its last weights and is scored as it is.
+
+        Args:
+            verdict: Calibrate every rule to the student's measured share and compare
+                (`zeda.evaluation.verdict`).
+        """
+        v = self.validator
+        if v is None:
+            return
+        self.result.rules_at_target = v.rules_at_target
+        ckpt = best_checkpoint(self.run_dir.path)
+        best = read_state(ckpt) if ckpt is not None else None
+        figures = None
+        if best is not None and best.get("fingerprint") == v.fingerprint:
+            from safetensors.torch import load_file
+
+            restore_trained(self.model, load_file(ckpt / "trainable.safetensors"))
+            self.result.best = {k: best[k] for k in ("stage", "step", "validation")}
+            figures = best["validation"]
+            logger.info(
+                "restored the best validation checkpoint (%s step %s: KL %.4f at %.1f%% skipped)",
+                best["stage"],
+                best["step"],
+                figures["mean_kl"],
+                100 * figures["zero_share"],
+            )
+        if not verdict:
+            return
+        self.model.eval()
+        try:
+            figures = figures or v.score()
+            result = v.verdict(figures)
+        finally:
+            self.model.train()
+        if result is None:
+            return
+        self.result.verdict = result.to_dict()
+        if self.accelerator.is_main_process:
+            if result.beats:
+                logger.info("%s", result.summary())
+            else:
+                name, r = result.named_rule()
+                logger.warning(
+                    "zeda does not beat the training-free rule %s on validation text at %.1f%% skipped: "
+                    "the rule's ppl ratio %.4f, top-1 agreement %.3f, KL %.4f against zeda's %.4f / %.3f / %.4f "
+                    "(rules better on some figure: %s)",
+                    name,
+                    100 * result.zero_share,
+                    r["ppl_ratio"],
+                    r["top1_agreement"],
+                    r["mean_kl"],
+                    result.zeda["ppl_ratio"],
+                    result.zeda["top1_agreement"],
+                    result.zeda["mean_kl"],
+                    ", ".join(result.beaten_by),
+                )
 
     def _global_mean(self, row: dict[str, float]) -> dict[str, float]:
         """The mean over ranks of each logged value, so the logged loss is the one whose gradient
@@ -347,11 +495,17 @@ class Trainer:
             return
         with (self.run_dir.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(
-            loss=f"{row.get('loss', 0):.4f}",
-            bal=f"{row.get('balance', 0):.4f}",
-            zero=f"{row['zero_share']:.3f}",
-        )
+        post = {
+            "loss": f"{row.get('loss', 0):.4f}",
+            "bal": f"{row.get('balance', 0):.4f}",
+            "zero": f"{row['zero_share']:.3f}",
+        }
+        if "val_mean_kl" in row:
+            self._last_val = {
+                "val_kl": f"{row['val_mean_kl']:.4f}",
+                "val_zero": f"{row['val_zero_share']:.3f}",
+            }
+        bar.set_postfix({**post, **self._last_val})
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -363,3 +517,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
         return True
     local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     return bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())
+
+
+def _nan(d: dict) -> dict:
+    """``None`` back to NaN in a verdict dict read from JSON."""
+    return {k: float("nan") if v is None and k == "increase_ratio" else v for k, v in d.items()}

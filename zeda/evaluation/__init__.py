@@ -7,6 +7,7 @@
 - `zeda.evaluation.heldout`: held-out perplexity, agreement and KL, chunked over tokens.
 - `zeda.evaluation.curve`: the accuracy-versus-FLOPs curve at matched measured share.
 - `zeda.evaluation.baselines`: training-free slot-dropping rules and their calibration.
+- `zeda.evaluation.verdict`: zeda against every rule at its measured share (`compare`).
 - `zeda.evaluation.flops` / `counts`: analytic parameters and FLOPs from a config.
 
 Nothing is imported here, so ``zeda.evaluation.flops`` stays cheap (lm-eval loads only on use).

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from zeda.zero.telemetry import RouterTelemetry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_curve", "baseline_label", "flop_dict"]
+__all__ = ["RuleScore", "add_curve", "baseline_label", "flop_dict", "score_rules"]
 
 _KNOB = {"keep_top_m": "m", "top_p": "p", "threshold": "t", "adaptive_k": "s"}
 
@@ -149,13 +150,84 @@ def add_curve(
     # The baseline model: the original routers with a slot policy (teacher mode of an injected
     # model, or a separate original attached to zeda's router class).
     bmodel = attach_router_policy(teacher) if teacher is not None else model
+    for rule in score_rules(bmodel, held, baselines, targets, teacher_ctx):
+        result.calibrations.append(rule.calibration.to_dict())
+        result.curve.append(
+            point(bmodel, rule.label, rule.kind, rule.calibration.value, rule.metrics, rule.telemetry, 0,
+                  rule.target)
+        )  # fmt: skip
+
+
+@dataclass
+class RuleScore:
+    """One training-free rule calibrated to a target share and scored on held-out text.
+
+    Attributes:
+        kind: The rule (`zeda.evaluation.baselines.POLICY_KINDS`).
+        target: The skipped share it was calibrated to.
+        calibration: The calibration (value, share reached on the calibration blocks).
+        metrics: `HeldOut.score` metrics (``ppl``, ``ppl_ratio``, ``top1_agreement``, ``mean_kl``, ``tokens``).
+        telemetry: The telemetry of that scoring (``zero_share`` = the share it really skipped).
+    """
+
+    kind: str
+    target: float
+    calibration: Calibration
+    metrics: dict
+    telemetry: RouterTelemetry
+
+    @property
+    def label(self) -> str:
+        """Display name, e.g. ``top_p p=0.61``."""
+        return baseline_label(self.kind, self.calibration.value)
+
+    def row(self) -> dict:
+        """Plain-dict form: the rule, its setting and its measured figures."""
+        return {
+            "rule": self.label,
+            "kind": self.kind,
+            "value": self.calibration.value,
+            "target_share": self.target,
+            "zero_share": self.telemetry.zero_share,
+            **{k: self.metrics[k] for k in ("ppl_ratio", "top1_agreement", "mean_kl")},
+        }
+
+
+def score_rules(
+    bmodel: nn.Module,
+    held: HeldOut,
+    kinds: Sequence[str],
+    targets: Sequence[float],
+    teacher_ctx: Callable[[], Any],
+    calibration_tokens: int | None = None,
+) -> list[RuleScore]:
+    """Calibrate every rule in ``kinds`` to every share in ``targets``, then score it on ``held``.
+
+    The one place where training-free rules are calibrated and scored: the evaluation's curve,
+    the distillation's validation verdict and the evals scorers call it.
+
+    Args:
+        bmodel: The model whose routers take the slot policy: an injected model (used inside
+            ``teacher_ctx``, its teacher mode) or an original prepared with `attach_router_policy`.
+        held: The held-out text, prepared (`HeldOut.prepare`).
+        kinds: Rules (`zeda.evaluation.baselines.POLICY_KINDS`).
+        targets: Skipped shares to calibrate to (shares below 0.001 are left out).
+        teacher_ctx: Context factory that turns ``bmodel`` into the original.
+        calibration_tokens: Tokens of ``held`` the calibration runs on (blocks spread evenly over
+            the text); None: two of its batches.
+
+    Returns:
+        One `RuleScore` per (kind, target), kinds in the given order, targets ascending.
+    """
     # Calibrate on blocks spread evenly over the text (two batches' worth), so the share the
     # baseline reaches on all of it lands close to the target; the share reported is measured.
-    n = held.blocks.shape[0]
-    pick = torch.linspace(0, n - 1, min(n, 2 * held.batch_size)).round().long().unique()
+    n, width = held.blocks.shape
+    count = 2 * held.batch_size if calibration_tokens is None else max(1, calibration_tokens // width)
+    pick = torch.linspace(0, n - 1, min(n, count)).round().long().unique()
     cal_batches = list(torch.split(held.blocks[pick], held.batch_size))
     calibrated: dict[tuple[str, float], Calibration] = {}
-    for kind in baselines:
+    out = []
+    for kind in kinds:
         rule = kind.removesuffix("_no_renorm")  # renormalising does not change the share
         for target in sorted({round(s, 6) for s in targets if s >= 1e-3}):
             if (rule, target) not in calibrated:
@@ -163,7 +235,6 @@ def add_curve(
                     calibrated[(rule, target)] = calibrate_rule(bmodel, rule, target, cal_batches)
             cal = calibrated[(rule, target)]
             cal = Calibration(kind, cal.value, cal.target_share, cal.achieved_share, cal.evaluations)
-            result.calibrations.append(cal.to_dict())
 
             @contextlib.contextmanager
             def ctx(cal: Calibration = cal) -> Iterator[None]:
@@ -171,6 +242,5 @@ def add_curve(
                     yield
 
             m, t = held.score(bmodel, ctx, f"{kind} @ {target:.2f}")
-            result.curve.append(
-                point(bmodel, baseline_label(kind, cal.value), kind, cal.value, m, t, 0, target)
-            )
+            out.append(RuleScore(kind, target, cal, m, t))
+    return out

@@ -1,0 +1,50 @@
+"""`zeda.evaluation.verdict.compare`: who wins, by how much, and what a warning names."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from zeda.evaluation.verdict import compare
+
+
+def rule(label, ppl, agr, kl, share=0.5):
+    return {"rule": label, "zero_share": share, "ppl_ratio": ppl, "top1_agreement": agr, "mean_kl": kl}
+
+
+ZEDA = {"zero_share": 0.5, "ppl_ratio": 1.01, "top1_agreement": 0.95, "mean_kl": 0.02}
+
+
+def test_beats_when_not_worse_than_every_rule_on_all_three():
+    v = compare(ZEDA, [rule("a", 1.04, 0.90, 0.05), rule("b", 1.05, 0.95, 0.02)], "validation", tokens=10)
+    assert v.beats and v.better_on_all and v.beaten_by == {}
+    assert v.rule == "a" and v.increase_ratio == pytest.approx(0.01 / 0.04)
+    assert "beats every training-free rule" in v.summary() and "0.25x" in v.summary()
+    assert json.loads(json.dumps(v.to_dict()))["tokens"] == 10
+
+
+def test_a_rule_better_on_one_figure_is_named():
+    rules = [rule("best_ppl", 1.02, 0.90, 0.05), rule("agrees", 1.03, 0.96, 0.03)]
+    v = compare(ZEDA, rules, "validation")
+    assert not v.beats and v.better_on_all  # better than the best rule, not than every rule
+    assert v.beaten_by == {"agrees": ["top1_agreement"]}
+    assert v.named_rule()[0] == "agrees"
+    assert "NOT" in v.summary() and "agrees (top1_agreement)" in v.summary()
+
+
+def test_the_best_rule_is_named_when_it_wins_and_ratio_is_nan_when_it_loses_nothing():
+    v = compare(ZEDA, [rule("free", 1.0, 0.97, 0.01), rule("other", 1.2, 0.8, 0.1)], "test")
+    assert not v.beats and not v.better_on_all
+    assert v.named_rule() == (
+        "free",
+        {"zero_share": 0.5, "ppl_ratio": 1.0, "top1_agreement": 0.97, "mean_kl": 0.01},
+    )
+    assert math.isnan(v.increase_ratio) and v.to_dict()["increase_ratio"] is None
+    assert "n/a" in v.summary() and "test text" in v.summary()
+
+
+def test_no_rules_is_an_error():
+    with pytest.raises(ValueError):
+        compare(ZEDA, [], "validation")
