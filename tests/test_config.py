@@ -123,7 +123,10 @@ def test_config_modules_import_nothing_heavy() -> None:
     }
     allowed = {"zeda", "zeda.errors", "zeda.recipe", "zeda.zero.config"}
     allowed |= {"zeda.distillation.config", "zeda.evaluation.config", "zeda.distillation.losses"}
+    allowed |= {"zeda.defaults"}  # the router-kind defaults: yaml, json and zeda.recipe at import
     assert zeda_deps <= allowed, zeda_deps - allowed
+    top = {n for n in _imports(REPO / "zeda/defaults/__init__.py") if "zeda" in n} - {"zeda.families"}
+    assert top <= {"zeda.errors", "zeda.recipe"}, top
     for rel in ("config.py", "recipe.py"):
         assert len((REPO / "zeda" / rel).read_text().splitlines()) < 450, rel
 
@@ -356,7 +359,12 @@ def test_bad_files(tmp_path: Path) -> None:
     msg = _err(validate_recipe, typo)
     assert "typo.yaml" in msg and "lora.rr" in msg and "'lora.r'" in msg
     # an empty recipe is the default config
-    assert validate_recipe(_write(tmp_path / "empty.yaml", "")) == RunConfig()
+    assert isinstance(validate_recipe(_write(tmp_path / "empty.yaml", "")), RunConfig)
+    # Without a readable model config (no router-kind default) a bare recipe is the dataclass defaults.
+    empty = _write(tmp_path / "bare.yaml", f"model: {{name_or_path: {tmp_path / 'no_model'}}}")
+    assert validate_recipe(empty) == apply_overrides(
+        RunConfig(), [f"model.name_or_path={tmp_path / 'no_model'}"]
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -380,11 +388,15 @@ def test_recipes_exist() -> None:
 def test_every_recipe_validates_and_round_trips(path: Path, tmp_path: Path) -> None:
     cfg = validate_recipe(path)
     raw = yaml.safe_load(path.read_text())
-    # every recipe spells out every key, so the file alone says what runs
-    assert set(raw) - {"base"} == set(to_dict(cfg))
-    for section, values in raw.items():
-        if section != "base":
-            assert set(values) == set(to_dict(cfg)[section]), f"{path}: section {section} is incomplete"
+    # every recipe but the minimal one spells out every key, so the file alone says what runs
+    # (the minimal one shows what a user writes: the model, the data and the target share)
+    if path.name != "minimal.yaml":
+        assert set(raw) - {"base"} == set(to_dict(cfg))
+        for section, values in raw.items():
+            if section != "base":
+                assert set(values) == set(to_dict(cfg)[section]), f"{path}: section {section} is incomplete"
+        # ... so the router kind's default changes nothing in it
+        assert load_recipe(path, router_defaults=False) == cfg
     assert load_recipe(save_recipe(cfg, tmp_path / "saved.yaml")) == cfg
 
 

@@ -259,16 +259,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    """Validate each recipe; one that names its GPUs (``hardware``) must also fit them by `zeda plan`."""
-    from zeda.config import validate_recipe
+    """Validate each recipe and show the router-kind default it receives; one that names its GPUs
+    (``hardware``) must also fit them by `zeda plan`."""
+    from zeda.config import explain_recipe
     from zeda.planning import check_recipe_fits
 
     for path in args.recipes:
-        fit = check_recipe_fits(validate_recipe(path), str(path))
+        cfg, defaults = explain_recipe(path)
+        fit = check_recipe_fits(cfg, str(path))
         note = ""
         if fit is not None:
             note = f"  (plan: {fit.total / 2**30:.1f} GiB per GPU, {fit.gpu_fraction:.0%} of {fit.gpus} x {fit.gpu_memory_gib:g} GiB)"
         print(f"ok  {path}{note}")
+        if defaults is not None:  # what the recipe receives from its router kind's default
+            print("    default: " + defaults.describe().replace("\n", "\n    "))
     return 0
 
 

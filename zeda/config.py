@@ -27,6 +27,9 @@ recipe that sets ``target_zero_share``.
 
 Relative paths inside a config (model, data files, output dir) are taken relative to the current
 working directory, not to the recipe file.
+
+A recipe read from a file also receives the default of its model's router kind for every key it
+does not set (`zeda.defaults`): dataclass defaults < router-kind default < recipe < overrides.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -55,6 +58,9 @@ from zeda.evaluation.config import EvalConfig
 from zeda.recipe import EXCLUSIVE_KEYS as EXCLUSIVE_KEYS  # re-exported
 from zeda.recipe import parse_overrides
 from zeda.zero.config import InjectConfig
+
+if TYPE_CHECKING:
+    from zeda.defaults import RouterDefaults
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -258,15 +264,20 @@ def apply_overrides(cfg: RunConfig, overrides: Iterable[str] | str) -> RunConfig
     return recipe.build(recipe.merge(OmegaConf.structured(cfg), layer, _SECTIONS), _SECTIONS)
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] | str = ()) -> RunConfig:
+def load_recipe(
+    path: str | Path, overrides: Iterable[str] | str = (), *, router_defaults: bool = True
+) -> RunConfig:
     """Load a recipe YAML (following ``base:``), apply ``key=value`` overrides and validate.
 
-    The recipe must be valid on its own; the overrides are applied to it and the result is
-    validated again.
+    Every key that neither the recipe (nor its bases) nor the overrides set takes the default of
+    the model's router kind (`zeda.defaults`: read from the model's ``config.json``), then the
+    dataclass default. The recipe must be valid on its own; the overrides are applied to it and
+    the result is validated again.
 
     Args:
         path: The recipe file.
         overrides: Dotted ``key=value`` items applied on top, in order.
+        router_defaults: Apply the router kind's default (False: the dataclass defaults only).
 
     Returns:
         The validated `RunConfig`.
@@ -274,27 +285,63 @@ def load_recipe(path: str | Path, overrides: Iterable[str] | str = ()) -> RunCon
     Raises:
         ZedaError: on a missing/invalid file, unknown key, bad value or violated constraint.
     """
+    return resolve_recipe(path, overrides, router_defaults=router_defaults)[0]
+
+
+def resolve_recipe(
+    path: str | Path, overrides: Iterable[str] | str = (), *, router_defaults: bool = True
+) -> tuple[RunConfig, RouterDefaults | None]:
+    """`load_recipe`, and the router kind's default the recipe received (None if none applied)."""
+    from zeda.defaults import resolve
+
     path = Path(path)
-    conf = OmegaConf.structured(RunConfig)
-    for source, data in recipe.recipe_layers(path):
+    layers = recipe.recipe_layers(path)
+    override_layer = parse_overrides(overrides)
+
+    def merged(base: Any) -> Any:
+        conf = base
+        for source, data in layers:
+            try:
+                conf = recipe.merge(conf, data, _SECTIONS)
+            except ZedaError as e:
+                raise ZedaError(f"{source}: {e}") from None
+        return conf
+
+    conf = merged(OmegaConf.structured(RunConfig))
+    defaults = None
+    if router_defaults:
+        mentioned: dict[str, Any] = {}
+        for layer in [*(data for _, data in layers), override_layer]:
+            for section, values in (layer or {}).items():
+                if isinstance(values, Mapping):
+                    mentioned.update({f"{section}.{k}": v for k, v in values.items()})
         try:
-            conf = recipe.merge(conf, data, _SECTIONS)
-        except ZedaError as e:
-            raise ZedaError(f"{source}: {e}") from None
+            model = str(recipe.merge(conf, override_layer, _SECTIONS).model.name_or_path)
+        except Exception:  # noqa: BLE001 - a bad override or interpolation is reported below
+            model = None
+        defaults = resolve(model, mentioned) if model else None
+        if defaults is not None and defaults.applied:
+            base = recipe.merge(OmegaConf.structured(RunConfig), defaults.layer(), _SECTIONS)
+            conf = merged(base)
     try:
         cfg = recipe.build(conf, _SECTIONS)
     except ZedaError as e:
         raise ZedaError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides), defaults
 
 
 def validate_recipe(path: str | Path) -> RunConfig:
     """Load and validate a recipe; return its `RunConfig` or raise a one-line `ZedaError`."""
-    cfg = load_recipe(path)
+    return explain_recipe(path)[0]
+
+
+def explain_recipe(path: str | Path) -> tuple[RunConfig, RouterDefaults | None]:
+    """`validate_recipe`, and the router kind's default the recipe received (``zeda validate``)."""
+    cfg, defaults = resolve_recipe(path)
     reloaded = from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     if reloaded != cfg:  # pragma: no cover - guards the YAML round trip of every value
         raise ZedaError(f"{path}: config does not survive a YAML round trip")
-    return cfg
+    return cfg, defaults
 
 
 def save_recipe(cfg: RunConfig, path: str | Path) -> Path:

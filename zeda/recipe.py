@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 Sections = Mapping[str, type]
 
 #: Pairs of dotted keys that must not both be set; setting one in a later layer clears the other.
-EXCLUSIVE_KEYS: tuple[tuple[str, str], ...] = (("balance.w", "balance.target_zero_share"),)
+EXCLUSIVE_KEYS: tuple[tuple[str, str], ...] = (
+    ("balance.w", "balance.target_zero_share"),
+    ("inject.num_zero_experts", "inject.zero_ratio"),
+)
 
 #: Extra hints for keys people commonly bring from other trainers.
 KEY_HINTS: dict[str, str] = {

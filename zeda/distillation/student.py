@@ -121,7 +121,7 @@ def inject_for_run(model: nn.Module, cfg: RunConfig) -> InjectionReport | None:
         return None
     report = inject_zero_experts(
         model,
-        num_zero_experts=cfg.inject.num_zero_experts,
+        num_zero_experts=cfg.inject.resolve_num_zero(spec_for_model(model).num_experts(model.config)),
         seed=cfg.inject.seed,
         experts_implementation=cfg.model.experts_implementation or "zeda",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -15,7 +16,12 @@ class InjectConfig:
     section: ClassVar[str] = "inject"
 
     num_zero_experts: int | None = None
-    """Zero experts Z added per MoE layer; ``None`` means E // 2 (E = real routed experts)."""
+    """Zero experts Z added per MoE layer; ``None`` means ``zero_ratio`` x E, or E // 2 when that is
+    unset too (E = real routed experts). Mutually exclusive with ``zero_ratio``."""
+    zero_ratio: float | None = None
+    """Zero experts per real expert when ``num_zero_experts`` is null: Z = round(zero_ratio x E),
+    at least 1 (1.0 gives Z = E, one router row per zero expert; 0.5 the paper's E/2). Mutually
+    exclusive with ``num_zero_experts``."""
     seed: int = 0
     """Seed for the initialisation of the new router rows."""
     init: Literal["random", "threshold", "relative"] = "random"
@@ -35,9 +41,22 @@ class InjectConfig:
             check_config(
                 self.num_zero_experts >= 1, "inject.num_zero_experts", "must be >= 1 (or null for E/2)"
             )
+        if self.zero_ratio is not None:
+            check_config(
+                0 < self.zero_ratio < 1e3 and math.isfinite(self.zero_ratio),
+                "inject.zero_ratio",
+                f"must be > 0 (zero experts per real expert), got {self.zero_ratio}",
+            )
+        check_config(
+            self.num_zero_experts is None or self.zero_ratio is None,
+            "inject.num_zero_experts",
+            "set either inject.num_zero_experts or inject.zero_ratio, not both",
+        )
 
     def resolve_num_zero(self, num_real: int) -> int:
         """The number of zero experts Z for a model with ``num_real`` routed experts."""
         if self.num_zero_experts is not None:
             return self.num_zero_experts
+        if self.zero_ratio is not None:
+            return max(1, round(self.zero_ratio * num_real))
         return max(1, num_real // 2)
