@@ -217,6 +217,11 @@ def resolve(name_or_path: str, mentioned: Mapping[str, Any]) -> RouterDefaults |
         )
         return None
     model_type, kind = found
+    if kind not in FILES:
+        logger.warning(
+            "router-kind defaults not applied: no default for router kind %r (zeda/defaults)", kind
+        )
+        return None
     variant = choose_variant(mentioned, default_variant(kind))
     values = default_values(kind, variant)
     taken = set(mentioned)
