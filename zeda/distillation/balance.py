@@ -47,6 +47,7 @@ __all__ = [
     "equilibrium_zero_share",
     "group_balance_loss",
     "group_balance_stats",
+    "real_balance_loss",
     "router_probs",
     "sum_stats",
     "w_for_target",
@@ -239,19 +240,21 @@ class RouterCapture:
     Registers its own forward hooks on ``model``'s zeda routers on enter and removes them on
     exit (nothing global). Only forwards that route to zero experts are kept, so teacher-mode
     passes inside the context are ignored, and activation-checkpoint recomputes are never kept
-    (each real forward is counted once).
+    (each real forward is counted once). With ``teacher=True`` it is the other way round: only
+    the teacher-mode forwards are kept (the original's routing, for `real_balance_loss`).
 
     Args:
         model: An injected model or a student built on one.
+        teacher: Keep the forwards that do not route to zero experts instead.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, teacher: bool = False) -> None:
+        self.model, self.teacher = model, teacher
         self.records: list[RouterRecord] = []
         self._handles: list[RemovableHandle] = []
 
     def _hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        if module.routes_to_zero and not is_recomputing():
+        if module.routes_to_zero != self.teacher and not is_recomputing():
             self.records.append(RouterRecord(module, output[0], output[2].detach()))
 
     def __enter__(self) -> RouterCapture:
@@ -262,6 +265,71 @@ class RouterCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _real_load(indices: Tensor, num_real: int, weights: Tensor) -> Tensor:
+    """``(E,)`` share of the (weighted) real slots that each real expert took."""
+    idx = indices.to(weights.device)
+    real = (idx < num_real).float() * weights[:, None]
+    load = torch.zeros(num_real, device=weights.device).index_add_(
+        0, idx.clamp_max(num_real - 1).reshape(-1), real.reshape(-1)
+    )
+    return load / load.sum().clamp_min(1e-12)
+
+
+def real_balance_loss(
+    records: Sequence[RouterRecord],
+    teacher_records: Sequence[RouterRecord],
+    mask: Tensor | None,
+    alpha: float,
+) -> Tensor:
+    """Keep each layer's real-expert loads near the original's on the same tokens.
+
+    Per MoE layer, with ``f_i`` the share of the student's real slots that went to real expert
+    ``i``, ``q_i`` the same share in the original's routing of the same tokens (teacher mode; no
+    gradient in either) and ``P_i`` the mean over tokens of the router's probability of expert
+    ``i`` normalised over the ``E`` real experts::
+
+        L = alpha * E * sum_i max(0, f_i - q_i) * P_i
+
+    summed over layers. Only experts busier than in the original are pushed, each in proportion
+    to its excess, so the busiest expert's load stays near the original's; since ``P`` is
+    normalised over the real experts, the term moves load among real experts and has no gradient
+    on the zero experts' logits (the share of skipped slots is the group balance loss's business).
+    The loss is 0 when the student's real loads equal or undercut the original's everywhere.
+
+    Args:
+        records: The student forward's `RouterRecord` s (one per MoE layer).
+        teacher_records: The teacher forward's, on the same batch (``RouterCapture(teacher=True)``);
+            matched to the student's by MoE layer index.
+        mask: ``(T,)`` token mask (padding 0) or None.
+        alpha: ``balance.real_alpha``.
+
+    Returns:
+        Scalar float32 loss, with gradient through the student's router probabilities.
+    """
+    original = {r.router.zeda_layer_index: r for r in teacher_records}
+    total = torch.zeros((), dtype=torch.float32)
+    for rec in records:
+        ref = original.get(rec.router.zeda_layer_index)
+        if ref is None:
+            continue
+        e = rec.router.num_experts
+        logits = rec.logits.reshape(-1, rec.logits.shape[-1])
+        probs = router_probs(logits[:, :e], rec.router.zeda_router_kind)  # over the real experts only
+        weights = (
+            torch.ones(probs.shape[0], device=probs.device)
+            if mask is None
+            else mask.reshape(-1).float().to(probs.device)
+        )
+        with torch.no_grad():
+            excess = (
+                _real_load(rec.indices.reshape(probs.shape[0], -1), e, weights)
+                - _real_load(ref.indices.reshape(probs.shape[0], -1), e, weights)
+            ).clamp_min(0.0)
+        mean_probs = (probs * weights[:, None]).sum(0) / weights.sum().clamp_min(1e-12)
+        total = total.to(probs.device) + alpha * e * (excess * mean_probs).sum()
+    return total
 
 
 class BalanceTracker:

@@ -86,6 +86,11 @@ class BalanceConfig:
     per_layer: bool = True
     """Drive every MoE layer to the target share (the paper's loss). False: only the share over
     all layers is driven, each layer's share is left to the distillation loss."""
+    real_alpha: float = 0.0
+    """Coefficient of the real-expert balance term (0 = off): per MoE layer, each real expert that
+    takes a larger share of the real slots than in the original's routing of the same tokens is
+    pushed down in proportion to the excess, which keeps the busiest expert's load near the
+    original's (`zeda.distillation.balance.real_balance_loss`)."""
 
     DEFAULT_W: ClassVar[float] = 2.0
 
@@ -93,6 +98,11 @@ class BalanceConfig:
         """Raise `ZedaError` on an invalid value."""
         check_config(
             self.alpha >= 0 and math.isfinite(self.alpha), "balance.alpha", "must be finite and >= 0"
+        )
+        check_config(
+            self.real_alpha >= 0 and math.isfinite(self.real_alpha),
+            "balance.real_alpha",
+            "must be finite and >= 0 (0 = off)",
         )
         if self.w is not None:
             check_config(

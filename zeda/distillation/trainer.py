@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from zeda.config import RunConfig
-from zeda.distillation.balance import BalanceTracker, RouterCapture
+from zeda.distillation.balance import BalanceTracker, RouterCapture, real_balance_loss
 from zeda.distillation.checkpoint import (
     BEST,
     best_checkpoint,
@@ -176,15 +176,30 @@ class Trainer:
         """
         batch = batch.to(self.accelerator.device)
         t_logits = None
-        if stage.needs_teacher_logits:
-            with self.section_timer("teacher forward"), torch.no_grad(), teacher_mode(self.student):
+        real_alpha = self.cfg.balance.real_alpha
+        # The real-expert balance compares with the original's routing of the same tokens, so a
+        # stage that needs no teacher logits still runs the teacher then.
+        if stage.needs_teacher_logits or real_alpha > 0:
+            with (
+                self.section_timer("teacher forward"),
+                torch.no_grad(),
+                teacher_mode(self.student),
+                RouterCapture(self.student, teacher=True) as t_cap,
+            ):
                 t_logits = forward_logits(self.student, batch)
+            if not stage.needs_teacher_logits:
+                t_logits = None
         with self.section_timer("student forward"), RouterCapture(self.student) as cap:
             s_logits = forward_logits(self.model, batch)
         with self.section_timer("loss"):
-            balance = self.tracker.loss(cap.records, batch.attention_mask.reshape(-1))
+            mask = batch.attention_mask.reshape(-1)
+            balance = self.tracker.loss(cap.records, mask)
             kd, parts = stage.kd(batch, s_logits, t_logits)
             loss = kd + balance.to(kd.device)
+            if real_alpha > 0:
+                real = real_balance_loss(cap.records, t_cap.records, mask, real_alpha)
+                loss = loss + real.to(kd.device)
+                parts["real_balance"] = float(real.detach())
             parts.update(
                 loss=float(loss.detach()),
                 balance=float(balance.detach()),

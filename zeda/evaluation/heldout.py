@@ -119,14 +119,22 @@ class HeldOut:
             )
 
     @torch.no_grad()
-    def prepare(self) -> None:
-        """One teacher pass: its NLL, and the hidden-state cache if it fits `TEACHER_CACHE_BYTES`."""
+    def prepare(self, telemetry: Sequence[RouterTelemetry] = ()) -> None:
+        """One teacher pass: its NLL, and the hidden-state cache if it fits `TEACHER_CACHE_BYTES`.
+
+        Args:
+            telemetry: Collectors to count the teacher's forwards in (``count_original=True``
+                ones measure the original model's routing, e.g. its expert loads).
+        """
         head = output_head(self.teacher)
         nll, n, size = 0.0, 0, 0
         cache: list[torch.Tensor] | None = []
         for ids in tqdm(self.batches(), desc="original (held-out)", disable=not self.progress, leave=False):
             with self.teacher_ctx():
-                hidden = final_hidden(self.teacher, ids)
+                with contextlib.ExitStack() as stack:
+                    for collector in telemetry:
+                        stack.enter_context(collector)
+                    hidden = final_hidden(self.teacher, ids)
                 for _, h, labels in self._chunks(hidden, ids):
                     lp = F.log_softmax(head(h).float(), dim=-1)
                     nll += float(-lp.gather(-1, labels[:, None]).sum())

@@ -82,6 +82,10 @@ class EvalResult:
         saturated_layers: Layers whose busiest real expert carried more than
             ``saturation_factor`` × the mean expert load, with that ratio (the alarm).
         saturation_factor: The multiple of the mean load above which a layer is flagged.
+        expert_load_ratio: Per MoE layer, the converted model's busiest real expert's load divided
+            by the mean real-expert load, on the held-out text (1.0 = even).
+        original_expert_load_ratio: The same for the original model on the same text (its
+            teacher pass), so the two can be compared layer by layer.
         measured_tokens: Tokens (padding excluded) behind the FLOP figures.
         curve: The accuracy-versus-FLOPs points (original, converted, sweep, baselines).
         calibrations: Baseline calibrations (`zeda.baselines.Calibration` dicts).
@@ -107,6 +111,8 @@ class EvalResult:
     busiest_expert_share: dict[int, float] = field(default_factory=dict)
     saturated_layers: dict[int, float] = field(default_factory=dict)
     saturation_factor: float = math.nan
+    expert_load_ratio: dict[int, float] = field(default_factory=dict)
+    original_expert_load_ratio: dict[int, float] = field(default_factory=dict)
     measured_tokens: int = 0
     curve: list[CurvePoint] = field(default_factory=list)
     calibrations: list[dict] = field(default_factory=list)
@@ -134,7 +140,13 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field (plus the headline FLOP numbers)."""
         d = asdict(self)
-        for key in ("zero_share_per_layer", "busiest_expert_share", "saturated_layers"):
+        for key in (
+            "zero_share_per_layer",
+            "busiest_expert_share",
+            "saturated_layers",
+            "expert_load_ratio",
+            "original_expert_load_ratio",
+        ):
             d[key] = {str(k): v for k, v in getattr(self, key).items()}
         d["zero_share"] = self.zero_share
         d["routed_flop_reduction"] = self.routed_flop_reduction
@@ -256,6 +268,15 @@ class EvalResult:
                         [str(i), pct(v), flagged.get(i), "SATURATED" if i in flagged else ""]
                         for i, v in self.busiest_expert_share.items()
                     ],
+                )
+            )
+        if self.expert_load_ratio and self.original_expert_load_ratio:
+            orig, mine = self.original_expert_load_ratio, self.expert_load_ratio
+            sections.append(
+                (
+                    "busiest real expert, load / mean load (held-out text): the original beside zeda",
+                    ["layer", "original", "zeda", "zeda / original"],
+                    [[str(i), orig.get(i), v, v / orig[i] if orig.get(i) else None] for i, v in mine.items()],
                 )
             )
         if self.real_experts_histogram:

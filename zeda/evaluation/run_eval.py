@@ -31,7 +31,7 @@ from torch import nn
 
 from zeda.config import EvalConfig, RunConfig
 from zeda.errors import ZedaError
-from zeda.evaluation.baselines import POLICY_KINDS
+from zeda.evaluation.baselines import POLICY_KINDS, attach_router_policy
 from zeda.evaluation.curve import add_curve, flop_dict
 from zeda.evaluation.heldout import HeldOut
 from zeda.evaluation.result import EvalResult
@@ -218,9 +218,15 @@ def evaluate(
                 batch_size,
                 progress,
             )
-            held.prepare()
+            # The original's own expert loads, counted during its (one) held-out pass.
+            if teacher is not None:
+                attach_router_policy(teacher)
+            original_tel = RouterTelemetry(teacher_model, count_original=True)
+            held.prepare(telemetry=[original_tel])
             metrics, tel = held.score(model, contextlib.nullcontext, "zeda (held-out)", telemetry=[main_tel])
             result.intrinsic = {**metrics, "teacher_ppl": math.exp(held.teacher_nll)}
+            result.expert_load_ratio = tel.load_ratio
+            result.original_expert_load_ratio = original_tel.load_ratio
         else:
             result.notes.append(
                 f"no held-out text at {eval_path}: perplexity/KL, bias sweep and baselines skipped"

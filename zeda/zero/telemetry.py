@@ -45,11 +45,19 @@ class RouterTelemetry:
             prepared with `zeda.evaluation.baselines.attach_router_policy`).
         saturation_factor: A layer is flagged in `saturated_layers` when its busiest real
             expert's load exceeds this multiple of the mean expert load.
+        count_original: Count every router forward, the original's too (teacher mode, an
+            attached original): measures the original model's own expert loads.
     """
 
-    def __init__(self, model: nn.Module, saturation_factor: float = DEFAULT_SATURATION_FACTOR) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        saturation_factor: float = DEFAULT_SATURATION_FACTOR,
+        count_original: bool = False,
+    ) -> None:
         self.model = model
         self.saturation_factor = float(saturation_factor)
+        self.count_original = count_original
         self.layers: dict[int, LayerStats] = {}
         self._mask: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
@@ -62,7 +70,10 @@ class RouterTelemetry:
         if is_recomputing():  # an activation-checkpoint recompute: this forward was counted already
             return
         if not (
-            module.routes_to_zero or module.slot_policy is not None or module.forced_zero_share is not None
+            self.count_original
+            or module.routes_to_zero
+            or module.slot_policy is not None
+            or module.forced_zero_share is not None
         ):
             return
         indices = output[2].detach()
@@ -92,6 +103,12 @@ class RouterTelemetry:
     def busiest_expert_share(self) -> dict[int, float]:
         """Per MoE layer index: the share of tokens that went to the layer's busiest real expert."""
         return {i: s.busiest_share for i, s in sorted(self.layers.items())}
+
+    @property
+    def load_ratio(self) -> dict[int, float]:
+        """Per MoE layer index: the busiest real expert's load divided by the mean real-expert load
+        (1.0 = perfectly even)."""
+        return {i: s.saturation for i, s in sorted(self.layers.items())}
 
     @property
     def saturated_layers(self) -> dict[int, float]:
