@@ -52,6 +52,7 @@ import zeda
 from zeda.config import load_recipe
 from zeda.distillation.data import pack_texts, read_jsonl
 from zeda.evaluation.baselines import POLICY_KINDS, apply_policy, attach_router_policy, calibrate_rule
+from zeda.evaluation.verdict import compare
 from zeda.zero.telemetry import RouterTelemetry
 
 HERE = Path(__file__).resolve().parent
@@ -86,18 +87,24 @@ def quality(model, reference_logits: list[torch.Tensor], blocks: torch.Tensor, b
 def versus_rules(zeda_row: dict, rule_rows: list[dict]) -> dict:
     """A zeda row against training-free rows of its target: the best rule by perplexity, zeda's
     perplexity increase over that rule's, and whether zeda is at least as good on ppl ratio,
-    top-1 agreement and KL as every rule."""
-    best = min(rule_rows, key=lambda r: r["ppl_ratio"])
+    top-1 agreement and KL as every rule (`zeda.evaluation.verdict.compare`, the verdict every
+    distillation run records)."""
+
+    def figures(row: dict, label: str) -> dict:
+        return {
+            "rule": label,
+            "zero_share": row.get("skipped_share", math.nan),
+            "ppl_ratio": row["ppl_ratio"],
+            "top1_agreement": row["top1_agreement"],
+            "mean_kl": row["kl"],
+        }
+
+    v = compare(figures(zeda_row, "zeda"), [figures(r, r["method"]) for r in rule_rows], "test")
     return {
-        "best_baseline": best["method"],
-        "best_baseline_ppl_ratio": best["ppl_ratio"],
-        "increase_ratio": (zeda_row["ppl_ratio"] - 1) / (best["ppl_ratio"] - 1),
-        "zeda_dominates": all(
-            zeda_row["ppl_ratio"] <= r["ppl_ratio"]
-            and zeda_row["top1_agreement"] >= r["top1_agreement"]
-            and zeda_row["kl"] <= r["kl"]
-            for r in rule_rows
-        ),
+        "best_baseline": v.rule,
+        "best_baseline_ppl_ratio": v.rule_figures["ppl_ratio"],
+        "increase_ratio": v.increase_ratio,
+        "zeda_dominates": v.beats,
     }
 
 

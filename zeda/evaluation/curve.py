@@ -200,6 +200,7 @@ def score_rules(
     targets: Sequence[float],
     teacher_ctx: Callable[[], Any],
     calibration_tokens: int | None = None,
+    calibration_blocks: torch.Tensor | None = None,
 ) -> list[RuleScore]:
     """Calibrate every rule in ``kinds`` to every share in ``targets``, then score it on ``held``.
 
@@ -215,16 +216,19 @@ def score_rules(
         teacher_ctx: Context factory that turns ``bmodel`` into the original.
         calibration_tokens: Tokens of ``held`` the calibration runs on (blocks spread evenly over
             the text); None: two of its batches.
+        calibration_blocks: ``(N, T)`` token ids to calibrate on instead of ``held``'s own blocks
+            (e.g. validation text when ``held`` is the test split, which then only scores).
 
     Returns:
         One `RuleScore` per (kind, target), kinds in the given order, targets ascending.
     """
     # Calibrate on blocks spread evenly over the text (two batches' worth), so the share the
     # baseline reaches on all of it lands close to the target; the share reported is measured.
-    n, width = held.blocks.shape
+    source = held.blocks if calibration_blocks is None else calibration_blocks
+    n, width = source.shape
     count = 2 * held.batch_size if calibration_tokens is None else max(1, calibration_tokens // width)
     pick = torch.linspace(0, n - 1, min(n, count)).round().long().unique()
-    cal_batches = list(torch.split(held.blocks[pick], held.batch_size))
+    cal_batches = list(torch.split(source[pick], held.batch_size))
     calibrated: dict[tuple[str, float], Calibration] = {}
     out = []
     for kind in kinds:

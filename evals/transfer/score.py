@@ -1,0 +1,121 @@
+"""Score a finished run once on test text: its export and every training-free rule at its share.
+
+For a run of ``evals/transfer/distill.py`` (or any ``zeda run`` / ``zeda distill`` directory with
+an export), on the model's test split, against the original model:
+
+- the exported model: perplexity ratio, top-1 agreement, KL(original ‖ model) and the measured
+  share of routed slots it skipped;
+- every training-free rule (`zeda.evaluation.baselines.POLICY_KINDS`) calibrated on the run's
+  validation text to that measured share (matched routed-expert FLOPs), scored on the same test
+  tokens;
+- the comparison (`zeda.evaluation.verdict.compare`): the best rule, zeda's perplexity increase
+  divided by that rule's, and whether zeda is at least as good as every rule on all three.
+
+Scoring is `zeda.evaluation.heldout.HeldOut` (the evaluation's own scorer) and
+`zeda.evaluation.curve.score_rules` (the evaluation's own calibration); the original's test
+logits are never held whole. The validation verdict of the run (``result.json``) is copied beside
+the test figures. Writes ``<run>/test_scores.json`` (or ``--out``).
+
+    python -m evals.transfer.score runs/transfer/mixtral/share_0.5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a finished run directory (recipe.yaml, export/)")
+    ap.add_argument("--test", help="test JSONL (default: test.jsonl beside the run's data.eval_file)")
+    ap.add_argument("--tokens", type=int, default=32768, help="test tokens scored")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per test block")
+    ap.add_argument(
+        "--calibration-tokens", type=int, default=8192, help="validation tokens the rules are calibrated on"
+    )
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="results JSON (default: <run>/test_scores.json)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import zeda
+    from zeda.config import load_recipe
+    from zeda.distillation.data import pack_texts, read_jsonl
+    from zeda.evaluation.baselines import POLICY_KINDS, attach_router_policy
+    from zeda.evaluation.curve import score_rules
+    from zeda.evaluation.heldout import HeldOut
+    from zeda.evaluation.verdict import compare
+
+    run = Path(args.run)
+    cfg = load_recipe(run / "recipe.yaml")
+    export = Path(cfg.export.out_dir) if cfg.export.out_dir else run / "export"
+    if not (export / "config.json").is_file():
+        raise SystemExit(f"{export} holds no export; finish the run first (evals/transfer/distill.py)")
+    validation = Path(cfg.data.eval_file)
+    test = Path(args.test) if args.test else validation.with_name("test.jsonl")
+    tokenizer = zeda.load_tokenizer(cfg.model.name_or_path)
+    blocks = pack_texts(read_jsonl(test, cfg.data.text_field), tokenizer, args.seq_len, args.tokens)
+    blocks = blocks[: max(1, args.tokens // args.seq_len)]
+    calibration = pack_texts(
+        read_jsonl(validation, cfg.data.text_field), tokenizer, args.seq_len, args.calibration_tokens
+    )
+
+    original = zeda.load(cfg.model.name_or_path)
+    held = HeldOut(blocks, original, contextlib.nullcontext, args.batch_size, progress=True)
+    held.prepare()
+    model = zeda.load(export)
+    metrics, tel = held.score(model, contextlib.nullcontext, "zeda (test)")
+    zeda_row = {
+        "zero_share": tel.zero_share,
+        **{k: metrics[k] for k in ("ppl", "ppl_ratio", "top1_agreement", "mean_kl")},
+    }
+    del model
+    attach_router_policy(original)
+    rules = score_rules(
+        original,
+        held,
+        POLICY_KINDS,
+        [tel.zero_share],
+        contextlib.nullcontext,
+        calibration_tokens=args.calibration_tokens,
+        calibration_blocks=calibration,
+    )
+    rule_rows = [
+        {**r.row(), "ppl": r.metrics["ppl"], "calibrated_share": r.calibration.achieved_share} for r in rules
+    ]
+    verdict = compare(zeda_row, rule_rows, "test", tokens=metrics["tokens"])
+    result_json = run / "result.json"
+    validation_verdict = json.loads(result_json.read_text()).get("verdict") if result_json.is_file() else None
+    out = {
+        "run": str(run),
+        "model": cfg.model.name_or_path,
+        "export": str(export),
+        "test_file": str(test),
+        "calibrated_on": str(validation),
+        "tokens": metrics["tokens"],
+        "original_ppl": math.exp(held.teacher_nll),
+        "zeda": zeda_row,
+        "rules": rule_rows,
+        "verdict": verdict.to_dict(),
+        "validation_verdict": validation_verdict,
+        "command": "python -m evals.transfer.score " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    }
+    path = Path(args.out) if args.out else run / "test_scores.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(verdict.summary())
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""evals/transfer: a minimal-recipe run with the router-kind default, resumable, then scored on test once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import zeda
+from evals.transfer import distill as transfer_distill
+from evals.transfer import score as transfer_score
+from zeda.evaluation.baselines import POLICY_KINDS
+from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
+
+FAST = [
+    "stage1.steps=3",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.eval_every=1",
+    "train.eval_tokens=512",
+    "train.best_tolerance=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    zeda.atomic_save(tiny_model("deepseek_v3"), root / "model", tokenizer=tiny_tokenizer())
+    texts = tiny_corpus(120)
+    (root / "data").mkdir()
+    for name, part in (("train", texts[:80]), ("validation", texts[80:100]), ("test", texts[100:])):
+        (root / "data" / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    argv = ["--model", str(root / "model"), "--data", str(root / "data"), "--share", "0.5"]
+    argv += ["--runs", str(root / "runs"), "--name", "tiny", *FAST]
+    record = transfer_distill.main(argv)
+    return root, argv, record
+
+
+def test_distill_runs_the_minimal_recipe_with_the_router_default(finished):
+    root, _, record = finished
+    run = root / "runs" / "tiny" / "share_0.5"
+    assert record["finished"] and record["variant"] == "lora" and record["steps"]["stage1"] == 3
+    assert record["verdict"]["split"] == "validation" and record["cpu_seconds"] >= 0
+    stored = (run / "recipe.yaml").read_text()
+    assert "kd: forward_kl" in stored and "zero_ratio: 1.0" in stored  # the sigmoid_bias default
+    written = (root / "runs" / "tiny" / "share_0.5.recipe.yaml").read_text()
+    assert "forward_kl" not in written  # the input recipe names only model, data and share
+    assert json.loads((run / "export" / "config.json").read_text())["zeda"]["verdict"]["beats"] in (
+        True,
+        False,
+    )
+    # Rerunning a finished run leaves it as it is.
+    before = (run / "metrics.jsonl").read_text()
+    assert transfer_distill.main(finished[1]) == record
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_score_rates_the_export_and_every_rule_on_test(finished, tmp_path):
+    root, _, record = finished
+    run = root / "runs" / "tiny" / "share_0.5"
+    out = transfer_score.main([str(run), "--tokens", "512", "--seq-len", "32", "--calibration-tokens", "256"])
+    assert (run / "test_scores.json").is_file()
+    assert out["test_file"].endswith("test.jsonl") and out["calibrated_on"].endswith("validation.jsonl")
+    assert sorted(r["kind"] for r in out["rules"]) == sorted(POLICY_KINDS)
+    share = out["zeda"]["zero_share"]
+    assert 0 < share < 1 and all(r["target_share"] == pytest.approx(share, abs=1e-6) for r in out["rules"])
+    assert out["verdict"]["split"] == "test" and out["verdict"]["zero_share"] == share
+    assert out["validation_verdict"] == record["verdict"]
+    assert out["tokens"] == (512 // 32) * 31
