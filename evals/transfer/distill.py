@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. stage1.steps=800")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning workers stall an oversubscribed CPU
     import torch
 
     torch.set_num_threads(args.threads)

@@ -42,6 +42,10 @@ def cfg_for(corpus, out, *extra):
             "train.warmup_ratio=0.0",
             "stage1.lr=0.01",
             "stage1.steps=6",
+            # Validation (best checkpoint, verdict) is tested in test_validation.py; off here, where
+            # it would cost most of each tiny run's time.
+            "train.eval_every=0",
+            "train.verdict=false",
             *extra,
         ],
     )

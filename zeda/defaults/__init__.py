@@ -207,11 +207,11 @@ def resolve(name_or_path: str, mentioned: Mapping[str, Any]) -> RouterDefaults |
 
     Returns:
         The `RouterDefaults`, or None when the model's config cannot be read or its family has no
-        known router kind (the dataclass defaults apply then; a warning says so).
+        known router kind (the dataclass defaults apply then).
     """
     found = router_kind_of(name_or_path)
-    if found is None:
-        logger.warning(
+    if found is None:  # the run itself reports an unreadable model in one line, when it loads it
+        logger.info(
             "router-kind defaults not applied: cannot read a supported model's config.json at %r",
             name_or_path,
         )

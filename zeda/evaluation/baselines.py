@@ -245,7 +245,9 @@ def measure_share(
     device = next(model.parameters()).device
     with apply_policy(model, policy), RouterTelemetry(model) as tel:
         for ids in _batches(batches):
-            model(input_ids=ids.to(device))
+            # Only the routing is measured: the output head runs on the last position alone, so
+            # no (B, T, V) logits are formed at a real vocabulary.
+            model(input_ids=ids.to(device), logits_to_keep=1)
     return tel
 
 
