@@ -47,7 +47,9 @@ HERE = Path(__file__).resolve().parent
 #: Router kind (`zeda.families.base.RouterKind`) -> its defaults file in this folder.
 FILES: dict[str, str] = {
     "softmax": "softmax.yaml",
+    "softmax_group": "softmax.yaml",  # DeepSeek-V2: softmax with group-limited selection
     "topk_softmax": "softmax.yaml",  # gpt-oss: top-k on the raw logits, then softmax over the k
+    "topk_sigmoid": "softmax.yaml",  # Llama 4: top-k on the raw logits (no bias), then sigmoid
     "sigmoid_bias": "sigmoid_bias.yaml",
 }
 #: ``lora``: LoRA on the routed experts; ``full_experts``: the routed experts trained in full.
