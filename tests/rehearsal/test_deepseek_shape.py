@@ -93,6 +93,8 @@ def _run(tmp_path):
             "train.log_every=5",
             "train.save_every=0",
             f"train.output_dir={tmp_path / 'run'}",
+            "train.eval_every=0",  # the probe counts every forward: no validation forwards
+            "train.verdict=false",
         ],
     )
     tok = tiny_tokenizer()

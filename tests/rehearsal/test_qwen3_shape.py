@@ -87,6 +87,8 @@ def _pipeline(tmp):
             f"eval.max_eval_tokens={EVAL_BATCH * SEQ}",
             "eval.baselines=[]",
             "eval.zero_bias_sweep=[]",
+            "train.eval_every=0",  # the probe counts every forward: no validation forwards
+            "train.verdict=false",
         ],
     )
     student = build_student(model, cfg)
