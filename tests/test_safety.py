@@ -61,7 +61,8 @@ def pristine(tmp_path_factory) -> Path:
                 "model: {name_or_path: model, dtype: float32}",
                 "data: {train_file: data.jsonl, eval_file: data.jsonl, seq_len: 32}",
                 "stage1: {steps: 2, lr: 0.01}",
-                "train: {batch_size: 4, output_dir: run, log_every: 1, warmup_ratio: 0.0}",
+                # the battery is about bad inputs: no validation forwards, no verdict warnings
+                "train: {batch_size: 4, output_dir: run, log_every: 1, warmup_ratio: 0.0, eval_every: 0, verdict: false}",
                 "eval: {tasks: null}",
                 "",
             ]
@@ -631,7 +632,10 @@ def test_export_from_another_directory_uses_the_recorded_base_model(world, capfd
 @pytest.mark.parametrize("verb", ["export", "resume"])
 def test_a_hand_edited_run_recipe_is_refused(world, capfd, verb):
     recipe = world / "run" / "recipe.yaml"
-    recipe.write_text(recipe.read_text().replace("alpha: 16", "alpha: 64"))
+    before = recipe.read_text()
+    edited = re.sub(r"(lora: \{[^}]*?\balpha: )[^,}]+", r"\g<1>1234", before, count=1)
+    assert edited != before
+    recipe.write_text(edited)
     argv = (
         ("export", "--model", "run", "--out", "exp")
         if verb == "export"
