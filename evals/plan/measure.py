@@ -12,7 +12,9 @@ the predictor models tensors, not the interpreter.
 
 The second step is the steady state: AdamW's moments already exist when its backward runs.
 oneDNN's primitive cache is disabled (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``): on CPU it keeps
-buffers for every distinct per-expert GEMM shape, which a GPU does not (see README.md).
+buffers for every distinct per-expert GEMM shape, which a GPU does not (see README.md). glibc's
+mmap and trim thresholds are fixed (``ZEDA_MEASURE_MALLOC=default`` keeps glibc's dynamic ones):
+freed tensors then leave the resident set, which follows the live tensors that the plan models.
 
 LoRA is split (zeda's default, no merged expert copy) unless ``--merged`` (PEFT's merged
 forward, ``lora.split=false``, the loop before split LoRA); ``--gradient-checkpointing``
@@ -70,6 +72,24 @@ class _Sampler:
         self._thread.join()
 
 
+def _fixed_malloc_thresholds() -> None:
+    """glibc: every block of 64 KiB or more is its own mapping, unmapped when freed.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed,
+    after which tensors below it come from the heap, where a freed block stays resident until
+    everything above it in the heap is freed too. The resident set then counts dead tensors, by
+    an amount that depends on the order of frees (which layer's activations, which loss chunk),
+    not on what is alive, which is what `zeda plan` models (and what a GPU's caching allocator
+    reuses). Fixed thresholds make the resident set follow the live tensors.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 128 * 1024)
+
+
 def _commit() -> str:
     import subprocess
 
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     # hundreds of MiB over a few steps (0.26 GiB after 6 steps of one 32-expert layer). A GPU has
     # no such cache and `zeda plan` does not model it: it is disabled here, before torch loads.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+    if os.environ.get("ZEDA_MEASURE_MALLOC", "fixed") == "fixed":
+        _fixed_malloc_thresholds()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "commit": _commit(),
         "onednn_primitive_cache_capacity": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
+        "malloc": os.environ.get("ZEDA_MEASURE_MALLOC", "fixed"),
     }
     text = json.dumps(row)
     if args.out:
