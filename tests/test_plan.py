@@ -187,7 +187,13 @@ def test_model_config_resolution():
 
 
 def test_prediction_matches_a_measured_step(tmp_path):
-    """A real zeda.distill step (2 optimiser steps) in a fresh process: peak RSS within 20%."""
+    """A real zeda.distill step (2 optimiser steps) in a fresh process: peak RSS within 10%.
+
+    measure.py makes the resident set follow the live tensors that the plan models (glibc's mmap
+    threshold fixed, oneDNN's per-shape primitive cache off); with glibc's defaults it also
+    counted freed heap blocks, by an amount that varied from run to run (0.73-0.80 GiB here
+    against 0.69 with fixed thresholds, 0.63 predicted: the rest is the CPU runtime, not modelled).
+    """
     config = {
         "model_type": "qwen3_moe",
         "hidden_size": 256,
@@ -220,7 +226,8 @@ def test_prediction_matches_a_measured_step(tmp_path):
         cfg, 1, model_config=scaled_config(resolve_model_config(str(path))[0], 2), overhead_gib=0
     )
     assert predicted.phase == "loss forward"
-    assert predicted.total / GIB == pytest.approx(row["measured_peak_gib"], rel=0.2)
+    assert row["malloc"] == "fixed" and row["onednn_primitive_cache_capacity"] == "0"
+    assert predicted.total / GIB == pytest.approx(row["measured_peak_gib"], rel=0.1)
 
 
 def test_vendored_qwen3_tokenizer():

@@ -19,6 +19,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+#: The points at the real Qwen3-30B-A3B shapes (2 layers), tabulated before/after.
+REAL = "qwen3_L2_E128_T512_"
 
 #: (name, measure.py arguments). ``--merged``: PEFT's merged LoRA forward, the loop before split LoRA.
 POINTS: list[tuple[str, list[str]]] = [
@@ -59,11 +61,11 @@ POINTS: list[tuple[str, list[str]]] = [
         "glm47flash_L1_E16_T1024_split",
         ["--model-config", "glm-4.7-flash", "--layers", "1", "--experts", "16", "--seq-len", "1024"],
     ),
-    # Real Qwen3-30B-A3B shapes (128 experts, vocabulary 151,936), 2 layers: the loop before split
-    # LoRA and checkpointing, split LoRA alone, and both (evals/plan/real_shape.md).
-    ("qwen3_L2_E128_T2048_merged", ["--layers", "2", "--seq-len", "2048", "--merged"]),
-    ("qwen3_L2_E128_T2048_split", ["--layers", "2", "--seq-len", "2048"]),
-    ("qwen3_L2_E128_T2048_ckpt", ["--layers", "2", "--seq-len", "2048", "--gradient-checkpointing"]),
+    # Real Qwen3-30B-A3B shapes (128 experts, vocabulary 151,936), 2 layers, 512 tokens: the loop
+    # before split LoRA and checkpointing, split LoRA alone, and both.
+    ("qwen3_L2_E128_T512_merged", ["--layers", "2", "--seq-len", "512", "--merged"]),
+    ("qwen3_L2_E128_T512_split", ["--layers", "2", "--seq-len", "512"]),
+    ("qwen3_L2_E128_T512_ckpt", ["--layers", "2", "--seq-len", "512", "--gradient-checkpointing"]),
 ]
 
 
@@ -165,11 +167,11 @@ def main() -> int:
     worst = max(abs(r["error"]) for r in rows) if rows else float("nan")
     lines.append("")
     lines.append(f"Largest error: {worst:.1%} (limit 10%).")
-    real = {r["name"]: r for r in rows if r["name"].startswith("qwen3_L2_E128_T2048_")}
+    real = {r["name"]: r for r in rows if r["name"].startswith(REAL)}
     if real:
         lines += [
             "",
-            "## Real Qwen3-30B-A3B shapes: the loop before and after (2 layers, 128 experts, 2048 tokens)",
+            "## Real Qwen3-30B-A3B shapes: the loop before and after (2 layers, 128 experts, 512 tokens)",
             "",
             "Hidden 2048, 128 experts (+64 zero) of width 768, top-8, vocabulary 151,936 (the vendored",
             "Qwen3 tokenizer), random bf16 weights; whole `zeda.distill` steps (teacher pass, forward KL,",
@@ -186,7 +188,7 @@ def main() -> int:
             "ckpt": "after: split LoRA + checkpointing",
         }
         for key, label in labels.items():
-            r = real.get(f"qwen3_L2_E128_T2048_{key}")
+            r = real.get(f"{REAL}{key}")
             if r is None:
                 continue
             comp = r["predicted_components_gib"]
@@ -197,9 +199,9 @@ def main() -> int:
             )
         lines += [
             "",
-            "Commands: `python evals/plan/run_validation.py --only qwen3_L2_E128_T2048_merged "
-            "qwen3_L2_E128_T2048_split qwen3_L2_E128_T2048_ckpt`; each point is",
-            "`python evals/plan/measure.py --layers 2 --seq-len 2048 [--merged | --gradient-checkpointing]`.",
+            f"Commands: `python evals/plan/run_validation.py --only {REAL}merged {REAL}split {REAL}ckpt`;",
+            "each point is `python evals/plan/measure.py --layers 2 --seq-len 512 [--merged |",
+            "--gradient-checkpointing]`.",
         ]
     (HERE / "results.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(lines))
