@@ -1192,3 +1192,47 @@ def test_a_changed_weights_index_of_a_sharded_base_model_is_refused(world, capfd
     data["metadata"] = {**data.get("metadata", {}), "note": "edited"}
     index.write_text(json.dumps(data))
     _refused(world, capfd, "export", "--model", "run2", "--out", "exp", expect=("base model", index.name))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("train.overwrite=true",), ("train.resume=true", "stage1.steps=4")],
+    ids=["overwrite", "resume"],
+)
+def test_kill_9_during_a_checkpoint_keeps_the_run_and_the_same_command_finishes(world, capfd, argv):
+    """A real kill in the middle of a checkpoint (its weights written, its optimiser state not):
+    the run's checkpoint and recipe are as they were, and the same command run again finishes
+    and leaves no ``.run.new`` or ``.checkpoint.tmp``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed_midway = (
+        "import os, signal, sys\n"
+        "import zeda.distillation.checkpoint as ckpt\n"
+        "from zeda.cli import main\n"
+        "real = ckpt.save_file\n"
+        "def save_then_die(*args, **kwargs):\n"
+        "    real(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ckpt.save_file = save_then_die\n"
+        "main(['distill', 'recipe.yaml', *sys.argv[1:]])\n"
+    )
+    run = world / "run"
+    kept = {k: v for k, v in _tree(run).items() if k.startswith("checkpoint") or k == "recipe.yaml"}
+    if argv[0] == "train.overwrite=true":
+        kept = _tree(run)  # the old run stays whole until the new one holds a proven checkpoint
+    proc = subprocess.run(
+        [sys.executable, "-c", killed_midway, *argv],
+        env=env,
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=HANG_SECONDS,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(world.glob(".run.new/.checkpoint.tmp")) or (run / ".checkpoint.tmp").is_dir()
+    assert {k: v for k, v in _tree(run).items() if k in kept} == kept
+    _ok(capfd, "distill", "recipe.yaml", *argv)
+    assert not list(world.glob(".run.*")) and not list(run.glob(".checkpoint.*"))
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == (4 if "train.resume=true" in argv else 2)
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == state["step"], steps
