@@ -17,7 +17,7 @@ at matched routed-expert FLOPs. Each zeda row records its training CPU time (all
 The committed results (see results.md for every command) trained each target in its own process
 with the quickstart recipe, forward KL, and the balance loss holding only the share over all
 layers (``balance.per_layer=false``, which measured better than every layer at the target at each
-share; ``evals/tradeoff/experiments.md``). 25%: LoRA r32 from the recipe's fitted start
+share; ``docs/results.md (section 3)``). 25%: LoRA r32 from the recipe's fitted start
 (``inject.init=relative``) at lr 1e-3, 800 steps. 75%: LoRA r32 from random zero rows at lr 2e-3
 (from the fitted start at lr 2e-3, and with reverse KL at that lr, the training loss climbs after
 ~250 steps on this model), 800 steps. 50%: random zero rows, the experts fine-tuned in full at lr

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from zeda.evaluation.curve import score_rules
     from zeda.evaluation.heldout import HeldOut
     from zeda.evaluation.verdict import compare
+    from zeda.zero.telemetry import RouterTelemetry
 
     run = Path(args.run)
     cfg = load_recipe(run / "recipe.yaml")
@@ -72,15 +73,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     original = zeda.load(cfg.model.name_or_path)
     held = HeldOut(blocks, original, contextlib.nullcontext, args.batch_size, progress=True)
-    held.prepare()
+    # The rules' hooks go on the original later; attached now, they count its own expert loads.
+    attach_router_policy(original)
+    original_tel = RouterTelemetry(original, count_original=True)
+    held.prepare(telemetry=[original_tel])
     model = zeda.load(export)
     metrics, tel = held.score(model, contextlib.nullcontext, "zeda (test)")
     zeda_row = {
         "zero_share": tel.zero_share,
         **{k: metrics[k] for k in ("ppl", "ppl_ratio", "top1_agreement", "mean_kl")},
     }
+    # Busiest real expert's load / mean real-expert load, per MoE layer (issue 25, goal 5).
+    loads = {"zeda": tel.load_ratio, "original": original_tel.load_ratio}
     del model
-    attach_router_policy(original)
     rules = score_rules(
         original,
         held,
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "zeda": zeda_row,
         "rules": rule_rows,
         "verdict": verdict.to_dict(),
+        "expert_load_ratio": {k: {str(i): v for i, v in d.items()} for k, d in loads.items()},
         "validation_verdict": validation_verdict,
         "command": "python -m evals.transfer.score " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }

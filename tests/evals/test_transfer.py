@@ -9,6 +9,7 @@ import pytest
 import zeda
 from evals.transfer import distill as transfer_distill
 from evals.transfer import score as transfer_score
+from evals.transfer import table as transfer_table
 from zeda.evaluation.baselines import POLICY_KINDS
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
@@ -67,3 +68,21 @@ def test_score_rates_the_export_and_every_rule_on_test(finished, tmp_path):
     assert out["verdict"]["split"] == "test" and out["verdict"]["zero_share"] == share
     assert out["validation_verdict"] == record["verdict"]
     assert out["tokens"] == (512 // 32) * 31
+    # The expert loads: the original's from its own routing, zeda's from the export's, per MoE layer.
+    loads = out["expert_load_ratio"]
+    assert loads["original"].keys() == loads["zeda"].keys() and loads["original"]
+    assert all(v >= 1.0 for d in loads.values() for v in d.values())
+
+
+def test_table_lists_the_scored_run_with_its_commands(finished):
+    root, _, record = finished
+    run = root / "runs" / "tiny" / "share_0.5"
+    if not (run / "test_scores.json").is_file():
+        transfer_score.main([str(run), "--tokens", "512", "--seq-len", "32", "--calibration-tokens", "256"])
+    scores = json.loads((run / "test_scores.json").read_text())
+    text = transfer_table.main(["--runs", str(root / "runs")])
+    (row,) = [line for line in text.splitlines() if line.startswith("| `tiny`")]
+    assert "outside the zoo" in row and "| 50% | lora |" in row
+    assert f"{scores['verdict']['zeda']['ppl_ratio']:.4f}" in row
+    assert ("| yes |" in row) == bool(scores["verdict"]["beats"])
+    assert record["command"] in text and scores["command"] in text

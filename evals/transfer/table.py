@@ -1,0 +1,107 @@
+"""Write the transfer table: the router-kind default, unchanged, on every zoo member it ran on.
+
+Reads every finished run under ``--runs`` (``<runs>/<name>/share_<s>[_<variant>]/``, written by
+``evals/transfer/distill.py``) and its one test scoring (``test_scores.json``, written by
+``evals/transfer/score.py``), and writes one markdown table: per run the member's role (tuning or
+validation, `evals/zoo/members.py`), the validation verdict the run itself reached, the test
+figures of zeda and of the best training-free rule calibrated to zeda's measured share, zeda's
+perplexity increase over the best rule's, whether zeda is at least as good as every rule on all
+three figures, and the CPU time. The commands of every row follow the table.
+
+    python -m evals.transfer.table --runs runs/transfer --out evals/transfer/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HEADER = (
+    "| model | role | router | target | variant | steps (stop) | CPU-min | validation: zeda vs best rule "
+    "(ppl ratio) | test: skipped | test: zeda ppl ratio / agr. / KL | test: best rule, ppl ratio / agr. / KL "
+    "| increase / best rule's | better than every rule on all three | busiest expert / mean, zeda (original) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _role(name: str) -> tuple[str, str]:
+    try:
+        from evals.zoo.members import MEMBERS
+    except ImportError:  # pragma: no cover - the zoo is part of the repo
+        return "?", "?"
+    m = MEMBERS.get(name)
+    return (m.role, m.router_shape) if m else ("outside the zoo", "?")
+
+
+def _figs(d: dict) -> str:
+    return f"{d['ppl_ratio']:.4f} / {d['top1_agreement']:.3f} / {d['mean_kl']:.4f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}×"
+
+
+def _loads(scores: dict) -> str:
+    loads = scores.get("expert_load_ratio")
+    if not loads:
+        return "—"
+    z, o = loads["zeda"], loads["original"]
+    return f"{max(z.values()):.1f} ({max(o.values()):.1f}) at most over layers"
+
+
+def rows(runs: Path) -> tuple[list[str], list[str], list[str]]:
+    """Table rows, the commands behind them, and the runs not finished or not scored yet."""
+    out, commands, pending = [], [], []
+    for record_path in sorted(runs.glob("*/*/transfer.json")):
+        run = record_path.parent
+        record = json.loads(record_path.read_text())
+        scores_path = run / "test_scores.json"
+        if not record.get("finished") or not scores_path.is_file():
+            pending.append(str(run))
+            continue
+        scores = json.loads(scores_path.read_text())
+        test, val = scores["verdict"], record.get("verdict") or {}
+        role, router = _role(record["name"])
+        steps = record["steps"]["stage1"] + record["steps"].get("stage2", 0)
+        val_cell = (
+            f"{val['zeda']['ppl_ratio']:.4f} vs {val['rule_figures']['ppl_ratio']:.4f} ({val['rule']}), "
+            f"{'beats all' if val.get('beats') else 'beaten'}"
+            if val
+            else "—"
+        )
+        out.append(
+            f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {record['variant']} | "
+            f"{steps} ({record.get('stop_reason') or 'done'}) | {record['cpu_seconds'] / 60:.0f} | {val_cell} | "
+            f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {test['rule']}: {_figs(test['rule_figures'])} | "
+            f"{_ratio(test.get('increase_ratio'))} | {'yes' if test.get('beats') else 'no'} | {_loads(scores)} |"
+        )
+        commands.append(f"{record['command']}\n{scores['command']}")
+    return out, commands, pending
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default=str(ROOT / "runs/transfer"), help="parent of the run directories")
+    ap.add_argument("--out", help="write the markdown here (default: print it)")
+    args = ap.parse_args(argv)
+    table, commands, pending = rows(Path(args.runs))
+    text = "\n".join([HEADER, *table]) + "\n"
+    if commands:
+        text += "\nCommands (distillation, then the one test scoring), row by row:\n\n```bash\n"
+        text += "\n\n".join(commands) + "\n```\n"
+    if pending:
+        text += "\nNot finished or not scored yet: " + ", ".join(f"`{p}`" for p in pending) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
