@@ -20,11 +20,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: Where the runs read their inputs from, when not from the repository itself.
+NOTES = (
+    "The `mixtral` runs read `/work/runs/mixtral_member`, a byte-identical copy of `evals/zoo/mixtral` "
+    "(`diff -r` equal) taken before the member was on main; `--member mixtral` runs the same.\n\n"
+)
+
 HEADER = (
     "| model | role | router | target | variant | steps (stop) | CPU-min | validation: zeda vs best rule "
     "(ppl ratio) | test: skipped | test: zeda ppl ratio / agr. / KL | test: best rule, ppl ratio / agr. / KL "
     "| increase / best rule's | better than every rule on all three | busiest expert / mean, zeda (original) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+PREAMBLE = (
+    """# The router-kind default on the zoo
+
+Written by `bash evals/transfer/keep.sh RUNS && python -m evals.transfer.table --out evals/transfer/results.md` (the records of every run are in `evals/transfer/records/`). Each row is
+one run of `evals/transfer/distill.py` (the minimal recipe: model, data, target share and the
+variant; every other key from `zeda/defaults/`), whose checkpoint was chosen on validation text,
+then one scoring of its export on the member's test split by `evals/transfer/score.py` against
+every training-free rule calibrated on validation text to the export's measured share. Roles come
+from `evals/zoo/members.py`: settings may be chosen on *tuning* members only. CPU-min: all threads
+of every invocation of the distillation (2-core Xeon shared with other jobs; the run at 1 thread).
+The increase ratio is zeda's perplexity increase over the best rule's; below 0 means zeda's
+perplexity fell below the original's on that text.
+
+"""
+    + NOTES
 )
 
 
@@ -85,11 +109,15 @@ def rows(runs: Path) -> tuple[list[str], list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default=str(ROOT / "runs/transfer"), help="parent of the run directories")
+    ap.add_argument(
+        "--runs",
+        default=str(ROOT / "evals/transfer/records"),
+        help="parent of the run directories (or of their records)",
+    )
     ap.add_argument("--out", help="write the markdown here (default: print it)")
     args = ap.parse_args(argv)
     table, commands, pending = rows(Path(args.runs))
-    text = "\n".join([HEADER, *table]) + "\n"
+    text = PREAMBLE + "\n".join([HEADER, *table]) + "\n"
     if commands:
         text += "\nCommands (distillation, then the one test scoring), row by row:\n\n```bash\n"
         text += "\n\n".join(commands) + "\n```\n"

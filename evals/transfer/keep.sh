@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Copy the records of finished runs (transfer.json, test_scores.json, metrics.jsonl, the recipes
+# written and stored) from a runs folder into evals/transfer/records/, the table's committed input:
+#   bash evals/transfer/keep.sh runs/transfer && python -m evals.transfer.table --out evals/transfer/results.md
+set -euo pipefail
+src=${1:?usage: keep.sh RUNS}
+dst="$(dirname "$0")/records"
+for rec in "$src"/*/*/transfer.json; do
+  run=$(dirname "$rec"); rel=${run#"$src"/}
+  mkdir -p "$dst/$rel"
+  for f in transfer.json test_scores.json metrics.jsonl recipe.yaml; do
+    [ -f "$run/$f" ] && cp "$run/$f" "$dst/$rel/$f"
+  done
+  cp "$run.recipe.yaml" "$dst/$rel.recipe.yaml"
+done
