@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 
 from .kinds import RouterParams, get_kind
 from .layers import MOE_LAYERS, layer_zero_logit_bias
+from .reference import reference_zero_experts
 from .slots import DROPPED, route
 
 __all__ = ["AdapterConfigs", "LayerRouting", "ServedZeda", "read_forced_share"]
@@ -63,7 +64,8 @@ class ServedZeda(NamedTuple):
     @classmethod
     def read(cls, config: Any, engine: str, env_var: str) -> ServedZeda:
         """Read and check ``config.zeda`` (with the engine overrides ``zeda_zero_logit_bias`` and
-        ``zeda_forced_zero_share``).
+        ``zeda_forced_zero_share``), or a ZEDA-reference config's ``zce_*`` keys
+        (`zeda_routing.reference`).
 
         Args:
             config: The served model's hf (text) config.
@@ -72,9 +74,12 @@ class ServedZeda(NamedTuple):
 
         Raises:
             ValueError: in one line, for a config without zero experts, a per-layer bias list
-                without one entry per MoE layer, or a forced share outside [0, 1].
+                without one entry per MoE layer, a forced share outside [0, 1], or a reference
+                config zeda cannot serve exactly.
         """
         zeda = dict(getattr(config, "zeda", None) or {})
+        if not zeda and getattr(config, "zce_nums", None) is not None:
+            zeda = reference_zero_experts(vars(config), engine)  # a ZEDA-reference checkpoint
         z = int(zeda.get("num_zero_experts", 0))
         if z < 1:
             raise ValueError(
@@ -105,6 +110,7 @@ class LayerRouting:
             with one, read at call time (the checkpoint is loaded into it after construction).
         num_expert_group: Groups of real experts (group-limited selection).
         topk_group: Groups kept per token.
+        group_top: Scores summed per group to rank the groups (`zeda_routing.RouterParams`).
         routed_scaling_factor: Multiplies the weights (1.0 where the engine scales outputs).
 
     Raises:
@@ -124,6 +130,7 @@ class LayerRouting:
         gate: Any = None,
         num_expert_group: int = 1,
         topk_group: int = 1,
+        group_top: int = 2,
         routed_scaling_factor: float = 1.0,
     ) -> None:
         if get_kind(kind).correction_bias and getattr(gate, "e_score_correction_bias", None) is None:
@@ -138,6 +145,7 @@ class LayerRouting:
         self.gate = gate
         self.num_expert_group = num_expert_group
         self.topk_group = topk_group
+        self.group_top = group_top
         self.routed_scaling_factor = routed_scaling_factor
 
     def params(self) -> RouterParams:
@@ -150,6 +158,7 @@ class LayerRouting:
             correction_bias=getattr(self.gate, "e_score_correction_bias", None),
             num_expert_group=self.num_expert_group,
             topk_group=self.topk_group,
+            group_top=self.group_top,
             routed_scaling_factor=self.routed_scaling_factor,
         )
 
@@ -187,6 +196,9 @@ class AdapterConfigs:
             transformers' own (``CONFIG_MAPPING[family]``).
         transformers: The engine environment's ``transformers`` module (``PretrainedConfig`` is
             the base of the refusing classes; ``AutoConfig`` registers them).
+        architectures: Served family -> architecture name, where zeda's causal-LM class is not
+            named after the config class (``Qwen3_5MoeTextConfig`` -> ``ZedaQwen3_5MoeForCausalLM``).
+        reasons: Refused family -> why, in a few words (added to its one-line refusal).
 
     Attributes:
         classes: ``{"zeda_<family>": config class}`` for every family in `zeda_routing.MOE_LAYERS`.
@@ -196,8 +208,17 @@ class AdapterConfigs:
     """
 
     def __init__(
-        self, module: str, engine: str, what: str, served: tuple[str, ...], transformers: Any
+        self,
+        module: str,
+        engine: str,
+        what: str,
+        served: tuple[str, ...],
+        transformers: Any,
+        *,
+        architectures: Mapping[str, str] | None = None,
+        reasons: Mapping[str, str] | None = None,
     ) -> None:
+        self.reasons = dict(reasons or {})
         self._transformers = transformers
         mapping = transformers.models.auto.configuration_auto.CONFIG_MAPPING
         self.engine, self.what = engine, what
@@ -226,13 +247,14 @@ class AdapterConfigs:
         self.unsupported: tuple[str, ...] = tuple(f for f in sorted(MOE_LAYERS) if f not in self.served)
         self.architectures = {
             f: "Zeda" + c.__name__.removesuffix("Config") + "ForCausalLM" for f, c in self.served.items()
-        }
+        } | dict(architectures or {})
 
     def message(self, family: str) -> str:
-        """The one-line refusal of a zeda family this adapter does not serve."""
+        """The one-line refusal of a zeda family this adapter does not serve (with its reason, if known)."""
+        reason = self.reasons.get(family)
         return (
             f"{self.engine}: zeda family {family!r} (model_type 'zeda_{family}') is not supported by "
-            f"{self.what}; supported families: {', '.join(sorted(self.served))}"
+            f"{self.what}{f' ({reason})' if reason else ''}; supported families: {', '.join(sorted(self.served))}"
         )
 
     def register(self) -> list[str]:

@@ -5,7 +5,8 @@ registers itself through the ``vllm.general_plugins`` entry point, so ``vllm ser
 and ``vllm.LLM(<export>)`` load a zeda export directly. It imports nothing from ``zeda``: the
 vLLM environment pins its own transformers.
 
-Supported families: qwen3_moe, glm4_moe (group-limited sigmoid routing) and mixtral; every
+Supported families: `SUPPORTED_FAMILIES` (``zeda_vllm.config.FAMILIES``), and ZEDA-reference
+checkpoints of them (``Qwen3MoePlusPlusForCausalLM``, ``Glm4MoeLitePlusPlusForCausalLM``); every
 other zeda family is refused at config load with one line naming the supported ones.
 """
 
@@ -14,7 +15,13 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import SUPPORTED_FAMILIES, UNSUPPORTED_FAMILIES, register_configs, unsupported_message
+from .config import (
+    REFERENCE_ARCHITECTURES,
+    SUPPORTED_FAMILIES,
+    UNSUPPORTED_FAMILIES,
+    register_configs,
+    unsupported_message,
+)
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -69,7 +76,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     register_configs()
-    for arch in SUPPORTED_FAMILIES.values():
+    for arch in (*SUPPORTED_FAMILIES.values(), *REFERENCE_ARCHITECTURES):
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"zeda_vllm.models:{arch}")
     _REGISTERED = True

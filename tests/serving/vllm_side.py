@@ -1,8 +1,8 @@
 """The vLLM half of the serving parity tests; runs in the vLLM environment (``.venv-vllm``).
 
 Usage: ``python vllm_side.py SPEC.json RESULTS.json``. SPEC lists cases
-``{name, model, hf_overrides, prompts, continuations, max_tokens, enforce_eager, fake_vllm_version,
-import_zeda}``; for each case one ``vllm.LLM`` (CPU, fp32, eager unless told) greedily generates
+``{name, model, hf_overrides, prompts, continuations, max_tokens, enforce_eager, compilation_config,
+fake_vllm_version, import_zeda}``; for each case one ``vllm.LLM`` (CPU, fp32, eager unless told) greedily generates
 from the prompts (token ids) and scores ``prompt + continuation`` (the transformers model's greedy
 continuation) with ``prompt_logprobs``. RESULTS maps case name to ``{tokens, gen_logprobs,
 scored_logprobs}`` or ``{error}``. zeda itself is imported only by an ``import_zeda`` case (one
@@ -42,6 +42,7 @@ def run_case(case: dict) -> dict:
             kv_cache_memory_bytes=256 * 2**20,
             enable_prefix_caching=False,
             hf_overrides=case.get("hf_overrides") or None,
+            **({"compilation_config": case["compilation_config"]} if case.get("compilation_config") else {}),
         )
     except Exception as exc:  # noqa: BLE001 - the refusal cases assert on this text
         return {"error": "".join(traceback.format_exception_only(type(exc), exc)).strip()}

@@ -37,15 +37,7 @@ from zeda.errors import ZedaError
 from zeda.families import get_spec
 from zeda.zero.modeling import ZEDA_FORMAT_VERSION, zeda_classes
 from zeda.zero.structure import current_zero_logit_bias, find_moe_layers
-
-ARCHITECTURES: dict[str, str] = {
-    "Qwen3MoePlusPlusForCausalLM": "qwen3_moe",
-    "Glm4MoeLitePlusPlusForCausalLM": "glm4_moe_lite",
-}
-"""Reference architecture -> zeda family."""
-
-MASK_BIAS = -1.0e4
-"""Zero-logit bias standing for ``use_zce_mask = True`` (exp / sigmoid underflow to exactly 0)."""
+from zeda_routing.reference import ARCHITECTURES, MASK_BIAS, reference_zero_experts
 
 _REFERENCE_KEYS = ("zce_nums", "zce_types", "use_zce_mask")
 _DROPPED_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
@@ -89,34 +81,23 @@ def reference_to_zeda_config(data: dict[str, Any], source: str = "checkpoint") -
             group-limited router whose zero experts would sit inside the groups.
     """
     family = _family(data, source)
-    spec = get_spec(family)
-    # Defaults of their config classes when a key is absent.
-    nums = list(data.get("zce_nums", [64]))
-    types = list(data.get("zce_types", ["copy"]))
-    if len(nums) != len(types) or not nums:
-        raise ZedaError(f"{source}: zce_nums {nums} and zce_types {types} must have the same length")
-    if any(t != "zero" for t in types):
-        raise ZedaError(
-            f"{source}: zce_types {types} include experts that are not zero-output; zeda converts only 'zero'"
-        )
-    if spec.router_kind == "sigmoid_bias" and int(data.get("n_group", 1) or 1) > 1:
-        raise ZedaError(
-            f"{source}: n_group={data['n_group']}: the reference puts zero experts inside the routing "
-            "groups, zeda keeps them outside; only n_group=1 converts exactly"
-        )
+    try:
+        zero = reference_zero_experts(data, source)
+    except ValueError as err:
+        raise ZedaError(str(err)) from None
     cfg_cls, lm_cls = zeda_classes(family)
     kwargs = {k: v for k, v in data.items() if k not in _REFERENCE_KEYS + _DROPPED_KEYS}
     config = cfg_cls(**kwargs)
     config.architectures = [lm_cls.__name__]
     config.zeda = {
-        "num_zero_experts": int(sum(nums)),
+        "num_zero_experts": zero["num_zero_experts"],
         "base_model_type": family,
         "seed": None,
         "format_version": ZEDA_FORMAT_VERSION,
         "converted_from": "zeda-reference",
     }
-    if data.get("use_zce_mask", True):
-        config.zeda["zero_logit_bias"] = MASK_BIAS
+    if "zero_logit_bias" in zero:
+        config.zeda["zero_logit_bias"] = zero["zero_logit_bias"]
     return config
 
 
