@@ -65,7 +65,9 @@ def _figs(d: dict) -> str:
     return f"{d['ppl_ratio']:.4f} / {d['top1_agreement']:.3f} / {d['mean_kl']:.4f}"
 
 
-def _ratio(x: float | None) -> str:
+def _ratio(x: float | None, zeda_ppl_ratio: float) -> str:
+    if zeda_ppl_ratio <= 1.0:
+        return "< 0 (ppl fell)"
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}×"
 
 
@@ -101,7 +103,7 @@ def rows(runs: Path) -> tuple[list[str], list[str], list[str]]:
             f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {record['variant']} | "
             f"{steps} ({record.get('stop_reason') or 'done'}) | {record['cpu_seconds'] / 60:.0f} | {val_cell} | "
             f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {test['rule']}: {_figs(test['rule_figures'])} | "
-            f"{_ratio(test.get('increase_ratio'))} | {'yes' if test.get('beats') else 'no'} | {_loads(scores)} |"
+            f"{_ratio(test.get('increase_ratio'), test['zeda']['ppl_ratio'])} | {'yes' if test.get('beats') else 'no'} | {_loads(scores)} |"
         )
         commands.append(f"{record['command']}\n{scores['command']}")
     return out, commands, pending

@@ -25,6 +25,14 @@ def test_beats_when_not_worse_than_every_rule_on_all_three():
     assert json.loads(json.dumps(v.to_dict()))["tokens"] == 10
 
 
+def test_a_perplexity_below_the_originals_is_said_so_not_as_a_negative_ratio():
+    below = {**ZEDA, "ppl_ratio": 0.99}
+    v = compare(below, [rule("a", 1.0875, 0.77, 0.10)], "validation")
+    assert v.beats and v.increase_ratio < 0
+    assert "at or below the original's" in v.summary() and "+8.75%" in v.summary()
+    assert "x the best rule's" not in v.summary()
+
+
 def test_a_rule_better_on_one_figure_is_named():
     rules = [rule("best_ppl", 1.02, 0.90, 0.05), rule("agrees", 1.03, 0.96, 0.03)]
     v = compare(ZEDA, rules, "validation")

@@ -79,7 +79,12 @@ class Verdict:
             f"{self.rule} {r['ppl_ratio']:.4f} / {r['top1_agreement']:.3f} / {r['mean_kl']:.4f} "
             "(ppl ratio / top-1 agreement / KL)"
         )
-        if self.beats:
+        if self.beats and z["ppl_ratio"] <= 1.0:
+            head = (
+                f"zeda beats every training-free rule on {self.split} text at {self.zero_share:.1%} skipped: "
+                f"its perplexity is at or below the original's, the best rule's is {r['ppl_ratio'] - 1:+.2%}"
+            )
+        elif self.beats:
             head = (
                 f"zeda beats every training-free rule on {self.split} text at {self.zero_share:.1%} skipped: "
                 f"its perplexity increase is {ratio} the best rule's"
