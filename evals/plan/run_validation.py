@@ -145,12 +145,14 @@ def main() -> int:
         "Command: `python evals/plan/run_validation.py` (each point: `python evals/plan/measure.py ...` in a",
         "fresh process, arguments in `POINTS` of run_validation.py; cached under `evals/plan/points/`;",
         "`--cached` tabulates the measured points only).",
-        f"zeda at commit {commit.stdout.strip() or '(not a git checkout)'}; torch {rows[0]['torch'] if rows else '?'}; bf16;",
+        f"Tabulated at commit {commit.stdout.strip() or '(not a git checkout)'}; points measured at "
+        f"{', '.join(sorted({r.get('commit', '?') for r in rows}))}; torch {rows[0]['torch'] if rows else '?'}; bf16;",
         "batch 1; LoRA r8 on the experts (merged: PEFT's forward, `lora.split=false`, the only path before",
         "split LoRA; split: zeda's default) unless `full experts`; ckpt: `train.gradient_checkpointing=true`;",
         "2 optimiser steps of `zeda.distill` (stage 1 text mode, forward KL), measured peak RSS minus the",
-        "RSS after imports, with oneDNN's primitive cache off (a CPU-only cache of per-shape GEMM",
-        "buffers; README.md). Each point's JSON records the zeda commit it was measured with.",
+        "RSS after imports, with oneDNN's primitive cache off and glibc's mmap/trim thresholds fixed (so",
+        "that the resident set follows the live tensors; README.md). Each point's JSON records the commit",
+        "it was measured at.",
         "Shapes: true hidden size, expert width and vocabulary of the named model, 1-2 layers, E as listed.",
         "",
     ]
