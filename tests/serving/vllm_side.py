@@ -97,7 +97,10 @@ def main() -> None:
     results = {}
     for case in spec["cases"]:
         t0 = time.time()
-        results[case["name"]] = run_case(case)
+        try:
+            results[case["name"]] = run_case(case)
+        except Exception as exc:  # noqa: BLE001 - a failure while serving fails that case, not the rest
+            results[case["name"]] = {"error": "".join(traceback.format_exception(exc))[-4000:]}
         results[case["name"]]["seconds"] = round(time.time() - t0, 1)
         with open(out_path, "w") as f:
             json.dump(results, f)
