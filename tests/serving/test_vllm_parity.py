@@ -540,7 +540,9 @@ def served_families(request, tmp_path_factory) -> tuple[dict, dict]:
         {
             item.callspec.params["family"]
             for item in request.session.items
-            if item.originalname.startswith("test_served_family") and "family" in item.callspec.params
+            if item.module is request.module  # other files may name other families
+            and item.originalname.startswith("test_served_family")
+            and "family" in item.callspec.params
         }
     )
     root = tmp_path_factory.mktemp("serving_families")
