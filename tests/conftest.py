@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+
+from zeda.tiny import tiny_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -56,3 +59,13 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if os.environ.get(REQUIRE_SERVING_ENV) == "1" and reporter is not None and _serving_skips(reporter):
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 96-document tiny training corpus, ``<tmp>/train.jsonl`` (modules may override it)."""
+    d = tmp_path_factory.mktemp("data")
+    with (d / "train.jsonl").open("w") as f:
+        for t in tiny_corpus(96):
+            f.write(json.dumps({"text": t}) + "\n")
+    return d / "train.jsonl"

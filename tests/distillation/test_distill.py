@@ -14,17 +14,8 @@ import zeda
 from zeda.config import RunConfig, apply_overrides
 from zeda.distillation.loop import distill
 from zeda.distillation.student import build_student
-from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
+from zeda.tiny import tiny_model, tiny_tokenizer
 from zeda.zero.routing import zero_routers
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    with (d / "train.jsonl").open("w") as f:
-        for t in tiny_corpus(96):
-            f.write(json.dumps({"text": t}) + "\n")
-    return d / "train.jsonl"
 
 
 def cfg_for(corpus, out, *extra):

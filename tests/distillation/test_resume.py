@@ -17,16 +17,7 @@ from zeda.config import apply_overrides
 from zeda.distillation.loop import distill
 from zeda.distillation.student import build_student, load_run
 from zeda.io import atomic_save
-from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    with (d / "train.jsonl").open("w") as f:
-        for t in tiny_corpus(96):
-            f.write(json.dumps({"text": t}) + "\n")
-    return d / "train.jsonl"
+from zeda.tiny import tiny_model, tiny_tokenizer
 
 
 def _trainable(model):

@@ -17,19 +17,16 @@ from zeda.distillation.loop import distill
 from zeda.distillation.student import load_run
 from zeda.evaluation.baselines import POLICY_KINDS
 from zeda.pipeline import RunResult
-from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
+from zeda.tiny import tiny_model, tiny_tokenizer
 
 TARGET, TOL = 0.5, 0.2
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    with (d / "train.jsonl").open("w") as f:
-        for t in tiny_corpus(96):
-            f.write(json.dumps({"text": t}) + "\n")
-    zeda.atomic_save(tiny_model("qwen3_moe"), d / "model", tokenizer=tiny_tokenizer())
-    return d / "train.jsonl"
+def corpus(corpus):
+    """The shared corpus, with a tiny qwen3_moe saved beside it."""
+    zeda.atomic_save(tiny_model("qwen3_moe"), corpus.parent / "model", tokenizer=tiny_tokenizer())
+    return corpus
 
 
 def original(corpus):
