@@ -80,7 +80,19 @@ def _hardware(r: dict) -> str:
     return f"{r['train_wall_seconds'] / 60:.1f} min on one {r['device']}"
 
 
+def _first_schedule(r: dict) -> int:
+    """Length of the first cosine schedule (the planned steps unless warm restarts followed it)."""
+    return r["restarts"][0]["from_step"] if r.get("restarts") else r["planned_steps"]
+
+
 def _schedule_changes(r: dict) -> str:
+    if r.get("restarts"):
+        parts = [
+            f"from step {x['from_step']}, {x['steps']} more steps (warmup {x['warmup']}, peak lr {x['lr']}, "
+            "cosine to 0, AdamW moments kept)"
+            for x in r["restarts"]
+        ]
+        return "; then warm restart " + ", then ".join(parts)
     segs = r.get("segments", [])
     if len({s["steps"] for s in segs}) < 2:
         return ""
@@ -175,7 +187,7 @@ Corpus: {corpus.description}; split by document (`{data}/`: train `{member.train
 
 | | |
 |---|---|
-| optimiser steps | {r["steps"]} of a {r["planned_steps"]}-step cosine schedule (warmup {r["warmup"]}, peak lr {r["lr"]}, AdamW 0.9/0.95, wd 0.1){_schedule_changes(r)} |
+| optimiser steps | {r["steps"]} of a {_first_schedule(r)}-step cosine schedule (warmup {r["warmup"]}, peak lr {r["lr"]}, AdamW 0.9/0.95, wd 0.1){_schedule_changes(r)} |
 | batch | {r["batch_size"]} x {r["seq_len"]} tokens |
 | tokens seen | {r["tokens_seen"]:,} ({r["epochs"]:.2f} epochs of the train split) |
 | training wall time | {_hardware(r)} |

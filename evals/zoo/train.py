@@ -292,6 +292,44 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
+def plan_restarts(ck: dict, args: argparse.Namespace) -> list[dict]:
+    """The warm restarts of a resumed run: the checkpoint's, plus ``--extend`` when it adds one.
+
+    A restart continues a finished schedule for ``steps`` more optimiser steps (AdamW moments
+    kept): linear warmup over ``warmup`` steps to ``lr``, then cosine decay to 0. Repeating the
+    ``--extend`` command resumes that restart instead of adding another.
+    """
+    restarts = [dict(r) for r in ck.get("restarts", [])]
+    if not args.extend:
+        return restarts
+    want = {"steps": args.extend, "lr": args.extend_lr, "warmup": args.extend_warmup}
+    if restarts and {k: restarts[-1][k] for k in want} == want and ck["step"] < ck["total_steps"]:
+        return restarts
+    if ck["step"] != ck["total_steps"]:
+        raise SystemExit(
+            f"zoo: --extend continues a finished schedule, but the checkpoint is at step {ck['step']} "
+            f"of {ck['total_steps']}; finish it first with --resume"
+        )
+    return [*restarts, {"from_step": ck["step"], **want}]
+
+
+def restart_schedule(
+    opt: torch.optim.Optimizer, args: argparse.Namespace, restarts: list[dict]
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The first schedule (``--steps``, warmup, cosine) followed by each warm restart's."""
+    first = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps).lr_lambdas[0]
+
+    def factor(step: int) -> float:
+        for r in reversed(restarts):
+            if step >= r["from_step"]:
+                s, w = step - r["from_step"], r["warmup"]
+                f = s / max(1, w) if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, r["steps"] - w)))
+                return max(0.0, f) * r["lr"] / args.lr
+        return first(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train(
     member: Member,
     model: torch.nn.Module,
@@ -307,6 +345,7 @@ def train(
     device = device_name(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    restarts: list[dict] = []
     state: dict[str, Any] = {
         "step": 0,
         "tokens": 0,
@@ -325,19 +364,30 @@ def train(
             raise SystemExit(f"zoo: {ckpt} was trained on {ck.get('device', 'cpu')}, not {device}")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
+        restarts = plan_restarts(ck, args)
+        if restarts:
+            sched = restart_schedule(opt, args, restarts)
         sched.load_state_dict(ck["sched"])
+        if restarts:
+            # The checkpoint's learning rate is the finished schedule's last (0): set this step's.
+            for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+                group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
         keys = ("step", "tokens", "wall", "cpu", "curve", "invocations", "segments")
         state = {k: ck[k] for k in keys if k in ck}
         for key, empty in (("curve", []), ("invocations", []), ("segments", []), ("cpu", 0.0)):
             state.setdefault(key, empty)
         log.info("resumed at step %d (%d tokens, %.0f s)", state["step"], state["tokens"], state["wall"])
+    elif args.extend:
+        raise SystemExit(f"zoo: --extend continues a finished run, but {ckpt} does not exist; train first")
     elif args.resume:
         log.info("no checkpoint in %s: starting from scratch", run)
+    total = restarts[-1]["from_step"] + restarts[-1]["steps"] if restarts else args.steps
+    state["restarts"] = restarts
     state["invocations"].append(invocation)
-    state["segments"].append({"from_step": state["step"], "steps": args.steps, "threads": args.threads})
+    state["segments"].append({"from_step": state["step"], "steps": total, "threads": args.threads})
     cfg = model.config
     spec = get_spec(cfg.model_type)
-    stop = min(args.steps, args.stop_at_step or args.steps)
+    stop = min(total, args.stop_at_step or total)
     budget = args.max_minutes * 60 if args.max_minutes else math.inf
     step = state["step"]
     eval_tokens = args.eval_blocks * args.seq_len
@@ -351,7 +401,7 @@ def train(
                 "sched": sched.state_dict(),
                 **state,
                 "step": step_done,
-                "total_steps": args.steps,
+                "total_steps": total,
                 "threads": args.threads,
                 "device": device,
                 "member": member.name,
@@ -409,7 +459,7 @@ def train(
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
                 bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{state['tokens'] / state['wall']:.0f}")
-            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total):
                 eval_point(step + 1)
             if (step + 1) % args.save_every == 0 or done:
                 checkpoint(step + 1)
@@ -419,7 +469,7 @@ def train(
     log.info(
         "stopped at step %d of %d (%d tokens, %.0f s of training)",
         state["step"],
-        args.steps,
+        total,
         state["tokens"],
         state["wall"],
     )
@@ -555,6 +605,7 @@ def finalize(member: Member, model: torch.nn.Module, tok, args: argparse.Namespa
             "params": sum(p.numel() for p in saved.parameters()),
             "curve": ck.get("curve", []),
             "segments": ck.get("segments", []),
+            "restarts": ck.get("restarts", []),
             "curve_eval_tokens": args.eval_blocks * args.seq_len,
             "convergence": convergence(ck.get("curve", []), ck["total_steps"]),
             "check": check,
@@ -677,6 +728,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--stop-at-step", type=int, default=None, help="stop at this step (schedule unchanged)")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    ap.add_argument(
+        "--extend",
+        type=int,
+        default=0,
+        help="with --resume: a warm restart of this many more steps after the finished schedule",
+    )
+    ap.add_argument("--extend-lr", type=float, default=None, help="the restart's peak lr (--extend)")
+    ap.add_argument("--extend-warmup", type=int, default=20, help="the restart's warmup steps (--extend)")
     ap.add_argument("--run-dir", default=None, help="checkpoint and log folder (default: the member's cache)")
     ap.add_argument("--finalize", action="store_true", help="evaluate the last checkpoint and write --out")
     ap.add_argument("--out", default=None, help="model folder (default: the member's model/)")
@@ -706,6 +765,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, key) is None:
             setattr(args, key, getattr(member, key))
+    if args.extend and (not args.resume or args.extend_lr is None or args.extend <= args.extend_warmup):
+        ap.error("--extend N needs --resume, --extend-lr and N > --extend-warmup")
     args.run_dir = args.run_dir or str(member.run_dir)
     args.out = args.out or str(member.model_dir)
     return args

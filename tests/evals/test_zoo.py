@@ -85,6 +85,51 @@ def test_member_config_builds_and_a_tiny_version_trains_and_resumes(name, tmp_pa
         assert torch.equal(p, q), n
 
 
+def _lrs(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows}
+
+
+def test_warm_restart_continues_a_finished_schedule_and_resumes_bit_equal(tmp_path):
+    member = MEMBERS["gpt_oss"]
+    data = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(0)).int()
+    extend = ("--resume", "--extend", "12", "--extend-lr", "1e-3", "--extend-warmup", "2", "--save-every", "10")
+    finished = {}
+    for run in ("a", "b"):
+        model, args = _tiny(member, tmp_path / run, "--eval-every", "0")
+        ztrain.train(member, model, data, data, args, "test")
+        finished[run] = copy.deepcopy(model.state_dict())
+    # --extend before the schedule has finished, or without a checkpoint, is refused.
+    with pytest.raises(SystemExit, match="finished"):
+        model, args = _tiny(member, tmp_path / "c", "--stop-at-step", "2", "--eval-every", "0")
+        ztrain.train(member, model, data, data, args, "test")
+        model, args = _tiny(member, tmp_path / "c", *extend)
+        ztrain.train(member, model, data, data, args, "test")
+    with pytest.raises(SystemExit, match="does not exist"):
+        model, args = _tiny(member, tmp_path / "d", *extend)
+        ztrain.train(member, model, data, data, args, "test")
+
+    # a: the restart in one go; b: stopped at step 9 and resumed by repeating the command.
+    model_a, args = _tiny(member, tmp_path / "a", *extend, "--eval-every", "5")
+    state = ztrain.train(member, model_a, data, data, args, "test")
+    assert state["step"] == 15 and state["restarts"] == [{"from_step": 3, "steps": 12, "lr": 1e-3, "warmup": 2}]
+    assert [p["step"] for p in state["curve"]] == [5, 10, 15]
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == ck["total_steps"] == 15
+    lrs = _lrs(tmp_path / "a")
+    assert lrs[10] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert lrs[15] == 0.0
+    model_b, args = _tiny(member, tmp_path / "b", *extend, "--stop-at-step", "9", "--eval-every", "5")
+    ztrain.train(member, model_b, data, data, args, "test")
+    model_b, args = _tiny(member, tmp_path / "b", *extend, "--eval-every", "5")
+    ztrain.train(member, model_b, data, data, args, "test")
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["restarts"] == ck["restarts"]
+    moved = [n for n, p in model_a.state_dict().items() if not torch.equal(p, finished["a"][n])]
+    assert moved, "the restart did not train"
+    for (n, p), q in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+
+
 @pytest.mark.parametrize("name", sorted(MEMBERS))
 def test_saved_model_reloads_with_stock_class(name, tmp_path):
     member = MEMBERS[name]
