@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+
+from evals.transfer.distill import VARIANTS as VARIANT_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +37,10 @@ HEADER = (
 )
 
 
+TITLE = "# The router-kind default on the zoo"
 PREAMBLE = (
-    """# The router-kind default on the zoo
+    TITLE
+    + """
 
 Written by `bash evals/transfer/keep.sh RUNS && python -m evals.transfer.table --out evals/transfer/results.md` (the records of every run are in `evals/transfer/records/`). Each row is
 one run of `evals/transfer/distill.py` (the minimal recipe: model, data, target share and the
@@ -79,12 +84,26 @@ def _loads(scores: dict) -> str:
     return f"{max(z.values()):.1f} ({max(o.values()):.1f}) at most over layers"
 
 
-def rows(runs: Path) -> tuple[list[str], list[str], list[str]]:
-    """Table rows, the commands behind them, and the runs not finished or not scored yet."""
+def _variant(record: dict) -> str:
+    """The variant, plus every override that is not the variant's own (a run off the default)."""
+    own = set(VARIANT_OVERRIDES.get(record["variant"], ()))
+    extra = [o for o in record.get("overrides", []) if o not in own]
+    return record["variant"] + "".join(f" + `{o}`" for o in extra)
+
+
+def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
+    """Table rows, the commands behind them, and the runs not finished or not scored yet.
+
+    Args:
+        runs: Parent of ``<name>/<run>/transfer.json`` folders (runs or their kept records).
+        members: Keep only these run names (all when empty).
+    """
     out, commands, pending = [], [], []
     for record_path in sorted(runs.glob("*/*/transfer.json")):
         run = record_path.parent
         record = json.loads(record_path.read_text())
+        if members and record["name"] not in members:
+            continue
         scores_path = run / "test_scores.json"
         if not record.get("finished") or not scores_path.is_file():
             pending.append(str(run))
@@ -100,7 +119,7 @@ def rows(runs: Path) -> tuple[list[str], list[str], list[str]]:
             else "—"
         )
         out.append(
-            f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {record['variant']} | "
+            f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {_variant(record)} | "
             f"{steps} ({record.get('stop_reason') or 'done'}) | {record['cpu_seconds'] / 60:.0f} | {val_cell} | "
             f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {test['rule']}: {_figs(test['rule_figures'])} | "
             f"{_ratio(test.get('increase_ratio'), test['zeda']['ppl_ratio'])} | {'yes' if test.get('beats') else 'no'} | {_loads(scores)} |"
@@ -113,13 +132,20 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--runs",
-        default=str(ROOT / "evals/transfer/records"),
-        help="parent of the run directories (or of their records)",
+        action="append",
+        help="parent of the run directories (or of their records); repeat to join several "
+        "(default: evals/transfer/records)",
     )
+    ap.add_argument("--member", action="append", default=[], help="only this run name (repeatable)")
+    ap.add_argument("--title", default=None, help="the first line (default: the default's table title)")
     ap.add_argument("--out", help="write the markdown here (default: print it)")
     args = ap.parse_args(argv)
-    table, commands, pending = rows(Path(args.runs))
-    text = PREAMBLE + "\n".join([HEADER, *table]) + "\n"
+    table, commands, pending = [], [], []
+    for runs in args.runs or [str(ROOT / "evals/transfer/records")]:
+        t, c, p = rows(Path(runs), args.member)
+        table, commands, pending = table + t, commands + c, pending + p
+    preamble = PREAMBLE if args.title is None else PREAMBLE.replace(TITLE, args.title, 1)
+    text = preamble + "\n".join([HEADER, *table]) + "\n"
     if commands:
         text += "\nCommands (distillation, then the one test scoring), row by row:\n\n```bash\n"
         text += "\n\n".join(commands) + "\n```\n"

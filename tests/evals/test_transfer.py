@@ -82,7 +82,31 @@ def test_table_lists_the_scored_run_with_its_commands(finished):
     scores = json.loads((run / "test_scores.json").read_text())
     text = transfer_table.main(["--runs", str(root / "runs")])
     (row,) = [line for line in text.splitlines() if line.startswith("| `tiny`")]
-    assert "outside the zoo" in row and "| 50% | lora |" in row
+    # The variant, then every setting the run took off the default (here the test's short schedule).
+    assert "outside the zoo" in row and "| 50% | lora + `stage1.steps=3` + `data.seq_len=32`" in row
     assert f"{scores['verdict']['zeda']['ppl_ratio']:.4f}" in row
     assert ("| yes |" in row) == bool(scores["verdict"]["beats"])
     assert record["command"] in text and scores["command"] in text
+
+
+def test_table_joins_run_folders_filters_members_and_names_off_default_settings(finished, tmp_path):
+    root, _, _ = finished
+    run = root / "runs" / "tiny" / "share_0.5"
+    if not (run / "test_scores.json").is_file():
+        transfer_score.main([str(run), "--tokens", "512", "--seq-len", "32", "--calibration-tokens", "256"])
+    # A second folder holding the same run recorded with one setting off the default.
+    other = tmp_path / "other" / "tiny" / "share_0.5"
+    other.mkdir(parents=True)
+    record = json.loads((run / "transfer.json").read_text())
+    record["overrides"] = [*record["overrides"], "balance.real_alpha=1.0"]
+    (other / "transfer.json").write_text(json.dumps(record))
+    (other / "test_scores.json").write_text((run / "test_scores.json").read_text())
+    argv = ["--runs", str(root / "runs"), "--runs", str(tmp_path / "other"), "--title", "# Balance"]
+    text = transfer_table.main(argv)
+    rows = [line for line in text.splitlines() if line.startswith("| `tiny`")]
+    assert text.startswith("# Balance\n") and len(rows) == 2
+    assert "`train.best_tolerance=0.5` |" in rows[0]
+    assert "`train.best_tolerance=0.5` + `balance.real_alpha=1.0` |" in rows[1]
+    assert not [
+        x for x in transfer_table.main([*argv, "--member", "mixtral"]).splitlines() if x.startswith("| `")
+    ]
