@@ -11,7 +11,8 @@ is (zeda's classes subclass the same family configs), so ``zeda.load`` keeps wor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import transformers
 
@@ -29,11 +30,15 @@ class Served:
             spec names the same one, checked by ``tests/serving/test_vllm_families.py``).
         group_top: Scores summed per group to rank groups (`zeda_routing.RouterParams.group_top`).
         architecture: The export's architecture where zeda's class is not named after the config.
+        vllm_fields: Config fields vLLM's model of the family reads that transformers' config class
+            lacks (the released checkpoint's names) -> the value transformers' model implies, or
+            None where any value does (`check_vllm_fields`).
     """
 
     router_kind: str
     group_top: int = 2
     architecture: str | None = None
+    vllm_fields: dict[str, object] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Served] = {
@@ -42,11 +47,49 @@ FAMILIES: dict[str, Served] = {
     "exaone_moe": Served("sigmoid_bias"),
     "glm4_moe": Served("sigmoid_bias"),
     "glm4_moe_lite": Served("sigmoid_bias"),
+    "granitemoe_swa": Served("topk_softmax"),
+    # vLLM's hy_v3 reads the release's names; transformers always normalises and has q/k norms
+    "hy_v3": Served(
+        "sigmoid_bias",
+        vllm_fields={
+            "first_k_dense_replace": None,
+            "expert_hidden_dim": None,
+            "route_norm": True,
+            "qk_norm": True,
+        },
+    ),
     "llama4_text": Served("topk_sigmoid", architecture="ZedaLlama4ForCausalLM"),
     "mixtral": Served("softmax"),
     "qwen3_moe": Served("softmax"),
 }
 """The families the plugin serves (base ``model_type`` -> `Served`)."""
+
+
+def check_vllm_fields(config: Any) -> None:
+    """Refuse, in one line, an export without the config fields vLLM's model of its family reads
+    (`Served.vllm_fields`): vLLM would fail deep inside, or build another model than transformers'.
+
+    Args:
+        config: The served model's hf (text) config (``model_type`` ``zeda_<family>``).
+
+    Raises:
+        ValueError: naming every missing or contradicting field.
+    """
+    family = str(config.model_type).removeprefix("zeda_")
+    wanted = FAMILIES[family].vllm_fields if family in FAMILIES else {}
+    wrong = []
+    for name, value in wanted.items():
+        got = getattr(config, name, None)
+        if got is None:
+            wrong.append(f"{name} (missing)")
+        elif value is not None and got != value:
+            wrong.append(f"{name} ({got!r}, transformers' model implies {value!r})")
+    if wrong:
+        raise ValueError(
+            f"zeda_vllm: vLLM's {family} model reads config fields that transformers' config does not have: "
+            f"{', '.join(wrong)}; set them in config.json as the released checkpoint does"
+        )
+
 
 _TRANSFORMERS_BACKEND = (
     "vLLM 0.32 serves it only through its generic transformers backend, which the plugin does not convert"

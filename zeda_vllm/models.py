@@ -52,6 +52,8 @@ from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, Deepse
 from vllm.model_executor.models.exaone_moe import ExaoneMoeForCausalLM
 from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
+from vllm.model_executor.models.granitemoeshared import GraniteMoeSharedForCausalLM
+from vllm.model_executor.models.hy_v3 import HYV3ForCausalLM
 from vllm.model_executor.models.llama4 import Llama4ForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -61,7 +63,7 @@ from zeda_routing import DROPPED, drop_slots, get_kind
 from zeda_routing.serving import LayerRouting, ServedZeda, read_forced_share
 
 from . import check_vllm_version
-from .config import FAMILIES
+from .config import FAMILIES, check_vllm_fields
 from .routing import compact_slots
 
 logger = logging.getLogger(__name__)
@@ -562,6 +564,7 @@ class ZedaServedModel:
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         check_vllm_version(vllm.__version__)
+        check_vllm_fields(vllm_config.model_config.hf_text_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.zeda_tied = tie_lm_head(self, vllm_config.model_config.hf_text_config)
         install_zero_experts(self, vllm_config)
@@ -605,6 +608,16 @@ class ZedaLlama4ForCausalLM(ZedaServedModel, Llama4ForCausalLM):
     """vLLM's Llama 4 text model (top-1 router, sigmoid weight scaling the expert's input, shared
     expert; MoE layers by ``interleave_moe_layer_step``). A token whose only slot is a zero expert
     gets the shared expert's output alone."""
+
+
+class ZedaGraniteMoeSWAForCausalLM(ZedaServedModel, GraniteMoeSharedForCausalLM):
+    """vLLM's Granite MoE with sliding windows (served by its granitemoeshared model; top-k, then
+    softmax over the k)."""
+
+
+class ZedaHYV3ForCausalLM(ZedaServedModel, HYV3ForCausalLM):
+    """vLLM's Hunyuan v3 (sigmoid router with a block-held correction bias, shared expert, dense
+    first layers); its config needs the release's field names (`zeda_vllm.config.check_vllm_fields`)."""
 
 
 class Qwen3MoePlusPlusForCausalLM(ZedaServedModel, Qwen3MoeForCausalLM):

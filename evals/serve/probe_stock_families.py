@@ -71,7 +71,8 @@ PROBES: dict[str, dict] = {
         route_norm=True,
         qk_norm=True,
     ),
-    "granitemoe_swa": dict(SHAPE, intermediate_size=32),
+    # a window shorter than the 48-token sequences, so the sliding layer slides
+    "granitemoe_swa": dict(SHAPE, intermediate_size=32, sliding_window=16),
 }
 """Family -> tiny-model overrides (on top of ``zeda.tiny``'s config of the family)."""
 

