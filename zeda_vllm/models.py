@@ -52,10 +52,13 @@ from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, Deepse
 from vllm.model_executor.models.exaone_moe import ExaoneMoeForCausalLM
 from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
+from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
 from vllm.model_executor.models.granitemoeshared import GraniteMoeSharedForCausalLM
 from vllm.model_executor.models.hy_v3 import HYV3ForCausalLM
 from vllm.model_executor.models.llama4 import Llama4ForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
+from vllm.model_executor.models.olmoe import OlmoeForCausalLM
+from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
@@ -480,6 +483,8 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
             # route with vLLM's own router. At a forced 0% nothing else changes: the block is
             # stock vLLM, so it costs exactly what the original model costs.
             _load_first_rows(old_gate.weight, e, z)
+            if old_gate.bias is not None:  # gpt-oss: the router's own bias
+                _load_first_rows(old_gate.bias, e, z)
             if old_bias is not None:
                 _load_first_rows(old_bias, e, z)
             if forced > 0.0:
@@ -490,6 +495,8 @@ def install_zero_experts(model: nn.Module, vllm_config: VllmConfig) -> int:
             old_gate.input_size,
             e + z,
             bias=old_gate.bias is not None,
+            skip_bias_add=old_gate.skip_bias_add,
+            return_bias=old_gate.return_bias,  # gpt-oss calls its gate for the logits alone
             out_dtype=old_gate.out_dtype,
             params_dtype=old_gate.weight.dtype,
             prefix=old_gate.prefix,
@@ -618,6 +625,19 @@ class ZedaGraniteMoeSWAForCausalLM(ZedaServedModel, GraniteMoeSharedForCausalLM)
 class ZedaHYV3ForCausalLM(ZedaServedModel, HYV3ForCausalLM):
     """vLLM's Hunyuan v3 (sigmoid router with a block-held correction bias, shared expert, dense
     first layers); its config needs the release's field names (`zeda_vllm.config.check_vllm_fields`)."""
+
+
+class ZedaQwen2MoeForCausalLM(ZedaServedModel, Qwen2MoeForCausalLM):
+    """vLLM's Qwen1.5/Qwen2-MoE (softmax router, sigmoid-gated shared expert)."""
+
+
+class ZedaOlmoeForCausalLM(ZedaServedModel, OlmoeForCausalLM):
+    """vLLM's OLMoE (softmax router, not renormalised)."""
+
+
+class ZedaGptOssForCausalLM(ZedaServedModel, GptOssForCausalLM):
+    """vLLM's gpt-oss (biased router: top-k of the logits, then softmax over the k; biased experts,
+    attention sinks, sliding windows)."""
 
 
 class Qwen3MoePlusPlusForCausalLM(ZedaServedModel, Qwen3MoeForCausalLM):

@@ -73,6 +73,11 @@ PROBES: dict[str, dict] = {
     ),
     # a window shorter than the 48-token sequences, so the sliding layer slides
     "granitemoe_swa": dict(SHAPE, intermediate_size=32, sliding_window=16),
+    "qwen2_moe": dict(
+        SHAPE, moe_intermediate_size=32, intermediate_size=64, shared_expert_intermediate_size=48
+    ),
+    "olmoe": dict(SHAPE, intermediate_size=32),
+    "gpt_oss": dict(SHAPE, intermediate_size=32, sliding_window=16),
 }
 """Family -> tiny-model overrides (on top of ``zeda.tiny``'s config of the family)."""
 

@@ -3,7 +3,7 @@
 Once vLLM loads its general plugins (any ``vllm.LLM`` in a process where ``zeda[vllm]`` is
 installed) or SGLang its plugins, the adapters register ``zeda_<family>`` config classes with
 transformers. zeda must still load its own exports in that process, whichever registered first:
-served families (qwen3_moe) and families the adapters refuse (olmoe) alike. Runs in fresh
+served families (qwen3_moe) and families the adapters refuse (flex_olmo) alike. Runs in fresh
 processes (registration is process-global); no engine is imported, only the adapters' configs.
 """
 
@@ -55,7 +55,7 @@ torch.save(logits, out)
 def exports(tmp_path_factory) -> dict[str, tuple[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("registrations")
     out = {}
-    for family in ("qwen3_moe", "olmoe"):
+    for family in ("qwen3_moe", "flex_olmo"):
         model = tiny_model(family)
         zeda.inject_zero_experts(model, seed=0)
         zeda.export(model, root / family)

