@@ -166,6 +166,44 @@ def _refused(
     return msg
 
 
+def _refused_run(world: Path, capfd, *overrides: str, **kwargs) -> str:
+    """`_refused` for ``zeda run recipe.yaml overrides...``."""
+    return _refused(world, capfd, "run", "recipe.yaml", *overrides, **kwargs)
+
+
+#: Resume the world's finished 2-step run for 2 more steps.
+RESUME = ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
+
+
+def _writers(out: str = "") -> dict[str, tuple[str, ...]]:
+    """Each verb that writes a new output, as a command line writing it below ``out``."""
+    return {
+        "distill": ("distill", "recipe.yaml", f"train.output_dir={out}new"),
+        "export": ("export", "--model", "run", "--out", f"{out}exp"),
+        "eval": ("eval", "--model", "run/export", "--teacher", "model", "--out", f"{out}ev"),
+        "inject": ("inject", "--model", "model", "--out", f"{out}inj"),
+        "calibrate": (
+            "calibrate",
+            "--model",
+            "run/export",
+            "--target-share",
+            "0.5",
+            "--data",
+            "data.jsonl",
+            "--out",
+            f"{out}cal",
+        ),
+    }
+
+
+def _python(world: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``python argv`` in another process, in ``world``, with this zeda, offline, on one thread."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *argv], env=env, cwd=world, capture_output=True, text=True, timeout=HANG_SECONDS
+    )
+
+
 # ---- recipes ----------------------------------------------------------------------------------
 
 
@@ -176,7 +214,7 @@ def test_bad_yaml_names_line_and_column(world, capfd):
 
 
 def test_unknown_key_suggests(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "train.batchsize=4", expect="did you mean")
+    _refused_run(world, capfd, "train.batchsize=4", expect="did you mean")
 
 
 def test_unknown_key_in_file_suggests(world, capfd):
@@ -185,38 +223,38 @@ def test_unknown_key_in_file_suggests(world, capfd):
 
 
 def test_bad_value_type(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "train.batch_size=four", expect="batch_size")
+    _refused_run(world, capfd, "train.batch_size=four", expect="batch_size")
 
 
 # ---- models and tokenizers --------------------------------------------------------------------
 
 
 def test_missing_model_dir(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "model.name_or_path=no_such_model", "train.output_dir=new")
+    _refused_run(world, capfd, "model.name_or_path=no_such_model", "train.output_dir=new")
 
 
 def test_missing_config_json(world, capfd):
     (world / "model" / "config.json").unlink()
-    _refused(world, capfd, "run", "recipe.yaml", "train.output_dir=new", expect="config.json")
+    _refused_run(world, capfd, "train.output_dir=new", expect="config.json")
 
 
 def test_corrupt_safetensors_shard(world, capfd):
     shard = world / "model" / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    _refused(world, capfd, "run", "recipe.yaml", "train.output_dir=new", expect="corrupt")
+    _refused_run(world, capfd, "train.output_dir=new", expect="corrupt")
 
 
 def test_unsupported_family(world, capfd):
     cfg = json.loads((world / "model" / "config.json").read_text())
     (world / "model" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    _refused(world, capfd, "run", "recipe.yaml", "train.output_dir=new", expect="supported")
+    _refused_run(world, capfd, "train.output_dir=new", expect="supported")
 
 
 def test_empty_tokenizer(world, capfd):
     for p in (world / "model").iterdir():
         if "token" in p.name or p.name == "chat_template.jinja":
             p.unlink()
-    _refused(world, capfd, "run", "recipe.yaml", "train.output_dir=new", expect="tokenizer")
+    _refused_run(world, capfd, "train.output_dir=new", expect="tokenizer")
 
 
 def test_empty_tokenizer_is_not_saved_by_inject(world, capfd):
@@ -229,91 +267,55 @@ def test_empty_tokenizer_is_not_saved_by_inject(world, capfd):
 def test_tokenizer_vocab_larger_than_model(world, capfd):
     small = tiny_model("qwen3_moe", vocab_size=32)
     atomic_save(small, world / "small", tokenizer=tiny_tokenizer())  # 128-token tokenizer
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "model.name_or_path=small",
-        "train.output_dir=new",
-        expect="embedding",
-    )
+    _refused_run(world, capfd, "model.name_or_path=small", "train.output_dir=new", expect="embedding")
 
 
 # ---- data -------------------------------------------------------------------------------------
 
 
 def test_missing_data_file(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "data.train_file=nope.jsonl", "train.output_dir=new")
+    _refused_run(world, capfd, "data.train_file=nope.jsonl", "train.output_dir=new")
 
 
 def test_non_utf8_data(world, capfd):
     (world / "latin1.jsonl").write_bytes('{"text": "caf\xe9 cr\xe8me"}\n'.encode("latin-1"))
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "data.train_file=latin1.jsonl",
-        "train.output_dir=new",
-        expect="utf",
-    )
+    _refused_run(world, capfd, "data.train_file=latin1.jsonl", "train.output_dir=new", expect="utf")
 
 
 def test_null_text_is_not_trained_on(world, capfd):
     _write_jsonl(world / "nulls.jsonl", [*tiny_corpus(8), None])
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "data.train_file=nulls.jsonl",
-        "train.output_dir=new",
-        expect="null",
-    )
+    _refused_run(world, capfd, "data.train_file=nulls.jsonl", "train.output_dir=new", expect="null")
 
 
 def test_bad_json_line(world, capfd):
     (world / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
-    _refused(world, capfd, "run", "recipe.yaml", "data.train_file=broken.jsonl", "train.output_dir=new")
+    _refused_run(world, capfd, "data.train_file=broken.jsonl", "train.output_dir=new")
 
 
 # ---- output directories and overwrite ---------------------------------------------------------
 
 
 def test_existing_output_without_overwrite_or_resume(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", expect="overwrite")
+    _refused_run(world, capfd, expect="overwrite")
 
 
 def test_output_dir_is_the_model_dir(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "train.output_dir=model", "train.overwrite=true")
+    _refused_run(world, capfd, "train.output_dir=model", "train.overwrite=true")
 
 
 def test_output_dir_contains_the_data(world, capfd):
     (world / "corpus").mkdir()
     shutil.copy(world / "data.jsonl", world / "corpus" / "data.jsonl")
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "data.train_file=corpus/data.jsonl",
-        "train.output_dir=.",
-        "train.overwrite=true",
+    _refused_run(
+        world, capfd, "data.train_file=corpus/data.jsonl", "train.output_dir=.", "train.overwrite=true"
     )
 
 
 def test_output_dir_contains_the_model(world, capfd):
     (world / "parent").mkdir()
     shutil.move(world / "model", world / "parent" / "model")
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "model.name_or_path=parent/model",
-        "train.output_dir=parent",
-        "train.overwrite=true",
+    _refused_run(
+        world, capfd, "model.name_or_path=parent/model", "train.output_dir=parent", "train.overwrite=true"
     )
 
 
@@ -327,22 +329,15 @@ def test_overwrite_refuses_a_directory_that_is_not_a_zeda_run(world, capfd):
 
 
 def test_overwrite_with_bad_data_keeps_the_previous_run(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "train.overwrite=true", "data.train_file=nope.jsonl")
+    _refused_run(world, capfd, "train.overwrite=true", "data.train_file=nope.jsonl")
 
 
 def test_overwrite_with_bad_model_keeps_the_previous_run(world, capfd):
-    _refused(world, capfd, "run", "recipe.yaml", "train.overwrite=true", "model.name_or_path=no_such_model")
+    _refused_run(world, capfd, "train.overwrite=true", "model.name_or_path=no_such_model")
 
 
 def test_export_dir_is_the_model_dir(world, capfd):
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "export.out_dir=model",
-        "train.output_dir=new",
-    )
+    _refused_run(world, capfd, "export.out_dir=model", "train.output_dir=new")
 
 
 # ---- resume -----------------------------------------------------------------------------------
@@ -360,9 +355,7 @@ def test_crafted_optimizer_pickle_is_refused_on_resume(world, capfd):
     marker = world.parent / f"{world.name}.pwned"
     ckpt = world / "run" / "checkpoint"
     _evil_pickle(ckpt / "optim.pt", marker)
-    msg = _refused(
-        world, capfd, "run", "recipe.yaml", "train.resume=true", "stage1.steps=4", after_loading=True
-    )
+    msg = _refused_run(world, capfd, "train.resume=true", "stage1.steps=4", after_loading=True)
     assert not marker.exists(), "a pickle from the run directory was executed"
     # The whole message: what was found, that nothing ran, and the fix (no cut-off, no escapes).
     assert "exec" in msg and msg.endswith("start a new run") and "\x1b" not in msg
@@ -377,22 +370,13 @@ def test_crafted_optimizer_pickle_is_not_run_by_export(world, capfd):
 
 
 def test_resume_refuses_a_changed_recipe(world, capfd):
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "train.resume=true",
-        "lora.r=4",
-        expect="lora.r",
-        after_loading=True,
-    )
+    _refused_run(world, capfd, "train.resume=true", "lora.r=4", expect="lora.r", after_loading=True)
 
 
 def test_resume_without_a_checkpoint(world, capfd):
     (world / "empty_run").mkdir()
     (world / "empty_run" / "notes.txt").write_text("mine\n")
-    _refused(world, capfd, "run", "recipe.yaml", "train.output_dir=empty_run", "train.resume=true")
+    _refused_run(world, capfd, "train.output_dir=empty_run", "train.resume=true")
 
 
 # ---- the other verbs --------------------------------------------------------------------------
@@ -469,22 +453,8 @@ def test_flops_unknown_config(world, capfd):
 def test_console_script_one_line_and_status_2(world):
     """The same contract through a real process: stderr holds the error line and nothing else."""
     before = _tree(world)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zeda.cli",
-            "run",
-            "recipe.yaml",
-            "train.output_dir=model",
-            "train.overwrite=true",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=world,
-        timeout=300,
+    proc = _python(
+        world, "-m", "zeda.cli", "run", "recipe.yaml", "train.output_dir=model", "train.overwrite=true"
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("zeda: error: "), proc.stderr
@@ -504,16 +474,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(world, capfd):
     fd = os.open(world / ".run.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _refused(
-            world,
-            capfd,
-            "distill",
-            "recipe.yaml",
-            "train.resume=true",
-            "stage1.steps=4",
-            expect="another zeda process",
-            after_loading=True,
-        )
+        _refused(world, capfd, *RESUME, expect="another zeda process", after_loading=True)
     finally:
         os.close(fd)
 
@@ -636,11 +597,7 @@ def test_a_hand_edited_run_recipe_is_refused(world, capfd, verb):
     edited = re.sub(r"(lora: \{[^}]*?\balpha: )[^,}]+", r"\g<1>1234", before, count=1)
     assert edited != before
     recipe.write_text(edited)
-    argv = (
-        ("export", "--model", "run", "--out", "exp")
-        if verb == "export"
-        else ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
-    )
+    argv = _writers()["export"] if verb == "export" else RESUME
     _refused(world, capfd, *argv, expect=("recipe.yaml", "edited"))
 
 
@@ -648,11 +605,7 @@ def test_a_hand_edited_run_recipe_is_refused(world, capfd, verb):
 def test_a_changed_base_model_is_refused(world, capfd, verb):
     config = world / "model" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "rope_theta": 12345.0}))
-    argv = (
-        ("export", "--model", "run", "--out", "exp")
-        if verb == "export"
-        else ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
-    )
+    argv = _writers()["export"] if verb == "export" else RESUME
     _refused(world, capfd, *argv, expect=("base model", "config.json"))
 
 
@@ -691,7 +644,7 @@ def test_a_billion_laughs_override_is_refused(world, capfd):
     value = "[&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]"
     value += ", &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], [*d,*d,*d,*d,*d,*d,*d,*d,*d], [*d,*d,*d,*d,*d,*d,*d,*d]]"
     with _memory_cap():
-        _refused(world, capfd, "run", "recipe.yaml", f"eval.tasks={value}", expect="aliases")
+        _refused_run(world, capfd, f"eval.tasks={value}", expect="aliases")
 
 
 @pytest.mark.parametrize("base", ["/dev/zero", "fifo.yaml", "big.yaml"])
@@ -712,13 +665,11 @@ def test_a_recipe_base_that_is_not_a_small_regular_file_is_refused(world, capfd,
     ],
 )
 def test_integer_settings_have_upper_bounds(world, capfd, override):
-    _refused(world, capfd, "run", "recipe.yaml", override, "train.output_dir=new", expect="too large")
+    _refused_run(world, capfd, override, "train.output_dir=new", expect="too large")
 
 
 def test_a_nested_list_of_tasks_is_refused(world, capfd):
-    _refused(
-        world, capfd, "run", "recipe.yaml", "eval.tasks=[[a]]", "train.output_dir=new", expect="eval.tasks"
-    )
+    _refused_run(world, capfd, "eval.tasks=[[a]]", "train.output_dir=new", expect="eval.tasks")
 
 
 # ---- damaged checkpoints (issue 29) -----------------------------------------------------------
@@ -743,16 +694,7 @@ DAMAGES = ["truncated trainable.safetensors", "missing optim.pt", "garbage state
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_checkpoint_is_refused_on_resume(world, capfd, damage):
     _damage(world, damage)
-    _refused(
-        world,
-        capfd,
-        "distill",
-        "recipe.yaml",
-        "train.resume=true",
-        "stage1.steps=4",
-        expect="checkpoint",
-        after_loading=True,
-    )
+    _refused(world, capfd, *RESUME, expect="checkpoint", after_loading=True)
 
 
 @pytest.mark.parametrize(
@@ -782,24 +724,10 @@ class _FileSizeLimit:
         resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
 
 
-CASES_WRITING = {
-    "distill": ("distill", "recipe.yaml", "train.output_dir=new"),
-    "resume": ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4"),
-    "export": ("export", "--model", "run", "--out", "exp"),
-    "eval --overwrite": ("eval", "--model", "run/export", "--teacher", "model", "--out", "ev", "--overwrite"),
-    "inject": ("inject", "--model", "model", "--out", "inj"),
-    "calibrate": (
-        "calibrate",
-        "--model",
-        "run/export",
-        "--target-share",
-        "0.5",
-        "--data",
-        "data.jsonl",
-        "--out",
-        "cal",
-    ),
-}
+#: Every writer into this directory, where ``ev`` holds an older evaluation (`_old_evaluation`),
+#: so eval is told to overwrite it; and a resume, which writes into ``run``.
+CASES_WRITING = {**_writers(), "resume": RESUME}
+CASES_WRITING["eval --overwrite"] = (*CASES_WRITING.pop("eval"), "--overwrite")
 
 
 def _old_evaluation(world: Path) -> None:
@@ -848,23 +776,7 @@ def _read_only(path: Path):
             path.chmod(0o755)
 
 
-CASES_READ_ONLY = {
-    "distill": ("distill", "recipe.yaml", "train.output_dir=ro/new"),
-    "export": ("export", "--model", "run", "--out", "ro/exp"),
-    "eval": ("eval", "--model", "run/export", "--teacher", "model", "--out", "ro/ev"),
-    "inject": ("inject", "--model", "model", "--out", "ro/inj"),
-    "calibrate": (
-        "calibrate",
-        "--model",
-        "run/export",
-        "--target-share",
-        "0.5",
-        "--data",
-        "data.jsonl",
-        "--out",
-        "ro/cal",
-    ),
-}
+CASES_READ_ONLY = _writers("ro/")
 
 
 @pytest.mark.parametrize("case", list(CASES_READ_ONLY))
@@ -924,15 +836,8 @@ def test_weights_with_nan_are_refused_on_load(world, capfd):
         next(p for n, p in model.named_parameters() if "experts" in n).view(-1)[3] = float("nan")
     atomic_save(model, world / "bad", tokenizer=tiny_tokenizer())
     _refused(world, capfd, "inject", "--model", "bad", "--out", "inj", expect="nan", after_loading=True)
-    _refused(
-        world,
-        capfd,
-        "run",
-        "recipe.yaml",
-        "model.name_or_path=bad",
-        "train.output_dir=new",
-        expect="nan",
-        after_loading=True,
+    _refused_run(
+        world, capfd, "model.name_or_path=bad", "train.output_dir=new", expect="nan", after_loading=True
     )
 
 
@@ -1047,16 +952,8 @@ def test_two_distill_processes_into_one_run_directory(world, capfd, monkeypatch)
 
     def save_then_race(*args, **kwargs):
         if not second:  # the first checkpoint: the run directory is being written right now
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            second["proc"] = subprocess.run(
-                [sys.executable, "-m", "zeda.cli", "distill", "recipe.yaml", "train.overwrite=true"]
-                + ["stage1.lr=0.02"],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=world,
-                timeout=HANG_SECONDS,
-            )
+            argv = ("distill", "recipe.yaml", "train.overwrite=true", "stage1.lr=0.02")
+            second["proc"] = _python(world, "-m", "zeda.cli", *argv)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_race)
@@ -1084,7 +981,7 @@ MIDWAY = {
     # what fails, the command; each writes a file larger than 40 KiB (checkpoint, export weights)
     "a new run's first checkpoint": ("distill", "recipe.yaml", "train.output_dir=new"),
     "an overwrite's first checkpoint": ("distill", "recipe.yaml", "train.overwrite=true"),
-    "a resume's checkpoint": ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4"),
+    "a resume's checkpoint": RESUME,
     "an export": ("export", "--model", "run", "--out", "run/export", "--overwrite"),
 }
 
@@ -1110,7 +1007,6 @@ def test_a_disk_that_fills_midway_leaves_nothing_and_the_advice_works(world, cap
 def test_kill_9_during_export_leaves_no_temporary_for_long(world, capfd):
     """Issue 29 item 8, with a real kill: an export killed once the whole model copy is written
     (its temporary's marker still held) leaves ``.exp.tmp-*``; the next export removes it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed_at_rename = (
         "import os, signal, zeda.io\n"
         "from zeda.cli import main\n"
@@ -1122,14 +1018,7 @@ def test_kill_9_during_export_leaves_no_temporary_for_long(world, capfd):
         "zeda.io.FileLock = Killed\n"
         "main(['export', '--model', 'run', '--out', 'exp'])\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", killed_at_rename],
-        env=env,
-        cwd=world,
-        capture_output=True,
-        text=True,
-        timeout=HANG_SECONDS,
-    )
+    proc = _python(world, "-c", killed_at_rename)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     (stale,) = world.glob(".exp.tmp-*")
     assert (stale / "model.safetensors").is_file() and not (world / "exp").exists()
@@ -1172,11 +1061,7 @@ def test_a_changed_tokenizer_or_weights_file_of_the_base_model_is_refused(world,
         path.write_text(path.read_text().replace('"<unk>"', '"<UNK>"', 1))
     else:
         _flip_a_byte(path)  # same size, other weights
-    argv = (
-        ("export", "--model", "run", "--out", "exp")
-        if verb == "export"
-        else ("distill", "recipe.yaml", "train.resume=true", "stage1.steps=4")
-    )
+    argv = _writers()["export"] if verb == "export" else RESUME
     _refused(world, capfd, *argv, expect=("base model", what))
 
 
@@ -1203,7 +1088,6 @@ def test_kill_9_during_a_checkpoint_keeps_the_run_and_the_same_command_finishes(
     """A real kill in the middle of a checkpoint (its weights written, its optimiser state not):
     the run's checkpoint and recipe are as they were, and the same command run again finishes
     and leaves no ``.run.new`` or ``.checkpoint.tmp``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed_midway = (
         "import os, signal, sys\n"
         "import zeda.distillation.checkpoint as ckpt\n"
@@ -1219,14 +1103,7 @@ def test_kill_9_during_a_checkpoint_keeps_the_run_and_the_same_command_finishes(
     kept = {k: v for k, v in _tree(run).items() if k.startswith("checkpoint") or k == "recipe.yaml"}
     if argv[0] == "train.overwrite=true":
         kept = _tree(run)  # the old run stays whole until the new one holds a proven checkpoint
-    proc = subprocess.run(
-        [sys.executable, "-c", killed_midway, *argv],
-        env=env,
-        cwd=world,
-        capture_output=True,
-        text=True,
-        timeout=HANG_SECONDS,
-    )
+    proc = _python(world, "-c", killed_midway, *argv)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert list(world.glob(".run.new/.checkpoint.tmp")) or (run / ".checkpoint.tmp").is_dir()
     assert {k: v for k, v in _tree(run).items() if k in kept} == kept
