@@ -8,14 +8,12 @@ import os
 import pytest
 import torch
 
-from zeda.tiny import tiny_corpus
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import zeda  # noqa: E402,F401  (registers families and backends)
-from zeda.tiny import TINY  # noqa: E402
+from zeda.tiny import TINY, tiny_corpus  # noqa: E402
 
 FAMILIES = sorted(TINY)
 # Families whose experts module is transformers' ``@use_experts_implementation`` one, i.e. the
