@@ -95,6 +95,21 @@ def reference(model: torch.nn.Module, prompts: torch.Tensor) -> tuple[list, list
     return cont.tolist(), scored.tolist()
 
 
+def import_error(path: Path) -> str:
+    """The last line of what importing the vLLM model module of the checkpoint at ``path`` raises."""
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    code = (
+        "import importlib\n"
+        "from vllm.model_executor.models.registry import _VLLM_MODELS\n"
+        f"importlib.import_module('vllm.model_executor.models.' + _VLLM_MODELS[{arch!r}][0])\n"
+    )
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-c", code], cwd=path, capture_output=True, text=True, timeout=600
+    )
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    return lines[-1] if proc.returncode and lines else "imports fine"
+
+
 def probe(family: str, root: Path, extra: dict | None = None) -> dict:
     """Serve a tiny original of ``family`` on stock vLLM and compare it with transformers."""
     from zeda.tiny import tiny_model
@@ -137,7 +152,10 @@ def probe(family: str, root: Path, extra: dict | None = None) -> dict:
         lines = [
             ln.strip() for ln in got["error"].splitlines() if ln.strip() and "errors.pydantic.dev" not in ln
         ]
-        return {"family": family, "error": lines[-1], "error_text": got["error"]}
+        result = {"family": family, "error": lines[-1], "error_text": got["error"]}
+        if "failed to be inspected" in got["error"]:  # vLLM hides why: import the model's module
+            result["error"] += f" (importing its vLLM module: {import_error(path)})"
+        return result
     identical = sum(a == b for a, b in zip(got["tokens"], tokens, strict=True)) / N_PROMPTS
     dlp = max(
         abs(a - b)
