@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import zeda  # noqa: E402,F401  (registers families and backends)
+from zeda.config import RunConfig, apply_overrides  # noqa: E402
 from zeda.tiny import TINY, tiny_corpus  # noqa: E402
 
 FAMILIES = sorted(TINY)
@@ -67,3 +69,24 @@ def corpus(tmp_path_factory):
         for t in tiny_corpus(96):
             f.write(json.dumps({"text": t}) + "\n")
     return d / "train.jsonl"
+
+
+def run_config(corpus: Path, out: Path, *overrides: str) -> RunConfig:
+    """A tiny distillation recipe: trains and validates on ``corpus`` in 32-token rows, batches of
+    4, writes to ``out``; ``overrides`` on top."""
+    return apply_overrides(
+        RunConfig(),
+        [
+            f"data.train_file={corpus}",
+            f"data.eval_file={corpus}",
+            "data.seq_len=32",
+            "train.batch_size=4",
+            f"train.output_dir={out}",
+            *overrides,
+        ],
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").open()]

@@ -8,54 +8,39 @@ student's routers a second time.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import token_batch
+from conftest import metrics, run_config, token_batch
 
 import zeda
-from zeda.config import RunConfig, apply_overrides
+from zeda.config import RunConfig
 from zeda.distillation.balance import RouterCapture
 from zeda.distillation.loop import distill
 from zeda.distillation.student import build_student
-from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
+from zeda.tiny import tiny_model, tiny_tokenizer
 from zeda.zero.checkpointing import enable_activation_checkpointing, is_recomputing
 from zeda.zero.routing import zero_routers
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(96)))
-    return path
-
-
 def _run(corpus, out, family, *extra):
-    cfg = apply_overrides(
-        RunConfig(),
-        [
-            f"data.train_file={corpus}",
-            f"data.eval_file={corpus}",
-            "data.seq_len=32",
-            "train.batch_size=4",
-            "train.grad_accum=2",
-            f"train.output_dir={out}",
-            "train.log_every=1",
-            "train.save_every=0",
-            "train.lr_schedule=constant",
-            "train.warmup_ratio=0.0",
-            "stage1.lr=0.01",
-            "stage1.steps=4",
-            "balance.alpha=1.0",
-            "balance.target_zero_share=0.6",
-            *extra,
-        ],
+    cfg = run_config(
+        corpus,
+        out,
+        "train.grad_accum=2",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.lr_schedule=constant",
+        "train.warmup_ratio=0.0",
+        "stage1.lr=0.01",
+        "stage1.steps=4",
+        "balance.alpha=1.0",
+        "balance.target_zero_share=0.6",
+        *extra,
     )
     model = tiny_model(family)
     zeda.inject_zero_experts(model)
     student, _ = distill(model, cfg, tiny_tokenizer())
-    return student, [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    return student, metrics(out)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import token_batch
+from conftest import metrics, run_config, token_batch
 
 import zeda
 from zeda.config import RunConfig, apply_overrides
@@ -19,31 +19,21 @@ from zeda.zero.routing import zero_routers
 
 
 def cfg_for(corpus, out, *extra):
-    return apply_overrides(
-        RunConfig(),
-        [
-            f"data.train_file={corpus}",
-            f"data.eval_file={corpus}",
-            "data.seq_len=32",
-            "train.batch_size=4",
-            f"train.output_dir={out}",
-            "train.log_every=2",
-            "train.save_every=2",
-            "train.lr_schedule=constant",
-            "train.warmup_ratio=0.0",
-            "stage1.lr=0.01",
-            "stage1.steps=6",
-            # Validation (best checkpoint, verdict) is tested in test_validation.py; off here, where
-            # it would cost most of each tiny run's time.
-            "train.eval_every=0",
-            "train.verdict=false",
-            *extra,
-        ],
+    return run_config(
+        corpus,
+        out,
+        "train.log_every=2",
+        "train.save_every=2",
+        "train.lr_schedule=constant",
+        "train.warmup_ratio=0.0",
+        "stage1.lr=0.01",
+        "stage1.steps=6",
+        # Validation (best checkpoint, verdict) is tested in test_validation.py; off here, where
+        # it would cost most of each tiny run's time.
+        "train.eval_every=0",
+        "train.verdict=false",
+        *extra,
     )
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
 
 
 # One family per router kind (and MiniMax-M2's block-held correction bias).
@@ -70,7 +60,7 @@ def test_balance_loss_raises_zero_share_and_teacher_stays_exact(family, corpus, 
     assert after.zero_share > before.zero_share + 0.05
     with torch.no_grad(), zeda.teacher_mode(student):
         assert torch.equal(student(ids).logits, ref)
-    rows = _rows(tmp_path / "run")
+    rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(2, 21, 2))
     assert all(k in rows[0] for k in ("loss", "kd", "balance", "zero_share", "tokens_per_s"))
     assert result.stage1_steps == 20 and result.target_zero_share == pytest.approx(0.75)
@@ -159,23 +149,29 @@ def test_zero_share_logged_is_the_routers_real_selection(corpus, tmp_path):
     finally:
         for h in handles:
             h.remove()
-    (row,) = _rows(tmp_path / "run")
+    (row,) = metrics(tmp_path / "run")
     assert row["zero_share"] == pytest.approx(counts[0] / counts[1], abs=1e-9)
 
 
-def _train_inputs(model):
-    """Record the token ids of every student training forward (grad enabled)."""
+def _train_inputs(cfg) -> list[torch.Tensor]:
+    """Distil a tiny qwen3_moe with ``cfg``; the token ids of every student training forward
+    (grad enabled), in order."""
+    student = build_student(tiny_model("qwen3_moe"), cfg)
     seen: list[torch.Tensor] = []
 
     def hook(module, args):
         if torch.is_grad_enabled():
             seen.append(args[0].clone())
 
-    return seen, model.get_input_embeddings().register_forward_pre_hook(hook)
+    handle = student.get_input_embeddings().register_forward_pre_hook(hook)
+    try:
+        distill(student, cfg, tiny_tokenizer())
+    finally:
+        handle.remove()
+    return seen
 
 
 def test_rollout_stage1_gives_every_micro_step_different_rows(corpus, tmp_path):
-    tok = tiny_tokenizer()
     cfg = cfg_for(
         corpus,
         tmp_path / "run",
@@ -187,19 +183,13 @@ def test_rollout_stage1_gives_every_micro_step_different_rows(corpus, tmp_path):
         "train.batch_size=2",
         "data.max_prompts=16",
     )
-    student = build_student(tiny_model("qwen3_moe"), cfg)
-    seen, handle = _train_inputs(student)
-    try:
-        distill(student, cfg, tok)
-    finally:
-        handle.remove()
+    seen = _train_inputs(cfg)
     assert len(seen) == 4  # 2 steps x 2 micro-steps
     rows = [tuple(map(tuple, x.tolist())) for x in seen]
     assert len(set(rows)) == 4, "two micro-steps trained on the same rows"
 
 
 def test_stage2_draws_num_prompts_per_step_per_optimisation_step(corpus, tmp_path):
-    tok = tiny_tokenizer()
     cfg = cfg_for(
         corpus,
         tmp_path / "run",
@@ -211,12 +201,7 @@ def test_stage2_draws_num_prompts_per_step_per_optimisation_step(corpus, tmp_pat
         "train.grad_accum=2",
         "data.max_prompts=16",
     )
-    student = build_student(tiny_model("qwen3_moe"), cfg)
-    seen, handle = _train_inputs(student)
-    try:
-        distill(student, cfg, tok)
-    finally:
-        handle.remove()
+    seen = _train_inputs(cfg)
     assert [x.shape[0] for x in seen] == [2, 2, 2, 2]  # 4 prompts per step, 2 per micro-step
 
 
@@ -238,7 +223,7 @@ def test_stage2_and_rollout_modes_run_and_cache_only_when_asked(corpus, tmp_path
     _, result = distill(tiny_model("glm4_moe"), cfg, tok)
     assert result.stage1_steps == 2 and result.stage2_steps == 2
     assert not list((tmp_path / "run").glob("rollouts-*.jsonl"))  # rollout_cache: None = no cache
-    stages = [r["stage"] for r in _rows(tmp_path / "run")]
+    stages = [r["stage"] for r in metrics(tmp_path / "run")]
     assert "stage1" in stages and "stage2" in stages
     cfg2 = apply_overrides(cfg, ["train.overwrite=true", f"data.rollout_cache={tmp_path / 'cache'}"])
     distill(tiny_model("glm4_moe"), cfg2, tok)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import token_batch
+from conftest import metrics, run_config, token_batch
 
 import zeda
 from zeda.config import RunConfig, apply_overrides
@@ -73,9 +73,7 @@ def _max_over_mean(student, ids):
     return max(tel.load_ratio.values())
 
 
-def test_the_term_trains_and_keeps_the_busiest_expert_nearer_the_original(tmp_path):
-    corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(96)))
+def test_the_term_trains_and_keeps_the_busiest_expert_nearer_the_original(corpus, tmp_path):
     ids = token_batch(8, 32, seed=7)
     original = tiny_model("qwen3_moe")
     original.set_experts_implementation("eager")
@@ -101,26 +99,20 @@ def test_the_term_trains_and_keeps_the_busiest_expert_nearer_the_original(tmp_pa
         for h in handles:
             h.remove()
         before = _max_over_mean(student, ids)
-        cfg = apply_overrides(
-            RunConfig(),
-            [
-                f"data.train_file={corpus}",
-                f"data.eval_file={corpus}",
-                "data.seq_len=32",
-                "train.batch_size=4",
-                f"train.output_dir={tmp_path / f'run{real_alpha}'}",
-                "train.eval_every=0",
-                "train.verdict=false",
-                "train.warmup_ratio=0.0",
-                "train.lr_schedule=constant",
-                "stage1.lr=0.02",
-                "stage1.steps=12",
-                "lora.enabled=false",  # only the routers train: the loads are theirs alone
-                f"balance.real_alpha={real_alpha}",
-            ],
+        cfg = run_config(
+            corpus,
+            tmp_path / f"run{real_alpha}",
+            "train.eval_every=0",
+            "train.verdict=false",
+            "train.warmup_ratio=0.0",
+            "train.lr_schedule=constant",
+            "stage1.lr=0.02",
+            "stage1.steps=12",
+            "lora.enabled=false",  # only the routers train: the loads are theirs alone
+            f"balance.real_alpha={real_alpha}",
         )
         student, _ = distill(student, cfg, tiny_tokenizer())
-        rows = [json.loads(line) for line in (tmp_path / f"run{real_alpha}" / "metrics.jsonl").open()]
+        rows = metrics(tmp_path / f"run{real_alpha}")
         with torch.no_grad(), zeda.teacher_mode(student):
             assert torch.equal(student(ids).logits, ref)  # the teacher stays the original
         return before, _max_over_mean(student, ids), rows

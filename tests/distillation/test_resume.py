@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import metrics
 from safetensors.torch import load_file
 from test_distill import cfg_for
 
@@ -24,21 +25,21 @@ def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
-
-
-def _kill_after_saves(monkeypatch, n: int) -> None:
+def _killed(monkeypatch, model, cfg, tok, saves: int) -> None:
+    """``distill(model, cfg, tok)`` as a process that dies right after its ``saves``-th checkpoint."""
     real = trainer_mod.save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kwargs):
         real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == n:
+        if calls["n"] == saves:
             raise KeyboardInterrupt  # the process "dies" right after this checkpoint
 
     monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, cfg, tok)
+    monkeypatch.undo()
 
 
 def test_killed_run_resumes_from_checkpoint_old_without_repeating_metrics(corpus, tmp_path, monkeypatch):
@@ -47,10 +48,7 @@ def test_killed_run_resumes_from_checkpoint_old_without_repeating_metrics(corpus
     run = tmp_path / "killed"
     atomic_save(tiny_model("olmoe"), tmp_path / "model", tokenizer=tok)
     cfg = cfg_for(corpus, run, "train.log_every=1", f"model.name_or_path={tmp_path / 'model'}")
-    _kill_after_saves(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny_model("olmoe"), cfg, tok)
-    monkeypatch.undo()
+    _killed(monkeypatch, tiny_model("olmoe"), cfg, tok, saves=2)
     # The recipe was written at the start: the killed run can be exported.
     student, _, stored, _ = load_run(run)
     assert stored.stage1.steps == 6 and zeda.is_injected(student)
@@ -67,7 +65,7 @@ def test_killed_run_resumes_from_checkpoint_old_without_repeating_metrics(corpus
     assert a.keys() == b.keys()
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
-    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert json.loads((run / "checkpoint" / "state.json").read_text()) == {"stage": "stage1", "step": 6}
     assert not (run / ".checkpoint.old").exists()
 
@@ -92,7 +90,7 @@ def test_nan_loss_stops_keeps_a_finite_checkpoint_and_resume_with_lower_lr_finis
     # The step-4 checkpoint's next step was not finite: the step-2 one (whose next step was) is kept.
     assert json.loads((run / "checkpoint" / "state.json").read_text()) == {"stage": "stage1", "step": 2}
     assert not (run / ".checkpoint.old").exists()
-    assert [r["step"] for r in _rows(run)] == [2]
+    assert [r["step"] for r in metrics(run)] == [2]
     assert all(
         torch.isfinite(t).all() for t in load_file(run / "checkpoint" / "trainable.safetensors").values()
     )
@@ -100,7 +98,7 @@ def test_nan_loss_stops_keeps_a_finite_checkpoint_and_resume_with_lower_lr_finis
     cfg = cfg_for(corpus, run, "train.resume=true", "stage1.lr=0.005")
     _, result = distill(tiny_model("qwen3_moe"), cfg, tok)
     assert result.stage1_steps == 6
-    rows = _rows(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert rows[-1]["lr"] == pytest.approx(0.005)
     assert not (run / ".checkpoint.old").exists()
@@ -133,10 +131,7 @@ def test_non_finite_gradients_are_never_applied_or_checkpointed(corpus, tmp_path
 def test_resume_refuses_a_changed_recipe_naming_each_difference(corpus, tmp_path, monkeypatch):
     tok = tiny_tokenizer()
     run = tmp_path / "run"
-    _kill_after_saves(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny_model("olmoe"), cfg_for(corpus, run), tok)
-    monkeypatch.undo()
+    _killed(monkeypatch, tiny_model("olmoe"), cfg_for(corpus, run), tok, saves=1)
     recipe = (run / "recipe.yaml").read_text()
     with pytest.raises(zeda.ZedaError) as err:
         distill(
@@ -155,10 +150,7 @@ def test_resume_refuses_a_changed_recipe_naming_each_difference(corpus, tmp_path
 def test_crafted_optimizer_pickle_is_refused_with_one_line(corpus, tmp_path, monkeypatch):
     tok = tiny_tokenizer()
     run = tmp_path / "run"
-    _kill_after_saves(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny_model("olmoe"), cfg_for(corpus, run), tok)
-    monkeypatch.undo()
+    _killed(monkeypatch, tiny_model("olmoe"), cfg_for(corpus, run), tok, saves=1)
     marker = tmp_path / "pwned"
 
     class Payload:

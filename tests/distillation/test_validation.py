@@ -7,11 +7,10 @@ import logging
 
 import pytest
 import torch
-from conftest import token_batch
+from conftest import metrics, run_config, token_batch
 from safetensors.torch import load_file
 
 import zeda
-from zeda.config import RunConfig, apply_overrides
 from zeda.distillation.checkpoint import find_checkpoint, read_state
 from zeda.distillation.loop import distill
 from zeda.distillation.student import load_run
@@ -34,33 +33,23 @@ def original(corpus):
 
 
 def cfg_for(corpus, out, *extra):
-    return apply_overrides(
-        RunConfig(),
-        [
-            f"model.name_or_path={corpus.parent / 'model'}",
-            f"data.train_file={corpus}",
-            f"data.eval_file={corpus}",
-            "data.seq_len=32",
-            "train.batch_size=4",
-            f"train.output_dir={out}",
-            "train.log_every=2",
-            "train.save_every=2",
-            "train.lr_schedule=constant",
-            "train.warmup_ratio=0.0",
-            "train.eval_every=2",
-            "train.eval_tokens=1024",
-            f"train.best_tolerance={TOL}",
-            "stage1.lr=0.01",
-            "stage1.steps=6",
-            "balance.alpha=1.0",
-            f"balance.target_zero_share={TARGET}",
-            *extra,
-        ],
+    return run_config(
+        corpus,
+        out,
+        f"model.name_or_path={corpus.parent / 'model'}",
+        "train.log_every=2",
+        "train.save_every=2",
+        "train.lr_schedule=constant",
+        "train.warmup_ratio=0.0",
+        "train.eval_every=2",
+        "train.eval_tokens=1024",
+        f"train.best_tolerance={TOL}",
+        "stage1.lr=0.01",
+        "stage1.steps=6",
+        "balance.alpha=1.0",
+        f"balance.target_zero_share={TARGET}",
+        *extra,
     )
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
 
 
 def _trained(student):
@@ -77,7 +66,7 @@ def straight(corpus, tmp_path_factory):
 
 def test_best_checkpoint_is_the_lowest_kl_in_band_and_the_student_ends_on_it(straight):
     run, student, result, trained = straight
-    rows = _rows(run)
+    rows = metrics(run)
     val = [r for r in rows if "val_mean_kl" in r]
     assert [r["step"] for r in val] == [2, 4, 6]  # every eval_every steps, one row per logged step
     assert all(
@@ -135,7 +124,7 @@ def test_resume_continues_the_training_state_and_the_validation_record(straight,
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), name
     assert read_state(run / "checkpoint") == read_state(ref_run / "checkpoint")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
-    assert strip(_rows(run)) == strip(_rows(ref_run))
+    assert strip(metrics(run)) == strip(metrics(ref_run))
     assert result.best == ref_result.best and result.verdict == ref_result.verdict
     assert all(torch.equal(p, ref_trained[n]) for n, p in student.named_parameters() if p.requires_grad)
 
@@ -159,7 +148,7 @@ def test_early_stop_when_kl_stops_improving_and_a_warning_names_the_rule(corpus,
     assert result.stage1_steps == 3  # best at 1, no improvement at 2 and 3
     assert result.stop_reason.startswith("early stop at stage1 step 3: validation KL did not improve")
     assert read_state(tmp_path / "run" / "checkpoint")["stopped"] == result.stop_reason
-    assert [r["step"] for r in _rows(tmp_path / "run") if "val_mean_kl" in r] == [1, 2, 3]
+    assert [r["step"] for r in metrics(tmp_path / "run") if "val_mean_kl" in r] == [1, 2, 3]
     with torch.no_grad(), zeda.teacher_mode(student):
         assert torch.equal(student(ids).logits, ref)
     # An untrained student loses to the rules: the run ends with a warning naming one.
@@ -191,4 +180,4 @@ def test_eval_every_zero_and_verdict_off_train_as_before(corpus, tmp_path):
     _, result = distill(original(corpus), cfg, tiny_tokenizer())
     assert not (tmp_path / "run" / "best").exists()
     assert result.verdict is None and result.best is None and result.rules_at_target == []
-    assert not any("val_mean_kl" in r for r in _rows(tmp_path / "run"))
+    assert not any("val_mean_kl" in r for r in metrics(tmp_path / "run"))
