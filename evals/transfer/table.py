@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evals.transfer.distill import VARIANTS as VARIANT_OVERRIDES
+from zeda.evaluation.verdict import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,6 +85,15 @@ def _loads(scores: dict) -> str:
     return f"{max(z.values()):.1f} ({max(o.values()):.1f}) at most over layers"
 
 
+def reverdict(verdict: dict) -> dict:
+    """The verdict recomputed from its stored figures with today's `compare` (which rules count
+    as matched to zeda's share may have changed since the run); ``{}`` stays ``{}``."""
+    if not verdict:
+        return {}
+    zeda = {**verdict["zeda"], "zero_share": verdict["zero_share"]}
+    return compare(zeda, verdict["rules"], verdict["split"], tokens=verdict.get("tokens", 0)).to_dict()
+
+
 def _variant(record: dict) -> str:
     """The variant, plus every override that is not the variant's own (a run off the default)."""
     own = set(VARIANT_OVERRIDES.get(record["variant"], ()))
@@ -109,7 +119,7 @@ def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str],
             pending.append(str(run))
             continue
         scores = json.loads(scores_path.read_text())
-        test, val = scores["verdict"], record.get("verdict") or {}
+        test, val = reverdict(scores["verdict"]), reverdict(record.get("verdict") or {})
         role, router = _role(record["name"])
         steps = record["steps"]["stage1"] + record["steps"].get("stage2", 0)
         val_cell = (

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from zeda.evaluation.verdict import compare
+from zeda.evaluation.verdict import SHARE_TOLERANCE, compare
 
 
 def rule(label, ppl, agr, kl, share=0.5):
@@ -56,3 +56,20 @@ def test_the_best_rule_is_named_when_it_wins_and_ratio_is_nan_when_it_loses_noth
 def test_no_rules_is_an_error():
     with pytest.raises(ValueError):
         compare(ZEDA, [], "validation")
+
+
+def test_a_rule_that_cannot_reach_zedas_share_is_not_compared():
+    # Keep-top-m on a top-2 router reaches 0%, 50% or 100% only: at 25% its nearest calibration
+    # is the original model (share 0), which is no comparison at 25%.
+    at25 = {**ZEDA, "zero_share": 0.246, "ppl_ratio": 0.997}
+    rules = [rule("keep_top_m m=2", 1.0, 1.0, 0.0, share=0.0), rule("top_p", 1.02, 0.93, 0.02, share=0.247)]
+    v = compare(at25, rules, "test")
+    assert v.unmatched == {"keep_top_m m=2": 0.0} and v.rule == "top_p" and v.beats
+    assert len(v.rules) == 2 and "not compared" in v.summary() and "keep_top_m m=2 at 0.0%" in v.summary()
+    # Within the tolerance a rule is compared, on whichever side of zeda's share it sits.
+    near = [rule("keep_top_m m=1", 1.0, 1.0, 0.0, share=0.246 + SHARE_TOLERANCE - 1e-6)]
+    assert not compare(at25, near, "test").beats
+    # No rule within reach: the nearest ones are compared rather than none.
+    far = [rule("a", 1.0, 1.0, 0.0, share=0.0), rule("b", 1.1, 0.9, 0.1, share=0.6)]
+    v = compare(at25, far, "test")
+    assert v.rule == "a" and v.unmatched == {"b": 0.6} and not v.beats

@@ -10,6 +10,11 @@ figures, so the distillation's validation verdict, the evaluation and the evals 
 - ``increase_ratio``: zeda's perplexity increase divided by the best rule's
   (``(ppl_ratio - 1) / (rule ppl_ratio - 1)``; below 1 is better, NaN when the rule loses nothing);
 - ``beats``: zeda is at least as good as *every* rule on all three figures.
+
+Only rules whose measured share is within `SHARE_TOLERANCE` of zeda's are compared: a rule
+that cannot reach that share (keep-top-m reaches only multiples of 1/k: 0, 50% or 100% of
+Mixtral's two slots) is no comparison at it; such rules are listed in ``unmatched``. When no
+rule reaches it, the rules nearest to zeda's share are compared.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["METRICS", "Verdict", "compare"]
+__all__ = ["METRICS", "SHARE_TOLERANCE", "Verdict", "compare"]
 
 #: The three figures of the comparison and whether higher is better.
 METRICS: dict[str, bool] = {"ppl_ratio": False, "top1_agreement": True, "mean_kl": False}
+#: How far (absolute share of routed slots) a rule's measured share may sit from zeda's and still
+#: count as matched: continuous rules calibrate to within ~0.5 points, and a model's own measured
+#: share sits up to ~2 points from its target.
+SHARE_TOLERANCE = 0.025
 
 
 def _not_worse(zeda: dict, rule: dict, key: str) -> bool:
@@ -44,7 +53,9 @@ class Verdict:
         beats: zeda is at least as good as every rule on all three figures.
         beaten_by: ``rule label -> figures on which it beats zeda`` for every rule that does.
         tokens: Tokens scored.
-        rules: Every rule's row (label, kind, value, shares and figures).
+        rules: Every rule's row (label, kind, value, shares and figures), compared or not.
+        unmatched: ``rule label -> its measured share`` for the rules left out of the comparison
+            because their share is more than `SHARE_TOLERANCE` from zeda's.
     """
 
     split: str
@@ -58,6 +69,7 @@ class Verdict:
     beaten_by: dict[str, list[str]] = field(default_factory=dict)
     tokens: int = 0
     rules: list[dict[str, Any]] = field(default_factory=list)
+    unmatched: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-serialisable; NaN as None)."""
@@ -96,17 +108,28 @@ class Verdict:
                 f"{self.zero_share:.1%} skipped (perplexity increase {ratio} the best rule's); "
                 f"better than zeda: {which}"
             )
+        if self.unmatched:
+            left = ", ".join(f"{k} at {v:.1%}" for k, v in self.unmatched.items())
+            figures += f"\n  not compared (cannot reach {self.zero_share:.1%} skipped): {left}"
         return f"{head}\n  {figures}"
 
 
-def compare(zeda: dict[str, float], rules: list[dict[str, Any]], split: str, tokens: int = 0) -> Verdict:
-    """The `Verdict` of ``zeda`` against ``rules`` (all measured at zeda's share on the same text).
+def compare(
+    zeda: dict[str, float],
+    rules: list[dict[str, Any]],
+    split: str,
+    tokens: int = 0,
+    share_tolerance: float = SHARE_TOLERANCE,
+) -> Verdict:
+    """The `Verdict` of ``zeda`` against ``rules`` (each calibrated to zeda's share on the same text).
 
     Args:
         zeda: ``zero_share``, ``ppl_ratio``, ``top1_agreement``, ``mean_kl``.
-        rules: One dict per rule with ``rule`` (its label), ``zero_share`` and the three figures.
+        rules: One dict per rule with ``rule`` (its label), ``zero_share`` (measured) and the
+            three figures.
         split: Which text (``"validation"``, ``"test"``).
         tokens: Tokens scored.
+        share_tolerance: Largest ``|rule share - zeda share|`` of a compared rule.
 
     Returns:
         The verdict.
@@ -116,6 +139,13 @@ def compare(zeda: dict[str, float], rules: list[dict[str, Any]], split: str, tok
     """
     if not rules:
         raise ValueError("compare needs at least one rule")
+    gap = {id(r): abs(float(r["zero_share"]) - float(zeda["zero_share"])) for r in rules}
+    matched = [r for r in rules if gap[id(r)] <= share_tolerance]
+    if not matched:
+        nearest = min(gap.values())
+        matched = [r for r in rules if gap[id(r)] == nearest]
+    unmatched = {str(r["rule"]): float(r["zero_share"]) for r in rules if not any(r is m for m in matched)}
+    all_rules, rules = rules, matched
     best = min(rules, key=lambda r: r["ppl_ratio"])
     rule_increase = best["ppl_ratio"] - 1.0
     ratio = (zeda["ppl_ratio"] - 1.0) / rule_increase if rule_increase > 0 else math.nan
@@ -135,7 +165,8 @@ def compare(zeda: dict[str, float], rules: list[dict[str, Any]], split: str, tok
         beats=not beaten_by,
         beaten_by=beaten_by,
         tokens=int(tokens),
-        rules=[dict(r) for r in rules],
+        rules=[dict(r) for r in all_rules],
+        unmatched=unmatched,
     )
 
 
