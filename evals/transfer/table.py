@@ -51,7 +51,9 @@ every training-free rule calibrated on validation text to the export's measured 
 from `evals/zoo/members.py`: settings may be chosen on *tuning* members only. CPU-min: all threads
 of every invocation of the distillation (2-core Xeon shared with other jobs; the run at 1 thread).
 The increase ratio is zeda's perplexity increase over the best rule's; below 0 means zeda's
-perplexity fell below the original's on that text.
+perplexity fell below the original's on that text. A rule whose measured share is more than 2.5
+points from the export's is not compared (`zeda.evaluation.verdict.SHARE_TOLERANCE`: keep-top-m on
+a top-2 router reaches 0, 50 or 100% only); every verdict is recomputed from its stored figures.
 
 """
     + NOTES
@@ -94,6 +96,13 @@ def reverdict(verdict: dict) -> dict:
     return compare(zeda, verdict["rules"], verdict["split"], tokens=verdict.get("tokens", 0)).to_dict()
 
 
+def _beats(verdict: dict) -> str:
+    if verdict.get("beats"):
+        return "yes"
+    by = "; ".join(f"{rule} on {', '.join(figs)}" for rule, figs in verdict.get("beaten_by", {}).items())
+    return f"no: {by}"
+
+
 def _variant(record: dict) -> str:
     """The variant, plus every override that is not the variant's own (a run off the default)."""
     own = set(VARIANT_OVERRIDES.get(record["variant"], ()))
@@ -132,7 +141,7 @@ def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str],
             f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {_variant(record)} | "
             f"{steps} ({record.get('stop_reason') or 'done'}) | {record['cpu_seconds'] / 60:.0f} | {val_cell} | "
             f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {test['rule']}: {_figs(test['rule_figures'])} | "
-            f"{_ratio(test.get('increase_ratio'), test['zeda']['ppl_ratio'])} | {'yes' if test.get('beats') else 'no'} | {_loads(scores)} |"
+            f"{_ratio(test.get('increase_ratio'), test['zeda']['ppl_ratio'])} | {_beats(test)} | {_loads(scores)} |"
         )
         commands.append(f"{record['command']}\n{scores['command']}")
     return out, commands, pending

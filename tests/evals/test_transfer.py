@@ -85,7 +85,7 @@ def test_table_lists_the_scored_run_with_its_commands(finished):
     # The variant, then every setting the run took off the default (here the test's short schedule).
     assert "outside the zoo" in row and "| 50% | lora + `stage1.steps=3` + `data.seq_len=32`" in row
     assert f"{scores['verdict']['zeda']['ppl_ratio']:.4f}" in row
-    assert ("| yes |" in row) == bool(scores["verdict"]["beats"])
+    assert ("| yes |" in row) == bool(scores["verdict"]["beats"]) != ("| no: " in row)
     assert record["command"] in text and scores["command"] in text
 
 
