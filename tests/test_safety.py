@@ -1008,14 +1008,14 @@ def test_kill_9_during_export_leaves_no_temporary_for_long(world, capfd):
     """Issue 29 item 8, with a real kill: an export killed once the whole model copy is written
     (its temporary's marker still held) leaves ``.exp.tmp-*``; the next export removes it."""
     killed_at_rename = (
-        "import os, signal, zeda.io\n"
+        "import os, signal, zeda.atomic\n"
         "from zeda.cli import main\n"
-        "class Killed(zeda.io.FileLock):\n"
+        "class Killed(zeda.atomic.FileLock):\n"
         "    def release(self):\n"
-        "        if self.path.name == zeda.io._TMP_MARKER and self.held:\n"
+        "        if self.path.name == zeda.atomic._TMP_MARKER and self.held:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)  # the copy is complete, not yet renamed\n"
         "        super().release()\n"
-        "zeda.io.FileLock = Killed\n"
+        "zeda.atomic.FileLock = Killed\n"
         "main(['export', '--model', 'run', '--out', 'exp'])\n"
     )
     proc = _python(world, "-c", killed_at_rename)

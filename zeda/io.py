@@ -2,10 +2,8 @@
 
 - `load`: an original, an injected (``zeda_<family>``) or a ZEDA-reference checkpoint.
 - `load_tokenizer`: a tokenizer checked against the model it will feed.
-- `atomic_write` / `atomic_save`: write into a temporary sibling, then rename into place; the
-  only place in zeda that replaces a directory. A write that fails (full disk, ``ulimit -f``)
-  leaves the previous output as it was and nothing else; a temporary sibling left by a killed
-  process is removed by the next write to the same place.
+- `atomic_save`: ``save_pretrained`` through `zeda.atomic.atomic_write` (a temporary sibling
+  renamed into place; a failed or killed write leaves the previous output and nothing else).
 - `check_source`, `check_finite`, `weights_bytes`: checks made before the work.
 - `export`: merge a student's adapters, write a standard checkpoint with a model card, reload it
   and check that its logits equal the student's before it is moved into place. Loading the
@@ -24,9 +22,7 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +30,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from zeda.atomic import atomic_write
 from zeda.card import model_card, zeda_version
-from zeda.errors import ZedaError, write_failure, write_fix
+from zeda.errors import ZedaError
 from zeda.families import get_spec, supported_model_types
-from zeda.fs import FileLock, check_space, check_writable, is_locked
+from zeda.fs import check_space, check_writable
 from zeda.zero import reference_format
 from zeda.zero.modeling import check_loading_info, zeda_classes
 from zeda.zero.structure import current_zero_logit_bias, is_injected
@@ -306,109 +303,6 @@ def load_tokenizer(path: str | os.PathLike, model: nn.Module | None = None) -> A
         target = AutoConfig.from_pretrained(str(path))
     check_tokenizer(tokenizer, target, str(path))
     return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic directory writes
-# ----------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _apply_umask(root: Path) -> None:
-    """Give ``root`` and everything in it the modes a plain mkdir/open would (mkdtemp uses 0700)."""
-    mask = _umask()
-    root.chmod(0o777 & ~mask)
-    for p in root.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-#: Inside a temporary sibling while its writer lives: an flock on it marks the directory as zeda's
-#: and as in use; a sibling whose marker nobody holds was left by a killed process.
-_TMP_MARKER = ".zeda-tmp"
-
-
-def _clear_stale_temporaries(out: Path) -> None:
-    """Remove ``.<name>.tmp-*`` siblings of ``out`` that a killed zeda process left behind.
-
-    Only zeda's own: a directory whose `_TMP_MARKER` no live process holds a lock on.
-    """
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        marker = tmp / _TMP_MARKER
-        if tmp.is_dir() and not tmp.is_symlink() and marker.is_file() and not is_locked(marker):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def atomic_write(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Call ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it into place.
-
-    A crash or an exception in ``write`` never leaves a half-written ``out_dir``; an existing
-    ``out_dir`` (or a symlink there, which is replaced, not followed) is replaced only once the
-    new one is complete (and only with ``overwrite``). The result gets the user's umask.
-
-    Raises:
-        ZedaError: if ``out_dir`` exists and ``overwrite`` is False, or the write fails for want
-            of space or permission (the previous ``out_dir`` is kept, nothing is left behind).
-    """
-    out = Path(out_dir)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ZedaError(
-            f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
-        )
-    created = []
-    p = out.parent
-    while not p.exists() and p != p.parent:
-        created.append(p)
-        p = p.parent
-    tmp = None
-    lock = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _clear_stale_temporaries(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        lock = FileLock(tmp / _TMP_MARKER)
-        lock.acquire()
-        write(tmp)
-        _apply_umask(tmp)  # under the marker: a kill here still leaves a temporary marked as stale
-        lock.release()  # removes the marker: nothing of it reaches the output
-        if out.exists() or out.is_symlink():
-            backup = out.with_name(f".{out.name}.old")
-            _remove(backup)
-            out.rename(backup)
-            tmp.rename(out)
-            _remove(backup)
-        else:
-            tmp.rename(out)
-    except BaseException as exc:
-        reason = write_failure(exc)
-        if reason is None or isinstance(exc, ZedaError):
-            raise
-        raise ZedaError(
-            f"cannot write {out}: {reason}; nothing was written"
-            + (" and the previous one is kept" if out.exists() else "")
-            + f"; {write_fix(reason)}"
-        ) from None
-    finally:
-        if lock is not None:
-            lock.release()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not out.exists():
-            for d in created:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-    return out
 
 
 def atomic_save(

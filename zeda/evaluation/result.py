@@ -408,7 +408,7 @@ class EvalResult:
             ZedaError: if ``out_dir`` exists and ``overwrite`` is False, or the files cannot be
                 written (full disk, ``ulimit -f``): the previous evaluation is then kept as it was.
         """
-        from zeda.io import atomic_write
+        from zeda.atomic import atomic_write
 
         if (Path(out_dir).exists() or Path(out_dir).is_symlink()) and not overwrite:
             raise ZedaError(
