@@ -96,6 +96,12 @@ def reverdict(verdict: dict) -> dict:
     return compare(zeda, verdict["rules"], verdict["split"], tokens=verdict.get("tokens", 0)).to_dict()
 
 
+def _rule(verdict: dict) -> str:
+    """The best rule's label and measured share; flagged when no rule reached zeda's share."""
+    far = " (no rule reaches zeda's share)" if verdict["rule"] in verdict.get("unmatched", {}) else ""
+    return f"{verdict['rule']} at {verdict['rule_figures']['zero_share']:.1%}{far}"
+
+
 def _beats(verdict: dict) -> str:
     if verdict.get("beats"):
         return "yes"
@@ -140,7 +146,7 @@ def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str],
         out.append(
             f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {_variant(record)} | "
             f"{steps} ({record.get('stop_reason') or 'done'}) | {record['cpu_seconds'] / 60:.0f} | {val_cell} | "
-            f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {test['rule']}: {_figs(test['rule_figures'])} | "
+            f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {_rule(test)}: {_figs(test['rule_figures'])} | "
             f"{_ratio(test.get('increase_ratio'), test['zeda']['ppl_ratio'])} | {_beats(test)} | {_loads(scores)} |"
         )
         commands.append(f"{record['command']}\n{scores['command']}")

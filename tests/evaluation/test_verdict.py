@@ -72,4 +72,5 @@ def test_a_rule_that_cannot_reach_zedas_share_is_not_compared():
     # No rule within reach: the nearest ones are compared rather than none.
     far = [rule("a", 1.0, 1.0, 0.0, share=0.0), rule("b", 1.1, 0.9, 0.1, share=0.6)]
     v = compare(at25, far, "test")
-    assert v.rule == "a" and v.unmatched == {"b": 0.6} and not v.beats
+    assert v.rule == "a" and v.unmatched == {"a": 0.0, "b": 0.6} and not v.beats
+    assert "no rule reaches 24.6% skipped: compared with the nearest, at 0.0%" in v.summary()

@@ -54,8 +54,9 @@ class Verdict:
         beaten_by: ``rule label -> figures on which it beats zeda`` for every rule that does.
         tokens: Tokens scored.
         rules: Every rule's row (label, kind, value, shares and figures), compared or not.
-        unmatched: ``rule label -> its measured share`` for the rules left out of the comparison
-            because their share is more than `SHARE_TOLERANCE` from zeda's.
+        unmatched: ``rule label -> its measured share`` for every rule whose share is more than
+            `SHARE_TOLERANCE` from zeda's: left out of the comparison, unless no rule is within
+            it (then the nearest are compared and ``rule`` is among these).
     """
 
     split: str
@@ -108,7 +109,12 @@ class Verdict:
                 f"{self.zero_share:.1%} skipped (perplexity increase {ratio} the best rule's); "
                 f"better than zeda: {which}"
             )
-        if self.unmatched:
+        if self.rule in self.unmatched:
+            figures += (
+                f"\n  no rule reaches {self.zero_share:.1%} skipped: compared with the nearest, "
+                f"at {self.rule_figures['zero_share']:.1%}"
+            )
+        elif self.unmatched:
             left = ", ".join(f"{k} at {v:.1%}" for k, v in self.unmatched.items())
             figures += f"\n  not compared (cannot reach {self.zero_share:.1%} skipped): {left}"
         return f"{head}\n  {figures}"
@@ -140,11 +146,11 @@ def compare(
     if not rules:
         raise ValueError("compare needs at least one rule")
     gap = {id(r): abs(float(r["zero_share"]) - float(zeda["zero_share"])) for r in rules}
+    unmatched = {str(r["rule"]): float(r["zero_share"]) for r in rules if gap[id(r)] > share_tolerance}
     matched = [r for r in rules if gap[id(r)] <= share_tolerance]
     if not matched:
         nearest = min(gap.values())
         matched = [r for r in rules if gap[id(r)] == nearest]
-    unmatched = {str(r["rule"]): float(r["zero_share"]) for r in rules if not any(r is m for m in matched)}
     all_rules, rules = rules, matched
     best = min(rules, key=lambda r: r["ppl_ratio"])
     rule_increase = best["ppl_ratio"] - 1.0
