@@ -74,3 +74,9 @@ def test_a_rule_that_cannot_reach_zedas_share_is_not_compared():
     v = compare(at25, far, "test")
     assert v.rule == "a" and v.unmatched == {"a": 0.0, "b": 0.6} and not v.beats
     assert "no rule reaches 24.6% skipped: compared with the nearest, at 0.0%" in v.summary()
+
+
+def test_an_unmeasured_share_compares_every_rule():
+    unknown = {**ZEDA, "zero_share": math.nan}
+    v = compare(unknown, [rule("a", 1.04, 0.90, 0.05, share=0.1), rule("b", 1.05, 0.95, 0.02)], "test")
+    assert v.unmatched == {} and v.rule == "a" and v.beats

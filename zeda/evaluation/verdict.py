@@ -145,7 +145,8 @@ def compare(
     """
     if not rules:
         raise ValueError("compare needs at least one rule")
-    gap = {id(r): abs(float(r["zero_share"]) - float(zeda["zero_share"])) for r in rules}
+    # A share that was not measured (NaN) cannot rule a rule out: it is compared.
+    gap = {id(r): _gap(r["zero_share"], zeda["zero_share"]) for r in rules}
     unmatched = {str(r["rule"]): float(r["zero_share"]) for r in rules if gap[id(r)] > share_tolerance}
     matched = [r for r in rules if gap[id(r)] <= share_tolerance]
     if not matched:
@@ -174,6 +175,11 @@ def compare(
         rules=[dict(r) for r in all_rules],
         unmatched=unmatched,
     )
+
+
+def _gap(a: Any, b: Any) -> float:
+    d = abs(float(a) - float(b))
+    return d if math.isfinite(d) else 0.0
 
 
 def _finite(x: Any) -> Any:
