@@ -48,8 +48,15 @@ one run of `evals/transfer/distill.py` (the minimal recipe: model, data, target 
 variant; every other key from `zeda/defaults/`), whose checkpoint was chosen on validation text,
 then one scoring of its export on the member's test split by `evals/transfer/score.py` against
 every training-free rule calibrated on validation text to the export's measured share. Roles come
-from `evals/zoo/members.py`: settings may be chosen on *tuning* members only. CPU-min: all threads
-of every invocation of the distillation (2-core Xeon shared with other jobs; the run at 1 thread).
+from `evals/zoo/members.py`: settings may be chosen on *tuning* members only.
+
+**How settings were chosen.** No setting in this table was chosen on these models: every row runs
+the router kind's default unchanged (`zeda/defaults/`, the settings that won on the issue's outside
+glm4_moe; not yet re-chosen on the tuning members' validation text). Each run's checkpoint was
+chosen on its member's validation split (validation KL at the target share), the training-free
+rules were calibrated on validation text, and the test split was scored once per run, for this
+table, after training had ended. CPU-min: all threads of every invocation of the distillation
+(a 2-core machine shared with other jobs; the run at 1 thread).
 The increase ratio is zeda's perplexity increase over the best rule's; below 0 means zeda's
 perplexity fell below the original's on that text. A rule whose measured share is more than 2.5
 points from the export's is not compared (`zeda.evaluation.verdict.SHARE_TOLERANCE`: keep-top-m on
