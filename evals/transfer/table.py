@@ -24,12 +24,6 @@ from zeda.evaluation.verdict import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Where the runs read their inputs from, when not from the repository itself.
-NOTES = (
-    "The `mixtral` runs read `/work/runs/mixtral_member`, a byte-identical copy of `evals/zoo/mixtral` "
-    "(`diff -r` equal) taken before the member was on main; `--member mixtral` runs the same.\n\n"
-)
-
 HEADER = (
     "| model | role | router | target | variant | steps (stop) | CPU-min | validation: zeda vs best rule "
     "(ppl ratio) | test: skipped | test: zeda ppl ratio / agr. / KL | test: best rule, ppl ratio / agr. / KL "
@@ -64,7 +58,6 @@ points from the export's is not compared (`zeda.evaluation.verdict.SHARE_TOLERAN
 a top-2 router reaches 0, 50 or 100% only); every verdict is recomputed from its stored figures.
 
 """
-    + NOTES
 )
 
 
@@ -171,6 +164,12 @@ def main(argv: list[str] | None = None) -> str:
     )
     ap.add_argument("--member", action="append", default=[], help="only this run name (repeatable)")
     ap.add_argument("--title", default=None, help="the first line (default: the default's table title)")
+    ap.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a paragraph after the preamble, e.g. which weights the runs read (repeatable)",
+    )
     ap.add_argument("--out", help="write the markdown here (default: print it)")
     args = ap.parse_args(argv)
     table, commands, pending = [], [], []
@@ -178,7 +177,8 @@ def main(argv: list[str] | None = None) -> str:
         t, c, p = rows(Path(runs), args.member)
         table, commands, pending = table + t, commands + c, pending + p
     preamble = PREAMBLE if args.title is None else PREAMBLE.replace(TITLE, args.title, 1)
-    text = preamble + "\n".join([HEADER, *table]) + "\n"
+    notes = "".join(f"{n.strip()}\n\n" for n in args.note)
+    text = preamble + notes + "\n".join([HEADER, *table]) + "\n"
     if commands:
         text += "\nCommands (distillation, then the one test scoring), row by row:\n\n```bash\n"
         text += "\n\n".join(commands) + "\n```\n"

@@ -74,9 +74,12 @@ def _hardware(r: dict) -> str:
     if r.get("device", "cpu") == "cpu":
         cpu = r.get("train_cpu_seconds")
         extra = f", {cpu / 60:.1f} CPU-min" if cpu else ""
-        return (
-            f"{r['train_wall_seconds'] / 60:.1f} min on {r['threads']} CPU thread(s) (shared machine{extra})"
-        )
+        segs = r.get("segments") or []
+        threads = f"{r['threads']} CPU thread(s)"
+        if segs and segs[0]["from_step"] > 0:
+            # Runs trained before the trainer logged segments know only their later threads.
+            threads += f" from step {segs[0]['from_step']:,}, earlier ones as the schedule note says"
+        return f"{r['train_wall_seconds'] / 60:.1f} min on {threads} (shared machine{extra})"
     return f"{r['train_wall_seconds'] / 60:.1f} min on one {r['device']}"
 
 

@@ -102,9 +102,10 @@ def test_table_joins_run_folders_filters_members_and_names_off_default_settings(
     (other / "transfer.json").write_text(json.dumps(record))
     (other / "test_scores.json").write_text((run / "test_scores.json").read_text())
     argv = ["--runs", str(root / "runs"), "--runs", str(tmp_path / "other"), "--title", "# Balance"]
-    text = transfer_table.main(argv)
+    text = transfer_table.main([*argv, "--note", "Both rows read the 2,000-step weights."])
     rows = [line for line in text.splitlines() if line.startswith("| `tiny`")]
     assert text.startswith("# Balance\n") and len(rows) == 2
+    assert "\nBoth rows read the 2,000-step weights.\n\n| model |" in text
     assert "`train.best_tolerance=0.5` |" in rows[0]
     assert "`train.best_tolerance=0.5` + `balance.real_alpha=1.0` |" in rows[1]
     assert not [
