@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,25 @@ FAMILIES = sorted(TINY)
 # direct contract of the experts backends. Llama 4's experts scale their inputs and run behind its
 # family adapter (tested through the module in tests/zero/test_experts.py).
 DECORATED_FAMILIES = [f for f in FAMILIES if zeda.get_spec(f).experts_attrs is None]
+
+
+# The environment of a test's child processes (torchrun / accelerate launch): CPU, one thread each,
+# offline, and this checkout's zeda on the path.
+LAUNCH_ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "true",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONPATH": str(Path(__file__).parents[1]),
+}
+
+
+def free_port() -> str:
+    """A free local TCP port for a launcher's rendezvous (port 0 can hang a launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)

@@ -7,23 +7,16 @@ launcher); two CPU processes need ``torchrun`` with ``ACCELERATE_USE_CPU=true``.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import LAUNCH_ENV, free_port
 
 from zeda.config import RunConfig, apply_overrides, save_recipe
 from zeda.io import atomic_save
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _torchrun() -> list[str]:
@@ -34,18 +27,8 @@ def _torchrun() -> list[str]:
         "--nproc_per_node",
         "2",
         "--master_port",
-        _free_port(),
+        free_port(),
     ]
-
-
-ENV = {
-    **os.environ,
-    "ACCELERATE_USE_CPU": "true",
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "PYTHONPATH": str(Path(__file__).parents[2]),
-}
 
 
 def test_two_process_cpu_distill(tmp_path):
@@ -70,7 +53,7 @@ def test_two_process_cpu_distill(tmp_path):
     )
     save_recipe(cfg, tmp_path / "recipe.yaml")
     cmd = [*_torchrun(), "-m", "zeda.cli", "distill", str(tmp_path / "recipe.yaml")]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [2, 4]  # logged once (main process), not per rank
@@ -90,7 +73,7 @@ def _launch(tmp_path, overrides, nan_rank=-1):
         json.dumps(overrides),
         str(nan_rank),
     ]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    return subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
 def _corpus(tmp_path):
@@ -192,7 +175,7 @@ def test_ddp_checkpoint_resumes_on_the_one_process_trajectory(tmp_path):
     for name, cfg in (("half", recipe("two", 2, 2)), ("resume", recipe("two", 2, 4, "train.resume=true"))):
         save_recipe(cfg, tmp_path / f"{name}.yaml")
         cmd = [*_torchrun(), "-m", "zeda.cli", "distill", str(tmp_path / f"{name}.yaml")]
-        res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        res = subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     zeda.distill(load(tmp_path / "model"), recipe("one", 4, 4), load_tokenizer(tmp_path / "model"))
     losses = [

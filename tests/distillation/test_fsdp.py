@@ -18,9 +18,7 @@ itself in that case (`zeda.distillation.sharding`). These tests check, on a tiny
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from conftest import LAUNCH_ENV, free_port
 
 import zeda
 from zeda.config import RunConfig, apply_overrides, save_recipe
@@ -37,20 +36,6 @@ from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 STEPS = 4
-ENV = {
-    **os.environ,
-    "ACCELERATE_USE_CPU": "true",
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "PYTHONPATH": str(Path(__file__).parents[2]),
-}
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _fsdp_launch(ram_efficient: bool = False) -> list[str]:
@@ -58,7 +43,7 @@ def _fsdp_launch(ram_efficient: bool = False) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_transformer_layer_cls_to_wrap", "Qwen3MoeDecoderLayer",
         "--fsdp_cpu_ram_efficient_loading", "true" if ram_efficient else "false",
@@ -120,7 +105,7 @@ def sharded_half(world):
     save_recipe(_recipe(root, "two", 2, STEPS // 2), root / "two.yaml")
     res = subprocess.run(
         [*_fsdp_launch(), str(WORKER), str(root), str(root / "two.yaml")],
-        env=ENV, capture_output=True, text=True, timeout=600, cwd=root,
+        env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=root,
     )  # fmt: skip
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -166,7 +151,7 @@ def test_sharded_checkpoint_resumes_and_exports_consolidated(world, sharded_half
     cfg = _recipe(root, "two", 2, STEPS, "train.resume=true", f"train.output_dir={run}")
     save_recipe(cfg, tmp_path / "resume.yaml")
     cmd = [*_fsdp_launch(), "-m", "zeda.cli", "distill", str(tmp_path / "resume.yaml")]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
 
     # Resumed on the uninterrupted trajectory: the step after the resume depends on the restored
@@ -188,7 +173,7 @@ def test_checkpointed_sharded_run_follows_the_one_process_trajectory(world, tmp_
     cfg = _recipe(root, "ckpt", 2, STEPS // 2, "train.gradient_checkpointing=true")
     save_recipe(cfg, tmp_path / "ckpt.yaml")
     cmd = [*_fsdp_launch(), "-m", "zeda.cli", "distill", str(tmp_path / "ckpt.yaml")]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     run = root / "ckpt"
     assert _losses(run) == pytest.approx(world["losses"][: STEPS // 2], rel=1e-4, abs=1e-6)
@@ -208,7 +193,7 @@ def test_sharded_rollouts_and_on_policy_stage(world, tmp_path):
     )  # fmt: skip
     save_recipe(cfg, tmp_path / "rollout.yaml")
     cmd = [*_fsdp_launch(), "-m", "zeda.cli", "distill", str(tmp_path / "rollout.yaml")]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run(cmd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [(r["stage"], r["step"]) for r in rows] == [("stage1", 1), ("stage1", 2), ("stage2", 1)]
@@ -231,7 +216,7 @@ def test_ram_efficient_sharded_start_is_solved_once_and_broadcast(world, tmp_pat
     out.mkdir()
     res = subprocess.run(
         [*_fsdp_launch(ram_efficient=True), str(WORKER), str(out), str(tmp_path / "two.yaml")],
-        env={**ENV, "ZEDA_TEST_PLACEHOLDER_WEIGHTS": "1"}, capture_output=True, text=True, timeout=600,
+        env={**LAUNCH_ENV, "ZEDA_TEST_PLACEHOLDER_WEIGHTS": "1"}, capture_output=True, text=True, timeout=600,
         cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
