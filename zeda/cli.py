@@ -146,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     is_run = (src / "recipe.yaml").is_file()
     if is_run:  # every input of the run is an input of its export: never an output
         from zeda.distillation.checkpoint import check_checkpoint, find_checkpoint
-        from zeda.distillation.run_dir import recorded_inputs, run_config
+        from zeda.distillation.inputs import recorded_inputs, run_config
 
         ckpt = find_checkpoint(src)
         if ckpt is not None:  # a damaged one is refused before the model is loaded

@@ -30,8 +30,9 @@ from accelerate.utils import parse_flag_from_env
 from zeda.config import RunConfig, load_recipe
 from zeda.data import read_jsonl
 from zeda.distillation.data import validate_data
+from zeda.distillation.inputs import check_resume_inputs, run_inputs
 from zeda.distillation.loop import DistillResult, distill
-from zeda.distillation.run_dir import RunDir, check_resume_inputs, prepare_run_dir, run_inputs
+from zeda.distillation.run_dir import RunDir, prepare_run_dir
 from zeda.distillation.sharding import cpu_fsdp2_plugin, is_sharded
 from zeda.distillation.student import inject_for_run, load_run
 from zeda.errors import ZedaError

@@ -39,6 +39,7 @@ from zeda.distillation.checkpoint import (
     read_record,
     trim_metrics,
 )
+from zeda.distillation.inputs import check_resume_inputs, run_inputs
 from zeda.distillation.losses import (
     distill_loss,
     policy_gradient_reverse_kl,
@@ -47,7 +48,7 @@ from zeda.distillation.losses import (
     token_nll,
 )
 from zeda.distillation.rollouts import Batch, generate, pad_sequences, teacher_rollouts, text_batch
-from zeda.distillation.run_dir import RunDir, check_resume_inputs, prepare_run_dir, run_inputs
+from zeda.distillation.run_dir import RunDir, prepare_run_dir
 from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, DistillResult, Stage, Trainer

@@ -181,7 +181,7 @@ def build_student(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if _is_run_dir(path):
-            from zeda.distillation.run_dir import run_config
+            from zeda.distillation.inputs import run_config
 
             cfg = cfg or run_config(path)
             from zeda.io import load
@@ -243,7 +243,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[PeftModel, Any, RunConfig, dic
         raise ZedaError(f"{run_dir} is not a zeda run directory (no recipe.yaml)")
     if not _is_run_dir(run_dir):
         raise ZedaError(f"{run_dir} holds no checkpoint to export; it stopped before its first checkpoint")
-    from zeda.distillation.run_dir import run_config
+    from zeda.distillation.inputs import run_config
 
     cfg = run_config(run_dir)  # input paths as recorded (absolute), base model and recipe unchanged
     student = build_student(run_dir, cfg)
