@@ -47,11 +47,12 @@ from zeda.distillation.losses import (
     token_logprobs,
     token_nll,
 )
+from zeda.distillation.result import DistillResult
 from zeda.distillation.rollouts import Batch, generate, pad_sequences, teacher_rollouts, text_batch
 from zeda.distillation.run_dir import RunDir, prepare_run_dir
 from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
-from zeda.distillation.trainer import STOP_FILE, DistillResult, Stage, Trainer
+from zeda.distillation.trainer import STOP_FILE, Stage, Trainer
 from zeda.errors import ZedaError
 from zeda.fs import check_space
 from zeda.zero.checkpointing import disable_activation_checkpointing

@@ -1,6 +1,8 @@
 """The optimisation machinery shared by both stages: the teacher → student → capture step,
 the update with its non-finite guard, checkpoints and metrics, and the validation hooks (best
-checkpoint, early stopping, the final verdict; `zeda.distillation.validation`)."""
+checkpoint, early stopping, the final verdict; `zeda.distillation.validation`). A stage's optimiser
+is built by `zeda.distillation.optimizer`; the run's outcome is a
+`zeda.distillation.result.DistillResult` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,27 +19,24 @@ from accelerate import Accelerator
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from zeda.config import RunConfig
 from zeda.distillation.balance import BalanceTracker, RouterCapture, real_balance_loss
 from zeda.distillation.checkpoint import (
     BEST,
     best_checkpoint,
-    find_checkpoint,
     gather_train_state,
     gather_trained,
-    load_optim_state,
     prove_checkpoint,
     read_state,
-    restore_optimizer,
     restore_trained,
     rollback_checkpoint,
     save_checkpoint,
 )
+from zeda.distillation.optimizer import stage_optimizer
+from zeda.distillation.result import DistillResult
 from zeda.distillation.rollouts import Batch, forward_logits
 from zeda.distillation.run_dir import RunDir
-from zeda.distillation.sharding import prepare_optimizer
 from zeda.errors import ZedaError
 from zeda.zero.inject import teacher_mode
 from zeda.zero.routing import zero_routers
@@ -49,72 +48,6 @@ __all__ = ["STOP_FILE", "DistillResult", "Stage", "Trainer"]
 #: Written into the run directory when a run stops on a non-finite update; a resume may then
 #: lower the learning rates.
 STOP_FILE = "stopped.json"
-
-
-@dataclass
-class DistillResult:
-    """Outcome of `distill`.
-
-    Attributes:
-        output_dir: Run directory (recipe.yaml, metrics.jsonl, checkpoint/).
-        stage1_steps: Optimisation steps done in stage 1.
-        stage2_steps: Optimisation steps done in stage 2.
-        final_zero_share: Share of the selected slots that went to zero experts over the last
-            logged window (the router's real selections, all ranks).
-        target_zero_share: Equilibrium share the balance loss aims at.
-        tokens_seen: Student tokens processed (this process).
-        wall_seconds: Training time of this call.
-        last: The last logged metrics row.
-        stop_reason: ``"completed"``, or why a stage stopped early (validation patience).
-        best: The evaluation the student was restored to at the end (``stage``, ``step`` and its
-            ``validation`` figures), or None (no evaluation reached the target share band).
-        rules_at_target: Every training-free rule calibrated to the target share on the
-            validation slice at the start (the figures to beat).
-        verdict: `zeda.evaluation.verdict.Verdict` (as a dict) of the final student against every
-            rule calibrated to its measured validation share, or None (``train.verdict=false``
-            or no validation text).
-    """
-
-    output_dir: str
-    stage1_steps: int = 0
-    stage2_steps: int = 0
-    final_zero_share: float = float("nan")
-    target_zero_share: float = float("nan")
-    tokens_seen: int = 0
-    wall_seconds: float = 0.0
-    last: dict = field(default_factory=dict)
-    stop_reason: str = "completed"
-    best: dict | None = None
-    rules_at_target: list[dict] = field(default_factory=list)
-    verdict: dict | None = None
-
-    def summary(self) -> str:
-        """A few lines: steps, time, share, why training stopped and the verdict."""
-        lines = [
-            f"distilled: stage 1 {self.stage1_steps} steps, stage 2 {self.stage2_steps} steps, "
-            f"{self.wall_seconds:.0f} s; zero share {self.final_zero_share:.3f} "
-            f"(target {self.target_zero_share:.3f}); {self.stop_reason}"
-        ]
-        if self.best:
-            v = self.best["validation"]
-            lines.append(
-                f"kept the best validation checkpoint ({self.best['stage']} step {self.best['step']}): "
-                f"KL {v['mean_kl']:.4f} at {v['zero_share']:.1%} skipped"
-            )
-        if self.verdict:
-            from zeda.evaluation.verdict import Verdict
-
-            lines.append(Verdict(**_nan(self.verdict)).summary())
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """Plain-dict form (JSON-serialisable)."""
-        return asdict(self)
-
-    def _repr_markdown_(self) -> str:
-        skip = ("last", "rules_at_target", "verdict", "best")
-        rows = "\n".join(f"| {k} | {v} |" for k, v in self.to_dict().items() if k not in skip)
-        return f"| field | value |\n|---|---|\n{rows}"
 
 
 # A micro-batch source: (step, micro) -> this rank's batch; a distillation term:
@@ -208,52 +141,16 @@ class Trainer:
         return loss, parts
 
     def _optimizer(self, stage: Stage, resume: dict | None) -> tuple[Any, Any, int]:
-        cfg = self.cfg.train
-        scales = self._lr_scales()
-        # With lora.router_rows=zero the real rows get zero gradients; AdamW would still decay
-        # them, so the routers' group has no weight decay then.
-        frozen_rows = self.cfg.lora.router_rows == "zero"
-        groups = [
-            {
-                "params": ps,
-                "lr": stage.lr * scale,
-                **({"weight_decay": 0.0} if router and frozen_rows else {}),
-            }
-            for (scale, router), ps in scales.items()
-            if ps
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=cfg.weight_decay)
-        warmup = int(cfg.warmup_ratio * stage.steps)
-        if cfg.lr_schedule == "cosine":
-            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, stage.steps)
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        start = 0
-        if resume:
-            state = load_optim_state(find_checkpoint(self.run_dir.path))
-            restore_optimizer(self.model, optimizer, state["optimizer"])  # any layout: 1 process, DDP, FSDP2
-            scheduler.load_state_dict(state["scheduler"])
-            # The recipe's lr wins over the stored one, so "lower the lr and resume" works.
-            peaks = [stage.lr * scale for (scale, _), ps in scales.items() if ps]
-            scheduler.base_lrs = peaks
-            for group, fn, peak in zip(optimizer.param_groups, scheduler.lr_lambdas, peaks, strict=True):
-                group["initial_lr"] = peak
-                group["lr"] = peak * fn(scheduler.last_epoch)
-            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-            start = int(resume["step"])
-        return prepare_optimizer(self.accelerator, optimizer), scheduler, start
-
-    def _lr_scales(self) -> dict[tuple[float, bool], list[nn.Parameter]]:
-        """Trainable parameters grouped by (learning-rate multiple, is a router parameter):
-        routers get ``lora.router_lr_scale``, everything else 1. Routers share the others' group
-        when their scale is 1 and all their rows train (``lora.router_rows=all``)."""
-        scale = float(self.cfg.lora.router_lr_scale)
-        own = scale != 1.0 or self.cfg.lora.router_rows == "zero"
-        router_ids = {id(p) for r in zero_routers(self.model) for p in r.parameters()}
-        groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (scale, own): []}
-        for p in self.params:
-            groups[(scale, own) if id(p) in router_ids else (1.0, False)].append(p)
-        return groups
+        return stage_optimizer(
+            self.model,
+            self.params,
+            self.cfg,
+            stage.lr,
+            stage.steps,
+            self.accelerator,
+            self.run_dir.path,
+            resume,
+        )
 
     def _finite_everywhere(self, loss_ok: bool) -> tuple[bool, bool]:
         """(loss finite, gradients finite) on every rank; all ranks agree, so none waits on another."""
@@ -532,8 +429,3 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
         return True
     local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     return bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())
-
-
-def _nan(d: dict) -> dict:
-    """``None`` back to NaN in a verdict dict read from JSON."""
-    return {k: float("nan") if v is None and k == "increase_ratio" else v for k, v in d.items()}
