@@ -1,7 +1,8 @@
 """Evaluation: what a converted model keeps and what it saves.
 
 - `zeda.evaluation.run_eval`: `evaluate` (``zeda.evaluate``), the orchestration.
-- `zeda.evaluation.result`: `EvalResult` / `CurvePoint`, saving and the console summary table.
+- `zeda.evaluation.result`: `EvalResult` / `CurvePoint` and saving.
+- `zeda.evaluation.report`: what an `EvalResult` reports: its tables and the console summary table.
 - `zeda.evaluation.render`: Markdown/HTML/text tables and figures.
 - `zeda.evaluation.lm_eval`: lm-eval tasks through an `HFLM` subclass.
 - `zeda.evaluation.heldout`: held-out perplexity, agreement and KL, chunked over tokens.

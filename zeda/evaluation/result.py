@@ -3,7 +3,8 @@
 An `EvalResult` renders as tables in notebooks (``_repr_markdown_`` / ``_repr_html_``), as a
 short console table (`EvalResult.summary_table`), plots inline (`EvalResult.plot`) and saves
 ``results.json``, ``report.md``, ``zero_share_per_layer.png`` and ``frontier.png``
-(`EvalResult.save`). The tables and figures themselves are drawn by `zeda.evaluation.render`.
+(`EvalResult.save`). What the tables hold is `zeda.evaluation.report`'s; the tables and figures
+themselves are drawn by `zeda.evaluation.render`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zeda.errors import ZedaError
-from zeda.evaluation import render
+from zeda.evaluation import render, report
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class EvalResult:
         return _finite(d)
 
     def card_metrics(self) -> dict[str, Any]:
-        """The figures a model card lists (`zeda.export.export` ``card_metrics``)."""
+        """The figures a model card lists (`zeda.io.export` ``card_metrics``)."""
         out: dict[str, Any] = {
             "zero_share": self.zero_share,
             "routed_flop_reduction": self.routed_flop_reduction,
@@ -179,179 +180,18 @@ class EvalResult:
     # -- rendering -------------------------------------------------------------------------
 
     def _sections(self) -> list[tuple[str, Sequence[str], list[list[Any]]]]:
-        pct = render.pct
-        title = (
-            f"{self.model_name} ({self.model_type}): E={self.num_experts}, Z={self.num_zero_experts}, "
-            f"top-{self.top_k}"
-        )
-        summary: list[list[Any]] = [
-            ["zero-expert share of routed slots", "0.0%", pct(self.zero_share)],
-            ["routed-expert FLOP reduction", "0.0%", pct(self.routed_flop_reduction)],
-            ["total FLOP reduction", "0.0%", pct(self.total_flop_reduction)],
-        ]
-        if self.flops:
-            summary.append(
-                [
-                    "FLOPs / token",
-                    render.fmt(float(self.flops["native_flops_per_token"])),
-                    render.fmt(float(self.flops["flops_per_token"])),
-                ]
-            )
-        if self.intrinsic:
-            i = self.intrinsic
-            summary += [
-                ["held-out perplexity", i["teacher_ppl"], i["ppl"]],
-                ["perplexity ratio", 1.0, i["ppl_ratio"]],
-                ["top-1 agreement with original", 1.0, i["top1_agreement"]],
-                ["mean KL(original ‖ model), nats", 0.0, i["mean_kl"]],
-            ]
-        sections: list[tuple[str, Sequence[str], list[list[Any]]]] = [
-            (title, ["", "original", "zeda"], summary)
-        ]
-        rows = []
-        for task, metrics in self.tasks.items():
-            for name, value in metrics.items():
-                rows.append(
-                    [
-                        task,
-                        name,
-                        self.teacher_tasks.get(task, {}).get(name),
-                        value,
-                        self.recovery.get(task, {}).get(name),
-                    ]
-                )
-        if rows:
-            sections.append(("lm-eval tasks", ["task", "metric", "original", "zeda", "recovery"], rows))
-        if self.curve:
-            sections.append(
-                (
-                    "accuracy vs FLOPs (held-out text; baselines at matched measured FLOPs)",
-                    [
-                        "setting",
-                        "skipped share",
-                        "routed FLOPs saved",
-                        "total FLOPs saved",
-                        "ppl ratio",
-                        "top-1 agr.",
-                        "KL",
-                    ],
-                    [
-                        [
-                            p.label,
-                            pct(p.zero_share),
-                            pct(p.routed_flop_reduction),
-                            pct(p.total_flop_reduction),
-                            p.ppl_ratio,
-                            p.top1_agreement,
-                            p.mean_kl,
-                        ]
-                        for p in self.curve
-                    ],
-                )
-            )
-        if self.zero_share_per_layer:
-            sections.append(
-                (
-                    "zero share per MoE layer",
-                    ["layer", *[str(i) for i in self.zero_share_per_layer]],
-                    [["share", *[pct(v) for v in self.zero_share_per_layer.values()]]],
-                )
-            )
-        if self.busiest_expert_share:
-            flagged = self.saturated_layers
-            sections.append(
-                (
-                    f"expert saturation (busiest real expert per layer; alarm above "
-                    f"{render.fmt(self.saturation_factor)}x the mean load)",
-                    ["layer", "tokens to busiest expert", "load / mean load", "alarm"],
-                    [
-                        [str(i), pct(v), flagged.get(i), "SATURATED" if i in flagged else ""]
-                        for i, v in self.busiest_expert_share.items()
-                    ],
-                )
-            )
-        if self.expert_load_ratio and self.original_expert_load_ratio:
-            orig, mine = self.original_expert_load_ratio, self.expert_load_ratio
-            sections.append(
-                (
-                    "busiest real expert, load / mean load (held-out text): the original beside zeda",
-                    ["layer", "original", "zeda", "zeda / original"],
-                    [[str(i), orig.get(i), v, v / orig[i] if orig.get(i) else None] for i, v in mine.items()],
-                )
-            )
-        if self.real_experts_histogram:
-            total = sum(self.real_experts_histogram) or 1
-            sections.append(
-                (
-                    "real experts per token (all MoE layers)",
-                    ["real experts", *[str(i) for i in range(len(self.real_experts_histogram))]],
-                    [["share of token·layers", *[pct(h / total) for h in self.real_experts_histogram]]],
-                )
-            )
-        return sections
+        return report.sections(self)
 
     def summary_table(self) -> str:
-        """A short plain-text table for the console: the headline figures and each baseline.
-
-        One row for the converted model on the held-out text (skipped share, routed and total
-        FLOPs saved, perplexity ratio, top-1 agreement, KL) and one per training-free baseline
-        calibrated to that same measured share, then the expert-saturation alarm and notes if any.
-        The headline figures of `to_dict` (``zero_share`` ...) also count the lm-eval forwards.
+        """A short plain-text table for the console (`zeda.evaluation.report.summary_table`): the
+        headline figures of the converted model on the held-out text and of each training-free
+        baseline calibrated to that same measured share, then the expert-saturation alarm and
+        notes if any.
 
         Returns:
             Lines of fixed-width text (no trailing newline).
         """
-        pct = render.pct
-        header = ["setting", "skipped", "FLOPs saved (routed/total)", "ppl ratio", "top-1 agr.", "KL"]
-
-        def row(
-            label: str, share: float, routed: float, total: float, ppl: Any, agr: Any, kl: Any
-        ) -> list[str]:
-            return [
-                label,
-                pct(share),
-                f"{pct(routed)} / {pct(total)}",
-                _fixed(ppl, 4),
-                _fixed(agr, 3),
-                render.fmt(kl, 3),
-            ]
-
-        # The converted model's held-out point when there is one: the baselines are matched to it.
-        own = next((p for p in self.curve if p.method == "zeda" and p.setting == 0.0), None)
-        if own is not None:
-            rows = [row("zeda", own.zero_share, own.routed_flop_reduction, own.total_flop_reduction,
-                        own.ppl_ratio, own.top1_agreement, own.mean_kl)]  # fmt: skip
-        else:
-            i = self.intrinsic or {}
-            rows = [row("zeda", self.zero_share, self.routed_flop_reduction, self.total_flop_reduction,
-                        i.get("ppl_ratio"), i.get("top1_agreement"), i.get("mean_kl"))]  # fmt: skip
-        for p in self.curve:
-            if p.method in ("original", "zeda") or p.target_share is None or own is None:
-                continue
-            if abs(p.target_share - round(own.zero_share, 6)) > 1e-6:  # matched to a sweep point
-                continue
-            rows.append(
-                row(
-                    p.label,
-                    p.zero_share,
-                    p.routed_flop_reduction,
-                    p.total_flop_reduction,
-                    p.ppl_ratio,
-                    p.top1_agreement,
-                    p.mean_kl,
-                )  # fmt: skip
-            )
-        lines = [f"{self.model_name}: E={self.num_experts}, Z={self.num_zero_experts}, top-{self.top_k}"]
-        lines += render.text_table(header, rows).splitlines()
-        if self.saturated_layers:
-            worst = max(self.saturated_layers.items(), key=lambda kv: kv[1])
-            lines.append(
-                f"expert saturation alarm: {len(self.saturated_layers)} layer(s) above "
-                f"{render.fmt(self.saturation_factor)}x the mean expert load "
-                f"(worst: layer {worst[0]}, {worst[1]:.1f}x)"
-            )
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return report.summary_table(self)
 
     def _repr_markdown_(self) -> str:
         parts = []
@@ -437,10 +277,6 @@ class EvalResult:
                 render.close_figure(fig)
         logger.info("wrote evaluation to %s", out)
         return out
-
-
-def _fixed(x: float | None, digits: int) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def _finite(x: Any) -> Any:
