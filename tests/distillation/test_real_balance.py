@@ -63,7 +63,9 @@ def test_an_overloaded_expert_is_pushed_down_and_zero_logits_get_no_gradient(fam
         assert torch.equal(grad[-3:], torch.zeros_like(grad[-3:]))  # padding has no gradient
         assert (grad[:-3, 0] > 0).all()  # lowering expert 0's logit lowers the loss
     # Twice the coefficient, twice the loss.
-    assert float(real_balance_loss(records, originals, mask, alpha=1.0)) == pytest.approx(2 * float(loss))
+    assert float(real_balance_loss(records, originals, mask, alpha=1.0).detach()) == pytest.approx(
+        2 * float(loss.detach())
+    )
 
 
 def _max_over_mean(student, ids):
