@@ -323,7 +323,11 @@ def restart_schedule(
         for r in reversed(restarts):
             if step >= r["from_step"]:
                 s, w = step - r["from_step"], r["warmup"]
-                f = s / max(1, w) if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, r["steps"] - w)))
+                f = (
+                    s / max(1, w)
+                    if s < w
+                    else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, r["steps"] - w)))
+                )
                 return max(0.0, f) * r["lr"] / args.lr
         return first(step)
 

@@ -93,7 +93,17 @@ def _lrs(run: Path) -> dict[int, float]:
 def test_warm_restart_continues_a_finished_schedule_and_resumes_bit_equal(tmp_path):
     member = MEMBERS["gpt_oss"]
     data = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(0)).int()
-    extend = ("--resume", "--extend", "12", "--extend-lr", "1e-3", "--extend-warmup", "2", "--save-every", "10")
+    extend = (
+        "--resume",
+        "--extend",
+        "12",
+        "--extend-lr",
+        "1e-3",
+        "--extend-warmup",
+        "2",
+        "--save-every",
+        "10",
+    )
     finished = {}
     for run in ("a", "b"):
         model, args = _tiny(member, tmp_path / run, "--eval-every", "0")
@@ -112,7 +122,9 @@ def test_warm_restart_continues_a_finished_schedule_and_resumes_bit_equal(tmp_pa
     # a: the restart in one go; b: stopped at step 9 and resumed by repeating the command.
     model_a, args = _tiny(member, tmp_path / "a", *extend, "--eval-every", "5")
     state = ztrain.train(member, model_a, data, data, args, "test")
-    assert state["step"] == 15 and state["restarts"] == [{"from_step": 3, "steps": 12, "lr": 1e-3, "warmup": 2}]
+    assert state["step"] == 15 and state["restarts"] == [
+        {"from_step": 3, "steps": 12, "lr": 1e-3, "warmup": 2}
+    ]
     assert [p["step"] for p in state["curve"]] == [5, 10, 15]
     ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     assert ck["step"] == ck["total_steps"] == 15
