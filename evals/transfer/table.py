@@ -49,7 +49,8 @@ the router kind's default unchanged (`zeda/defaults/`, the settings that won on 
 glm4_moe; not yet re-chosen on the tuning members' validation text). Each run's checkpoint was
 chosen on its member's validation split (validation KL at the target share), the training-free
 rules were calibrated on validation text, and the test split was scored once per run, for this
-table, after training had ended. A row whose variant cell names an override ran that one setting off
+table, after training had ended; a run redone (e.g. on a member's retrained weights) replaces its row, so no
+row was picked among repeated runs. A row whose variant cell names an override ran that one setting off
 the default, fixed before the run (`balance.md`), not chosen by comparing runs. CPU-min: all threads of every invocation of the distillation
 (a 2-core machine shared with other jobs; the run at 1 thread).
 The increase ratio is zeda's perplexity increase over the best rule's; below 0 means zeda's
