@@ -10,10 +10,12 @@ read here: score a finished run once with ``python -m evals.transfer.score RUN``
     python -m evals.transfer.distill --model evals/reference/model --data evals/reference/data --share 0.5
     python -m evals.transfer.distill --member mixtral --share 0.5 --variant full_experts --threads 1
     python -m evals.transfer.distill --member mixtral --share 0.75 stage1.steps=800 balance.alpha=0.05
+    python -m evals.transfer.distill --member reference --share 0.5 --variant lora --tag lr1e-3 stage1.lr=1e-3
 
 ``--data DIR`` holds ``validation.jsonl`` and a train file (``train.jsonl``, else
 ``train_sample.jsonl``); ``--member NAME`` takes the model and data of a zoo member
-(``evals/zoo/members.py``). The run directory (default ``runs/transfer/<name>/share_<s>[_<variant>]``)
+(``evals/zoo/members.py``). The run directory (default ``runs/transfer/<name>/share_<s>[_<variant>][_<tag>]``;
+``--tag`` keeps candidate settings of one share and variant apart, e.g. for ``evals/transfer/select.py``)
 is resumable: rerunning the same command continues from its checkpoint, and a finished run is
 left as it is. It writes ``transfer.json`` there: the command, the CPU time of all threads (summed
 over the invocations of a resumed run), why training stopped, the best checkpoint and the
@@ -92,8 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="default: the router kind's default variant")
     ap.add_argument("--runs", default=str(ROOT / "runs/transfer"), help="parent of the run directories")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--tag", help="suffix of the run folder, naming a candidate's overrides (e.g. lr1e-3)")
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. stage1.steps=800")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    if args.tag is not None and not args.tag.replace("-", "").replace(".", "").replace("_", "").isalnum():
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning workers stall an oversubscribed CPU
     import torch
@@ -103,7 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     from zeda.pipeline import run
 
     name, model, train, validation, test = resolve_inputs(args)
-    tag = f"share_{args.share:g}" + (f"_{args.variant}" if args.variant else "")
+    tag = (
+        f"share_{args.share:g}"
+        + (f"_{args.variant}" if args.variant else "")
+        + (f"_{args.tag}" if args.tag else "")
+    )
     out = Path(args.runs) / name / tag
     recipe = Path(args.runs) / name / f"{tag}.recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": str(model),
         "share": args.share,
         "variant": args.variant or (defaults.variant if defaults else None),
+        "tag": args.tag,
         "overrides": overrides,
         "command": "python -m evals.transfer.distill "
         + shlex.join([a for a in (argv if argv is not None else sys.argv[1:])]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 import zeda
 from evals.transfer import distill as transfer_distill
 from evals.transfer import score as transfer_score
+from evals.transfer import select as transfer_select
 from evals.transfer import table as transfer_table
 from zeda.evaluation.baselines import POLICY_KINDS
 from zeda.tiny import tiny_corpus, tiny_model, tiny_tokenizer
@@ -111,3 +113,55 @@ def test_table_joins_run_folders_filters_members_and_names_off_default_settings(
     assert not [
         x for x in transfer_table.main([*argv, "--member", "mixtral"]).splitlines() if x.startswith("| `")
     ]
+
+
+def test_select_reads_validation_verdicts_and_chooses_by_the_fixed_rule(finished, tmp_path):
+    root, argv, record = finished
+    tagged = transfer_distill.main([*argv, "--tag", "lr1e-3", "stage1.lr=1e-3"])
+    assert (root / "runs" / "tiny" / "share_0.5_lr1e-3" / "transfer.json").is_file()
+    assert tagged["tag"] == "lr1e-3" and tagged["overrides"][-1] == "stage1.lr=1e-3"
+    text = transfer_select.main(["--runs", str(root / "runs"), "--allow", "tiny"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`tiny`" in line]
+    assert len(rows) == 2 and "stage1.lr=1e-3`" in rows[1] and "stage1.lr" not in rows[0]
+    for row, rec in zip(rows, (record, tagged), strict=True):
+        assert f"{rec['verdict']['zeda']['ppl_ratio']:.4f} / " in row  # the validation verdict's figures
+    assert "no test text was read" in text and record["command"] in text and tagged["command"] in text
+
+    # The rule, on the two real runs with their outcome set (the first standing for the default):
+    # only candidates that beat every rule on every tuning member of the group qualify, and the
+    # lowest mean increase wins unless it ties the default's.
+    first, other = transfer_select.load([root / "runs"], ["tiny"])
+    assert other.label == first.label + " stage1.lr=1e-3"
+    default = dataclasses.replace(first, label=transfer_select.DEFAULT)
+
+    def as_(c, beats, increase):
+        v = dict(
+            c.verdict, beats=beats, zeda=dict(c.verdict["zeda"]), rule_figures=dict(c.verdict["rule_figures"])
+        )
+        v["rule_figures"]["ppl_ratio"], v["zeda"]["ppl_ratio"] = 1.1, 1.0 + 0.1 * increase
+        return dataclasses.replace(c, verdict=v)
+
+    def chosen(*cands):
+        (group,) = transfer_select.choose(cands).values()
+        return group["chosen"]
+
+    assert chosen(as_(default, True, 0.30), as_(other, True, 0.20)) == other.label
+    assert chosen(as_(default, True, 0.30), as_(other, True, 0.29)) == transfer_select.DEFAULT  # a tie
+    assert chosen(as_(default, True, 0.30), as_(other, False, 0.10)) == transfer_select.DEFAULT
+    assert chosen(as_(default, False, 0.30), as_(other, False, 0.10)) is None
+    second = dataclasses.replace(default, member="tiny2")
+    # A candidate not run on every tuning member of its group does not qualify.
+    assert (
+        chosen(as_(default, True, 0.3), as_(second, True, 0.3), as_(other, True, 0.1))
+        == transfer_select.DEFAULT
+    )
+
+
+def test_select_refuses_a_validation_member(finished, tmp_path):
+    root, _, _ = finished
+    run = tmp_path / "runs" / "mixtral" / "share_0.5"
+    run.mkdir(parents=True)
+    record = json.loads((root / "runs" / "tiny" / "share_0.5" / "transfer.json").read_text())
+    (run / "transfer.json").write_text(json.dumps(record | {"name": "mixtral"}))
+    with pytest.raises(SystemExit, match="'mixtral' is not a tuning member"):
+        transfer_select.main(["--runs", str(tmp_path / "runs")])
