@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -275,3 +277,40 @@ def test_balance_tracker_across_layers_drives_only_the_model_wide_share() -> Non
         expected = scale * 0.5 * ((0.55 / 2 + 0.45 / 3) + (0.65 / 2 + 0.35 / 3))
         assert pooled.loss(records, mask=None).item() == pytest.approx(expected, abs=1e-6)
         assert pooled.pop_share() == pytest.approx(0.5)
+
+
+def test_share_controller_moves_log_w_by_gain_times_the_shortfall_of_the_step_that_ended() -> None:
+    """balance.share_gain: w *= exp(gain * (target - the step's share)), within W_RANGE."""
+    router = _Router(2, 1)
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.3, 0.6]]))
+    tracker = BalanceTracker(alpha=0.1, w=3.0, global_batch=True, target=0.75, share_gain=0.5)
+    tracker.end_step()  # no step has run yet: w stays
+    tracker.start_step()
+    assert tracker.w == 3.0
+    # two micro-steps: 1 of 4 slots skipped -> share 0.25, shortfall 0.5
+    tracker.loss([RouterRecord(router, logits, torch.tensor([[2], [0]]))], mask=None)
+    tracker.loss([RouterRecord(router, logits, torch.tensor([[1], [0]]))], mask=None)
+    tracker.end_step()
+    assert tracker.w == pytest.approx(3.0 * math.exp(0.5 * 0.5))
+    # The new w weighs the next step's loss: f_Z = 1 -> L = 0.1 * (2 + w) * (P_Z / w)
+    tracker.start_step()
+    loss = tracker.loss([RouterRecord(router, logits, torch.tensor([[2], [2]]))], mask=None)
+    assert loss.item() == pytest.approx(0.1 * (2 + tracker.w) * 0.45 / tracker.w, abs=1e-6)
+    w = tracker.w
+    tracker.end_step()  # share 1.0 overshoots: w falls
+    assert tracker.w == pytest.approx(w * math.exp(0.5 * -0.25))
+    # No wind-up: w stays within W_RANGE of its start.
+    stuck = BalanceTracker(alpha=0.1, w=3.0, global_batch=False, target=0.75, share_gain=100.0)
+    for _ in range(3):
+        stuck.start_step()
+        stuck.loss([RouterRecord(router, logits, torch.tensor([[0], [1]]))], mask=None)
+        stuck.end_step()
+    assert stuck.w == pytest.approx(3.0 * BalanceTracker.W_RANGE)
+    # Off (the default): w never moves.
+    off = BalanceTracker(alpha=0.1, w=3.0, global_batch=False)
+    off.start_step()
+    off.loss([RouterRecord(router, logits, torch.tensor([[0], [1]]))], mask=None)
+    off.end_step()
+    assert off.w == 3.0
+    with pytest.raises(ZedaError, match="share_gain needs balance.target_zero_share"):
+        BalanceTracker(alpha=0.1, w=3.0, global_batch=False, share_gain=0.1)

@@ -170,3 +170,34 @@ def test_two_equal_steps_give_equal_logged_losses(corpus, tmp_path):
         tiny_model("olmoe"), cfg_for(corpus, tmp_path / "run", "stage1.steps=2"), tiny_tokenizer()
     )
     assert math.isfinite(result.last["loss"]) and result.tokens_seen > 0
+
+
+def test_share_controller_follows_its_law_and_a_resumed_run_restores_its_weight(
+    corpus, tmp_path, monkeypatch
+):
+    """balance.share_gain: each logged step's w is the previous one moved by the gain times the
+    previous step's shortfall, and a killed run resumes bit-exactly (w is in the checkpoint)."""
+    tok = tiny_tokenizer()
+    extra = ("train.log_every=1", "balance.target_zero_share=0.75", "balance.share_gain=0.5")
+    full, _ = distill(tiny_model("olmoe"), cfg_for(corpus, tmp_path / "full", *extra), tok)
+    rows = metrics(tmp_path / "full")
+    assert len(rows) == 6 and all("balance_w" in r for r in rows)
+    for before, after in zip(rows, rows[1:], strict=False):
+        assert after["balance_w"] == pytest.approx(
+            before["balance_w"] * math.exp(0.5 * (0.75 - before["zero_share"])), rel=1e-9
+        )
+    # The checkpoint holds the weight the next step would use (the one a resume continues with).
+    state = json.loads((tmp_path / "full" / "checkpoint" / "state.json").read_text())
+    assert state.keys() == {"stage", "step", "balance_w"} and state["step"] == 6
+    assert state["balance_w"] == pytest.approx(
+        rows[-1]["balance_w"] * math.exp(0.5 * (0.75 - rows[-1]["zero_share"])), rel=1e-9
+    )
+    run = tmp_path / "killed"
+    atomic_save(tiny_model("olmoe"), tmp_path / "model", tokenizer=tok)
+    cfg = cfg_for(corpus, run, *extra, f"model.name_or_path={tmp_path / 'model'}")
+    _killed(monkeypatch, tiny_model("olmoe"), cfg, tok, saves=2)
+    resumed, _ = distill(tiny_model("olmoe"), apply_overrides(cfg, ["train.resume=true"]), tok)
+    a, b = _trainable(full), _trainable(resumed)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    assert [r["balance_w"] for r in metrics(run)] == [r["balance_w"] for r in rows]

@@ -335,8 +335,8 @@ def real_balance_loss(
 class BalanceTracker:
     """The balance loss the loop adds to each micro-batch, and the zero share it logs.
 
-    Call `start_step` before the first micro-step of each optimisation step and `loss` once per
-    micro-batch. With ``global_batch`` the load fractions ``f`` of micro-step ``m`` use the slot
+    Call `start_step` before the first micro-step of each optimisation step, `loss` once per
+    micro-batch and `end_step` after the last. With ``global_batch`` the load fractions ``f`` of micro-step ``m`` use the slot
     counts of micro-steps ``0..m`` of this step summed over ranks, so the last micro-step sees
     the whole global batch; the probabilities ``P`` stay local.
 
@@ -345,16 +345,46 @@ class BalanceTracker:
         w: The zero-group weight (``balance.resolve_w(E, Z)``).
         global_batch: ``balance.global_batch``.
         per_layer: ``balance.per_layer``: False forms ``f`` over all layers' slots together.
+        target: ``balance.target_zero_share`` (needed when ``share_gain`` > 0).
+        share_gain: ``balance.share_gain``: at each `end_step`, ``log w`` moves by
+            ``share_gain * (target - the step's zero share over all layers and ranks)``, within
+            `W_RANGE` of the starting ``w``.
     """
 
-    def __init__(self, alpha: float, w: float, global_batch: bool, per_layer: bool = True) -> None:
+    W_RANGE = 1e3
+    """The controller keeps ``w`` within [w0 / W_RANGE, w0 * W_RANGE] (no wind-up)."""
+
+    def __init__(
+        self,
+        alpha: float,
+        w: float,
+        global_batch: bool,
+        per_layer: bool = True,
+        target: float | None = None,
+        share_gain: float = 0.0,
+    ) -> None:
+        if share_gain and target is None:
+            raise ZedaError("balance.share_gain needs balance.target_zero_share")
         self.alpha, self.w, self.global_batch, self.per_layer = alpha, w, global_batch, per_layer
+        self.target, self.share_gain, self._w0 = target, share_gain, w
         self._step_counts: Tensor | None = None  # (layers, 2) local [count_E, count_Z] this step
         self._logged = torch.zeros(2, dtype=torch.float64)  # [count_E, count_Z] since pop_share
 
     def start_step(self) -> None:
         """Begin a new optimisation step (forget the previous step's counts)."""
         self._step_counts = None
+
+    def end_step(self) -> None:
+        """After the last micro-step of an optimisation step: with ``share_gain`` > 0 steer ``w``
+        by this step's zero share over all layers and ranks (every rank must call it: it
+        all-reduces). A checkpoint written after it holds the weight the next step uses."""
+        if not self.share_gain or self._step_counts is None:
+            return
+        total = all_reduce_sum(self._step_counts).sum(0)  # [count_E, count_Z]
+        if float(total.sum()) > 0:
+            share = float(total[1] / total.sum())
+            w = self.w * math.exp(self.share_gain * (self.target - share))
+            self.w = min(max(w, self._w0 / self.W_RANGE), self._w0 * self.W_RANGE)
 
     def loss(self, records: Sequence[RouterRecord], mask: Tensor | None) -> Tensor:
         """Balance loss of one micro-batch.

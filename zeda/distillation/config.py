@@ -91,6 +91,11 @@ class BalanceConfig:
     takes a larger share of the real slots than in the original's routing of the same tokens is
     pushed down in proportion to the excess, which keeps the busiest expert's load near the
     original's (`zeda.distillation.balance.real_balance_loss`)."""
+    share_gain: float = 0.0
+    """Feedback on the zero-group weight (0 = off; needs ``target_zero_share``): after every
+    optimisation step ``log w += share_gain * (target - the step's measured zero share)``, so the
+    share meets the target where the distillation loss holds it short of the balance loss's own
+    equilibrium (which ignores the distillation loss). Try 0.05."""
 
     DEFAULT_W: ClassVar[float] = 2.0
 
@@ -111,6 +116,16 @@ class BalanceConfig:
         if self.target_zero_share is not None:
             s = self.target_zero_share
             check_config(0.0 < s < 1.0, "balance.target_zero_share", f"must be in (0, 1), got {s}")
+        check_config(
+            self.share_gain >= 0 and math.isfinite(self.share_gain),
+            "balance.share_gain",
+            "must be finite and >= 0 (0 = off)",
+        )
+        check_config(
+            self.share_gain == 0 or self.target_zero_share is not None,
+            "balance.share_gain",
+            "steers the share to balance.target_zero_share; set that too, or share_gain=0",
+        )
         check_config(
             self.w is None or self.target_zero_share is None,
             "balance.w",

@@ -93,7 +93,14 @@ class Trainer:
             )
         e, z = routers[0].num_experts, routers[0].num_zero_experts
         b = cfg.balance
-        self.tracker = BalanceTracker(b.alpha, b.resolve_w(e, z), b.global_batch, b.per_layer)
+        self.tracker = BalanceTracker(
+            b.alpha,
+            b.resolve_w(e, z),
+            b.global_batch,
+            b.per_layer,
+            target=b.target_zero_share,
+            share_gain=b.share_gain,
+        )
         self.result = DistillResult(output_dir=str(run.final), target_zero_share=b.resolve_target_share(e, z))
         # No finite step has followed the latest checkpoint yet (a resumed one may be such).
         self._unproven = run.resuming
@@ -168,6 +175,8 @@ class Trainer:
             self.result.stop_reason = resume["stopped"]
             return
         optimizer, scheduler, start = self._optimizer(stage, resume)
+        if resume and "balance_w" in resume:  # the share controller's weight at the checkpoint
+            self.tracker.w = float(resume["balance_w"])
         if self.validator is not None and not resume:
             self.validator.new_stage()
         bar = tqdm(
@@ -193,6 +202,8 @@ class Trainer:
                 tokens += int(parts.pop("tokens", 0))
                 for k, v in parts.items():
                     window[k] = window.get(k, 0.0) + v / cfg.grad_accum
+            used_w = self.tracker.w
+            self.tracker.end_step()
             self._apply_update(stage, step, optimizer, scheduler, loss_ok)
             self._prove()
             done, window_steps = step + 1, window_steps + 1
@@ -208,6 +219,7 @@ class Trainer:
                     step=done,
                     lr=scheduler.get_last_lr()[0],
                     zero_share=self.tracker.pop_share(),
+                    **({"balance_w": used_w} if self.tracker.share_gain else {}),
                     tokens_per_s=tokens / dt if dt > 0 else 0.0,
                     **(validation or {}),
                 )
@@ -216,14 +228,22 @@ class Trainer:
                 window, window_steps, tokens, t0 = {}, 0, 0, time.perf_counter()
             if stop is not None:
                 stop = f"early stop at {stage.name} step {done}: {stop}"
-                self.save({"stage": stage.name, "step": done, "stopped": stop}, optimizer, scheduler)
+                self.save({**self._progress(stage, done), "stopped": stop}, optimizer, scheduler)
                 self.result.stop_reason = stop
                 logger.info("%s", stop)
                 break
             if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == stage.steps:
-                self.save({"stage": stage.name, "step": done}, optimizer, scheduler)
+                self.save(self._progress(stage, done), optimizer, scheduler)
         bar.close()
         setattr(self.result, f"{stage.name}_steps", done)
+
+    def _progress(self, stage: Stage, done: int) -> dict[str, Any]:
+        """The checkpoint's progress record, with the share controller's weight for the next step
+        (which a resume restores)."""
+        state: dict[str, Any] = {"stage": stage.name, "step": done}
+        if self.tracker.share_gain:
+            state["balance_w"] = self.tracker.w
+        return state
 
     def _validate(self, stage: Stage, done: int) -> dict[str, Any]:
         """Score the student on the validation slice; write ``best/`` when it is the new best."""
