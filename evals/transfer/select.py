@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,12 +207,17 @@ def render(cands: Sequence[Candidate], choice: dict) -> str:
 
 PREAMBLE = """# Choosing the defaults on the tuning members' validation text
 
-Written by `{command}`. Every figure below is a run's own validation verdict (its checkpoint chosen
-on validation KL at the target share, every training-free rule calibrated on validation text to
+Written by
+
+```bash
+{command}
+```
+
+Every figure below is a run's own validation verdict (its checkpoint chosen on validation KL at the target share, every training-free rule calibrated on validation text to
 the run's measured share); no test text was read for this file. Candidates run on the tuning
 members only (`evals/zoo/members.py`); a winner other than the current default is a lead until it
 also wins on the validation members, which report its test figures in `evals/transfer/results.md`.
-The choice rule, fixed before the runs, is in `evals/transfer/select.py`.
+The choice rule, fixed before any result of these runs was read, is in `evals/transfer/select.py`.
 
 """
 
@@ -222,17 +228,20 @@ def main(argv: list[str] | None = None) -> str:
         "--runs", action="append", required=True, help="parent of candidate run folders (repeatable)"
     )
     ap.add_argument("--allow", action="append", default=[], help=argparse.SUPPRESS)  # tests: a tiny model
+    ap.add_argument("--note", action="append", default=[], help="a paragraph after the preamble (repeatable)")
     ap.add_argument("--out", help="write the markdown here (default: print it)")
     args = ap.parse_args(argv)
     cands = load([Path(r) for r in args.runs], args.allow)
     if not cands:
         raise SystemExit(f"no finished run under {', '.join(args.runs)}; run evals/transfer/distill.py first")
-    command = (
-        "python -m evals.transfer.select "
-        + " ".join(f"--runs {r}" for r in args.runs)
-        + (f" --out {args.out}" if args.out else "")
+    command = shlex.join(
+        ["python", "-m", "evals.transfer.select"]
+        + [x for r in args.runs for x in ("--runs", r)]
+        + [x for n in args.note for x in ("--note", n)]
+        + (["--out", args.out] if args.out else [])
     )
-    text = PREAMBLE.format(command=command) + render(cands, choose(cands))
+    text = PREAMBLE.format(command=command) + "".join(f"{n.strip()}\n\n" for n in args.note)
+    text += render(cands, choose(cands))
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")

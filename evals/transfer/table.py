@@ -46,7 +46,9 @@ from `evals/zoo/members.py`: settings may be chosen on *tuning* members only.
 
 **How settings were chosen.** No setting in this table was chosen on these models: every row runs
 the router kind's default unchanged (`zeda/defaults/`, the settings that won on the issue's outside
-glm4_moe; not yet re-chosen on the tuning members' validation text). Each run's checkpoint was
+glm4_moe). On the tuning members' validation text (`evals/transfer/selection.md`) the LoRA
+variant at twice the learning rate beat the default on both router kinds; it is a lead, not yet
+the default, until it also wins on these validation members. Each run's checkpoint was
 chosen on its member's validation split (validation KL at the target share), the training-free
 rules were calibrated on validation text, and the test split was scored once per run, for this
 table, after training had ended; a run redone (e.g. on a member's retrained weights) replaces its row, so no
