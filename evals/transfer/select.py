@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evals.transfer.distill import VARIANTS as VARIANT_OVERRIDES
-from evals.transfer.table import reverdict
+from evals.transfer.table import emit, reverdict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -242,12 +242,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     text = PREAMBLE.format(command=command) + "".join(f"{n.strip()}\n\n" for n in args.note)
     text += render(cands, choose(cands))
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

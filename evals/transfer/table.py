@@ -157,6 +157,16 @@ def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str],
     return out, commands, pending
 
 
+def emit(text: str, out: str | None) -> str:
+    """Write ``text`` to ``out`` (saying so), or print it when ``out`` is None; return it."""
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    else:
+        print(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -187,12 +197,7 @@ def main(argv: list[str] | None = None) -> str:
         text += "\n\n".join(commands) + "\n```\n"
     if pending:
         text += "\nNot finished or not scored yet: " + ", ".join(f"`{p}`" for p in pending) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

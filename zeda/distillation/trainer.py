@@ -37,6 +37,7 @@ from zeda.distillation.optimizer import stage_optimizer
 from zeda.distillation.result import DistillResult
 from zeda.distillation.rollouts import Batch, forward_logits
 from zeda.distillation.run_dir import RunDir
+from zeda.distillation.validation import log_verdict
 from zeda.errors import ZedaError
 from zeda.zero.inject import teacher_mode
 from zeda.zero.routing import zero_routers
@@ -391,24 +392,7 @@ class Trainer:
             return
         self.result.verdict = result.to_dict()
         if self.accelerator.is_main_process:
-            if result.beats:
-                logger.info("%s", result.summary())
-            else:
-                name, r = result.named_rule()
-                logger.warning(
-                    "zeda does not beat the training-free rule %s on validation text at %.1f%% skipped: "
-                    "the rule's ppl ratio %.4f, top-1 agreement %.3f, KL %.4f against zeda's %.4f / %.3f / %.4f "
-                    "(rules better on some figure: %s)",
-                    name,
-                    100 * result.zero_share,
-                    r["ppl_ratio"],
-                    r["top1_agreement"],
-                    r["mean_kl"],
-                    result.zeda["ppl_ratio"],
-                    result.zeda["top1_agreement"],
-                    result.zeda["mean_kl"],
-                    ", ".join(result.beaten_by),
-                )
+            log_verdict(result)
 
     def _global_mean(self, row: dict[str, float]) -> dict[str, float]:
         """The mean over ranks of each logged value, so the logged loss is the one whose gradient

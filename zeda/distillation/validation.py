@@ -44,7 +44,7 @@ from zeda.zero.teacher import teacher_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Validator", "verdict_config"]
+__all__ = ["Validator", "log_verdict", "verdict_config"]
 
 _FIGURES = ("zero_share", "ppl_ratio", "top1_agreement", "mean_kl")
 
@@ -240,3 +240,26 @@ def verdict_config(verdict: dict[str, Any], eval_file: str) -> dict[str, Any]:
         "zeda_figures": d["zeda"],
         "beaten_by": d["beaten_by"],
     }
+
+
+def log_verdict(result: Any) -> None:
+    """Log the end-of-training verdict: its summary when zeda beats every rule, else a warning
+    naming the best rule and both sides' figures (a `zeda.evaluation.verdict.Verdict`)."""
+    if result.beats:
+        logger.info("%s", result.summary())
+        return
+    name, r = result.named_rule()
+    logger.warning(
+        "zeda does not beat the training-free rule %s on validation text at %.1f%% skipped: "
+        "the rule's ppl ratio %.4f, top-1 agreement %.3f, KL %.4f against zeda's %.4f / %.3f / %.4f "
+        "(rules better on some figure: %s)",
+        name,
+        100 * result.zero_share,
+        r["ppl_ratio"],
+        r["top1_agreement"],
+        r["mean_kl"],
+        result.zeda["ppl_ratio"],
+        result.zeda["top1_agreement"],
+        result.zeda["mean_kl"],
+        ", ".join(result.beaten_by),
+    )
