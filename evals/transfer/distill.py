@@ -28,7 +28,9 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +86,61 @@ def minimal_recipe(model: Path, train: Path, validation: Path, share: float, out
     )
 
 
+class InvocationClock:
+    """Appends one invocation's CPU time (all threads) and wall time to a run's times file.
+
+    Every invocation of a resumed run adds its own line, so the run's total is the sum. The line is
+    written when the block ends, also by an error, Ctrl-C or SIGTERM (turned into ``SystemExit``
+    while the clock runs). A SIGKILL cannot be caught, so a heartbeat file beside the times file
+    holds the time spent so far; the next invocation appends it, marked ``"killed": true``.
+
+    Args:
+        path: the times file (JSON lines of ``cpu_seconds``, ``wall_seconds``, ``finished``).
+        every: seconds between heartbeats.
+    """
+
+    def __init__(self, path: Path, every: float = 30.0) -> None:
+        self.path, self.every = Path(path), every
+        self.pending = self.path.with_name(self.path.name + ".running")
+        self._stop = threading.Event()
+
+    def _line(self, finished: bool) -> dict:
+        cpu, wall = time.process_time() - self._c0, time.perf_counter() - self._t0
+        return {"cpu_seconds": round(cpu), "wall_seconds": round(wall), "finished": finished}
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            tmp = self.pending.with_name(self.pending.name + ".tmp")
+            tmp.write_text(json.dumps({**self._line(False), "killed": True}))
+            os.replace(tmp, self.pending)
+
+    def __enter__(self) -> InvocationClock:
+        if self.pending.is_file():  # an earlier invocation was killed before it could write its line
+            with self.path.open("a") as f:
+                f.write(self.pending.read_text().strip() + "\n")
+            self.pending.unlink()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        self._old_term = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, _exit_on_signal)
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self.path.open("a") as f:
+            f.write(json.dumps(self._line(exc_type is None)) + "\n")
+        self.pending.unlink(missing_ok=True)
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--member", help="a zoo member (evals/zoo/members.py)")
@@ -128,20 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, defaults = resolve_recipe(recipe, [*overrides, f"train.resume={str(resume).lower()}"])
     if defaults is not None:
         print("default: " + defaults.describe().replace("\n", "\n  "))
-    # Every invocation appends its own time (also when stopped by an error or Ctrl-C), so a
-    # resumed run's total is the sum.
     times = recipe.with_name(f"{tag}.times.jsonl")
-    t0, c0 = time.perf_counter(), time.process_time()
-    done = False
-    try:
+    with InvocationClock(times):
         result = run(cfg, evaluate=False)
-        done = True
-    finally:
-        with times.open("a") as f:
-            cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-            f.write(
-                json.dumps({"cpu_seconds": round(cpu), "wall_seconds": round(wall), "finished": done}) + "\n"
-            )
     spent = [json.loads(line) for line in times.read_text().splitlines() if line.strip()]
     d = result.distill
     record = {

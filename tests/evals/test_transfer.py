@@ -165,3 +165,46 @@ def test_select_refuses_a_validation_member(finished, tmp_path):
     (run / "transfer.json").write_text(json.dumps(record | {"name": "mixtral"}))
     with pytest.raises(SystemExit, match="'mixtral' is not a tuning member"):
         transfer_select.main(["--runs", str(tmp_path / "runs")])
+
+
+def _clock_child(tmp_path, every: float):
+    """A child process inside an InvocationClock that says when it is in, then sleeps."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from pathlib import Path; from evals.transfer.distill import InvocationClock\n"
+        f"with InvocationClock(Path({str(tmp_path / 't.jsonl')!r}), every={every}):\n"
+        "    print('in', flush=True); time.sleep(60)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_invocation_clock_writes_its_line_when_terminated(tmp_path):
+    child = _clock_child(tmp_path, every=30)
+    assert child.stdout.readline().strip() == "in"
+    child.terminate()
+    assert child.wait(timeout=30) == 128 + 15
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["finished"] is False and lines[0]["wall_seconds"] >= 0
+    assert not (tmp_path / "t.jsonl.running").exists()
+
+
+def test_invocation_clock_keeps_a_killed_invocations_time_for_the_next(tmp_path):
+    import time
+
+    child = _clock_child(tmp_path, every=0.05)
+    assert child.stdout.readline().strip() == "in"
+    pending = tmp_path / "t.jsonl.running"
+    for _ in range(200):
+        if pending.is_file():
+            break
+        time.sleep(0.05)
+    child.kill()
+    child.wait(timeout=30)
+    assert pending.is_file() and not (tmp_path / "t.jsonl").exists()
+    with transfer_distill.InvocationClock(tmp_path / "t.jsonl"):
+        pass
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [(x["finished"], x.get("killed")) for x in lines] == [(False, True), (True, None)]
+    assert not pending.exists()
