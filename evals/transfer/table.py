@@ -113,11 +113,54 @@ def _beats(verdict: dict) -> str:
     return f"no: {by}"
 
 
-def _variant(record: dict) -> str:
-    """The variant, plus every override that is not the variant's own (a run off the default)."""
+def _today(record: dict) -> dict:
+    """``dotted key -> value`` of today's default for the run's router kind and variant ({} if the
+    model's config cannot be read)."""
+    from zeda.defaults import default_values, router_kind_of
+
+    try:
+        from evals.zoo.members import MEMBERS
+
+        model = str(MEMBERS[record["name"]].model_dir) if record["name"] in MEMBERS else record["model"]
+    except ImportError:  # pragma: no cover - the zoo is part of the repo
+        model = record["model"]
+    found = router_kind_of(model)
+    return default_values(found[1], record["variant"]) if found else {}
+
+
+def _variant(record: dict, run: Path | None = None) -> str:
+    """The variant, plus every setting the run took off *today's* default.
+
+    An override is named unless it sets a key of the default to today's value (a lead that later
+    became the default). A key of the default that the run did not override but ran at another
+    value (the default of its day, read from the run's stored resolved ``recipe.yaml``) is named
+    with "(the default then)", so a row never passes for today's default when it is not.
+    """
+    import yaml
+
     own = set(VARIANT_OVERRIDES.get(record["variant"], ()))
-    extra = [o for o in record.get("overrides", []) if o not in own]
-    return record["variant"] + "".join(f" + `{o}`" for o in extra)
+    today = _today(record)
+    stored_path = run / "recipe.yaml" if run is not None else None
+    stored = yaml.safe_load(stored_path.read_text()) if stored_path and stored_path.is_file() else None
+
+    def ran(key: str):
+        section, name = key.split(".", 1)
+        return (stored or {}).get(section, {}).get(name)
+
+    named, extra = set(), []
+    for o in record.get("overrides", []):
+        key = o.split("=", 1)[0]
+        named.add(key)
+        if o in own or (stored is not None and key in today and ran(key) == today[key]):
+            continue
+        extra.append(f" + `{o}`")
+    if stored is not None:
+        extra += [
+            f" + `{k}={ran(k)}` (the default then)"
+            for k, v in today.items()
+            if k not in named and ran(k) != v
+        ]
+    return record["variant"] + "".join(extra)
 
 
 def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
@@ -148,7 +191,7 @@ def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str],
             else "—"
         )
         out.append(
-            f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {_variant(record)} | "
+            f"| `{record['name']}` | {role} | {router} | {record['share']:.0%} | {_variant(record, run)} | "
             f"{steps} ({record.get('stop_reason') or 'done'}) | {record['cpu_seconds'] / 60:.0f} | {val_cell} | "
             f"{test['zero_share']:.1%} | {_figs(test['zeda'])} | {_rule(test)}: {_figs(test['rule_figures'])} | "
             f"{_ratio(test.get('increase_ratio'), test['zeda']['ppl_ratio'])} | {_beats(test)} | {_loads(scores)} |"

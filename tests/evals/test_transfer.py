@@ -208,3 +208,46 @@ def test_invocation_clock_keeps_a_killed_invocations_time_for_the_next(tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [(x["finished"], x.get("killed")) for x in lines] == [(False, True), (True, None)]
     assert not pending.exists()
+
+
+def test_table_names_settings_against_todays_default(finished, tmp_path, monkeypatch):
+    """A run at the default of its day is named off today's default once the default changes, and
+    a lead's override that became the default is no longer named."""
+    import shutil
+
+    import zeda.defaults
+
+    root, argv, _ = finished
+    transfer_distill.main([*argv, "--tag", "lr1e-3", "stage1.lr=1e-3"])
+    for run in ("share_0.5", "share_0.5_lr1e-3"):
+        if not (root / "runs" / "tiny" / run / "test_scores.json").is_file():
+            transfer_score.main(
+                [
+                    str(root / "runs" / "tiny" / run),
+                    "--tokens",
+                    "512",
+                    "--seq-len",
+                    "32",
+                    "--calibration-tokens",
+                    "256",
+                ]
+            )
+
+    def variants() -> list[str]:
+        text = transfer_table.main(["--runs", str(root / "runs")])
+        return [line.split(" | ")[4] for line in text.splitlines() if line.startswith("| `tiny`")]
+
+    before = variants()
+    assert "stage1.lr" not in before[0] and "`stage1.lr=1e-3`" in before[1]
+    # Today's default changes: the LoRA variant of this router kind now trains at lr 1e-3.
+    here = tmp_path / "defaults"
+    shutil.copytree(zeda.defaults.HERE, here)
+    kind = zeda.defaults.FILES[zeda.defaults.router_kind_of(finished[2]["model"])[1]]
+    text = (here / kind).read_text()
+    anchor = "    balance: {alpha: 0.1}"
+    assert text.count(anchor) == 1  # the lora variant's last line
+    (here / kind).write_text(text.replace(anchor, anchor + "\n    stage1: {lr: 1.0e-3}"))
+    monkeypatch.setattr(zeda.defaults, "HERE", here)
+    after = variants()
+    assert "`stage1.lr=0.0005` (the default then)" in after[0]
+    assert "stage1.lr" not in after[1] and after[1] == before[0]
