@@ -29,8 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evals.transfer.distill import VARIANTS as VARIANT_OVERRIDES
-from evals.transfer.table import emit, reverdict
+from evals.transfer.table import emit, off_default, reverdict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,8 +107,7 @@ def load(runs: Sequence[Path], allow: Sequence[str] = ()) -> list[Candidate]:
                     "chosen on tuning members only, so move its run out of --runs"
                 )
             kind = tuning[name] or (router_kind_of(record["model"]) or ("", "?"))[1]
-            own = set(VARIANT_OVERRIDES.get(record["variant"], ()))
-            extra = [o for o in record.get("overrides", []) if o not in own]
+            extra = off_default(record, path.parent)
             out.append(
                 Candidate(
                     member=name,

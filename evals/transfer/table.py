@@ -45,15 +45,17 @@ every training-free rule calibrated on validation text to the export's measured 
 from `evals/zoo/members.py`: settings may be chosen on *tuning* members only.
 
 **How settings were chosen.** No setting in this table was chosen on these models: every row runs
-the router kind's default unchanged (`zeda/defaults/`, the settings that won on the issue's outside
-glm4_moe). On the tuning members' validation text (`evals/transfer/selection.md`) the LoRA
-variant at twice the learning rate beat the default on both router kinds; it is a lead, not yet
-the default, until it also wins on these validation members. Each run's checkpoint was
+the router kind's default (`zeda/defaults/`): the settings that won on the issue's outside glm4_moe,
+except LoRA's learning rate (1e-3 instead of 5e-4), which was chosen on the tuning members'
+validation text (`evals/transfer/selection.md`) and adopted after it also beat 5e-4 on the
+validation text of every validation member it ran on (`evals/transfer/previous.md` holds the rows
+at 5e-4; the adoption compared validation figures only). Each run's checkpoint was
 chosen on its member's validation split (validation KL at the target share), the training-free
 rules were calibrated on validation text, and the test split was scored once per run, for this
 table, after training had ended; a run redone (e.g. on a member's retrained weights) replaces its row, so no
-row was picked among repeated runs. A row whose variant cell names an override ran that one setting off
-the default, fixed before the run (`balance.md`), not chosen by comparing runs. CPU-min: all threads of every invocation of the distillation
+row was picked among repeated runs. A variant cell names every setting a run took off today's default: an override fixed before
+the run (`balance.md`), not chosen by comparing runs, or a key that ran at an earlier default
+("the default then"); a run that named a lead which later became the default names nothing. CPU-min: all threads of every invocation of the distillation
 (a 2-core machine shared with other jobs; the run at 1 thread).
 The increase ratio is zeda's perplexity increase over the best rule's; below 0 means zeda's
 perplexity fell below the original's on that text. A rule whose measured share is more than 2.5
@@ -128,13 +130,18 @@ def _today(record: dict) -> dict:
     return default_values(found[1], record["variant"]) if found else {}
 
 
-def _variant(record: dict, run: Path | None = None) -> str:
-    """The variant, plus every setting the run took off *today's* default.
+THEN = " (the default then)"
+"""Marks a key that a run did not set but ran at an earlier default."""
 
-    An override is named unless it sets a key of the default to today's value (a lead that later
-    became the default). A key of the default that the run did not override but ran at another
-    value (the default of its day, read from the run's stored resolved ``recipe.yaml``) is named
-    with "(the default then)", so a row never passes for today's default when it is not.
+
+def off_default(record: dict, run: Path | None = None) -> list[str]:
+    """Every setting the run took off *today's* default of its router kind and variant.
+
+    An override is named unless it is the variant's own or sets a key of the default to today's
+    value (a lead that later became the default). A key of the default that the run did not
+    override but ran at another value (the default of its day, read from the run's stored
+    resolved ``recipe.yaml`` in ``run``) is named with "(the default then)", so a run never passes
+    for today's default when it is not.
     """
     import yaml
 
@@ -153,14 +160,18 @@ def _variant(record: dict, run: Path | None = None) -> str:
         named.add(key)
         if o in own or (stored is not None and key in today and ran(key) == today[key]):
             continue
-        extra.append(f" + `{o}`")
+        extra.append(o)
     if stored is not None:
-        extra += [
-            f" + `{k}={ran(k)}` (the default then)"
-            for k, v in today.items()
-            if k not in named and ran(k) != v
-        ]
-    return record["variant"] + "".join(extra)
+        extra += [f"{k}={ran(k)}{THEN}" for k, v in today.items() if k not in named and ran(k) != v]
+    return extra
+
+
+def _variant(record: dict, run: Path | None = None) -> str:
+    """The variant, plus every setting the run took off today's default (`off_default`)."""
+    return record["variant"] + "".join(
+        f" + `{o}`" if not o.endswith(THEN) else f" + `{o[: -len(THEN)]}`{THEN}"
+        for o in off_default(record, run)
+    )
 
 
 def rows(runs: Path, members: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:

@@ -117,12 +117,12 @@ def test_table_joins_run_folders_filters_members_and_names_off_default_settings(
 
 def test_select_reads_validation_verdicts_and_chooses_by_the_fixed_rule(finished, tmp_path):
     root, argv, record = finished
-    tagged = transfer_distill.main([*argv, "--tag", "lr1e-3", "stage1.lr=1e-3"])
-    assert (root / "runs" / "tiny" / "share_0.5_lr1e-3" / "transfer.json").is_file()
-    assert tagged["tag"] == "lr1e-3" and tagged["overrides"][-1] == "stage1.lr=1e-3"
+    tagged = transfer_distill.main([*argv, "--tag", "lr2e-3", "stage1.lr=2e-3"])
+    assert (root / "runs" / "tiny" / "share_0.5_lr2e-3" / "transfer.json").is_file()
+    assert tagged["tag"] == "lr2e-3" and tagged["overrides"][-1] == "stage1.lr=2e-3"
     text = transfer_select.main(["--runs", str(root / "runs"), "--allow", "tiny"])
     rows = [line for line in text.splitlines() if line.startswith("| ") and "`tiny`" in line]
-    assert len(rows) == 2 and "stage1.lr=1e-3`" in rows[1] and "stage1.lr" not in rows[0]
+    assert len(rows) == 2 and "stage1.lr=2e-3`" in rows[1] and "stage1.lr" not in rows[0]
     for row, rec in zip(rows, (record, tagged), strict=True):
         assert f"{rec['verdict']['zeda']['ppl_ratio']:.4f} / " in row  # the validation verdict's figures
     assert "no test text was read" in text and record["command"] in text and tagged["command"] in text
@@ -131,7 +131,7 @@ def test_select_reads_validation_verdicts_and_chooses_by_the_fixed_rule(finished
     # only candidates that beat every rule on every tuning member of the group qualify, and the
     # lowest mean increase wins unless it ties the default's.
     first, other = transfer_select.load([root / "runs"], ["tiny"])
-    assert other.label == first.label + " stage1.lr=1e-3"
+    assert other.label == first.label + " stage1.lr=2e-3"
     default = dataclasses.replace(first, label=transfer_select.DEFAULT)
 
     def as_(c, beats, increase):
@@ -215,11 +215,13 @@ def test_table_names_settings_against_todays_default(finished, tmp_path, monkeyp
     a lead's override that became the default is no longer named."""
     import shutil
 
+    import yaml
+
     import zeda.defaults
 
     root, argv, _ = finished
-    transfer_distill.main([*argv, "--tag", "lr1e-3", "stage1.lr=1e-3"])
-    for run in ("share_0.5", "share_0.5_lr1e-3"):
+    transfer_distill.main([*argv, "--tag", "lr2e-3", "stage1.lr=2e-3"])
+    for run in ("share_0.5", "share_0.5_lr2e-3"):
         if not (root / "runs" / "tiny" / run / "test_scores.json").is_file():
             transfer_score.main(
                 [
@@ -238,16 +240,16 @@ def test_table_names_settings_against_todays_default(finished, tmp_path, monkeyp
         return [line.split(" | ")[4] for line in text.splitlines() if line.startswith("| `tiny`")]
 
     before = variants()
-    assert "stage1.lr" not in before[0] and "`stage1.lr=1e-3`" in before[1]
-    # Today's default changes: the LoRA variant of this router kind now trains at lr 1e-3.
+    assert "stage1.lr" not in before[0] and "`stage1.lr=2e-3`" in before[1]
+    # Today's default changes: the LoRA variant of this router kind now trains at lr 2e-3.
     here = tmp_path / "defaults"
     shutil.copytree(zeda.defaults.HERE, here)
-    kind = zeda.defaults.FILES[zeda.defaults.router_kind_of(finished[2]["model"])[1]]
-    text = (here / kind).read_text()
-    anchor = "    balance: {alpha: 0.1}"
-    assert text.count(anchor) == 1  # the lora variant's last line
-    (here / kind).write_text(text.replace(anchor, anchor + "\n    stage1: {lr: 1.0e-3}"))
+    kind = zeda.defaults.router_kind_of(finished[2]["model"])[1]
+    was = zeda.defaults.default_values(kind, "lora")["stage1.lr"]
+    data = yaml.safe_load((here / zeda.defaults.FILES[kind]).read_text())
+    data["variants"]["lora"].setdefault("stage1", {})["lr"] = 2e-3
+    (here / zeda.defaults.FILES[kind]).write_text(yaml.safe_dump(data))
     monkeypatch.setattr(zeda.defaults, "HERE", here)
     after = variants()
-    assert "`stage1.lr=0.0005` (the default then)" in after[0]
+    assert f"`stage1.lr={was}` (the default then)" in after[0]
     assert "stage1.lr" not in after[1] and after[1] == before[0]
