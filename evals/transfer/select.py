@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evals.transfer.table import emit, off_default, reverdict
+from evals.transfer.table import THEN, emit, off_default, reverdict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def load(runs: Sequence[Path], allow: Sequence[str] = ()) -> list[Candidate]:
                     "chosen on tuning members only, so move its run out of --runs"
                 )
             kind = tuning[name] or (router_kind_of(record["model"]) or ("", "?"))[1]
-            extra = off_default(record, path.parent)
+            extra = [o + (THEN if then else "") for o, then in off_default(record, path.parent)]
             out.append(
                 Candidate(
                     member=name,

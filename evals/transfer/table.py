@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evals.transfer.distill import VARIANTS as VARIANT_OVERRIDES
+from evals.zoo.members import MEMBERS
 from zeda.evaluation.verdict import compare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,10 +68,6 @@ a top-2 router reaches 0, 50 or 100% only); every verdict is recomputed from its
 
 
 def _role(name: str) -> tuple[str, str]:
-    try:
-        from evals.zoo.members import MEMBERS
-    except ImportError:  # pragma: no cover - the zoo is part of the repo
-        return "?", "?"
     m = MEMBERS.get(name)
     return (m.role, m.router_shape) if m else ("outside the zoo", "?")
 
@@ -120,13 +117,8 @@ def _today(record: dict) -> dict:
     model's config cannot be read)."""
     from zeda.defaults import default_values, router_kind_of
 
-    try:
-        from evals.zoo.members import MEMBERS
-
-        model = str(MEMBERS[record["name"]].model_dir) if record["name"] in MEMBERS else record["model"]
-    except ImportError:  # pragma: no cover - the zoo is part of the repo
-        model = record["model"]
-    found = router_kind_of(model)
+    member = MEMBERS.get(record["name"])
+    found = router_kind_of(str(member.model_dir) if member else record["model"])
     return default_values(found[1], record["variant"]) if found else {}
 
 
@@ -134,8 +126,9 @@ THEN = " (the default then)"
 """Marks a key that a run did not set but ran at an earlier default."""
 
 
-def off_default(record: dict, run: Path | None = None) -> list[str]:
-    """Every setting the run took off *today's* default of its router kind and variant.
+def off_default(record: dict, run: Path | None = None) -> list[tuple[str, bool]]:
+    """Every setting the run took off *today's* default of its router kind and variant, as
+    ``(key=value, whether it was the default then)``.
 
     An override is named unless it is the variant's own or sets a key of the default to today's
     value (a lead that later became the default). A key of the default that the run did not
@@ -160,17 +153,16 @@ def off_default(record: dict, run: Path | None = None) -> list[str]:
         named.add(key)
         if o in own or (stored is not None and key in today and ran(key) == today[key]):
             continue
-        extra.append(o)
+        extra.append((o, False))
     if stored is not None:
-        extra += [f"{k}={ran(k)}{THEN}" for k, v in today.items() if k not in named and ran(k) != v]
+        extra += [(f"{k}={ran(k)}", True) for k, v in today.items() if k not in named and ran(k) != v]
     return extra
 
 
 def _variant(record: dict, run: Path | None = None) -> str:
     """The variant, plus every setting the run took off today's default (`off_default`)."""
     return record["variant"] + "".join(
-        f" + `{o}`" if not o.endswith(THEN) else f" + `{o[: -len(THEN)]}`{THEN}"
-        for o in off_default(record, run)
+        f" + `{o}`" + (THEN if then else "") for o, then in off_default(record, run)
     )
 
 
