@@ -53,7 +53,8 @@ validation text of every validation member it ran on (`evals/transfer/previous.m
 at 5e-4; the adoption compared validation figures only). Each run's checkpoint was
 chosen on its member's validation split (validation KL at the target share), the training-free
 rules were calibrated on validation text, and the test split was scored once per run, for this
-table, after training had ended; a run redone (e.g. on a member's retrained weights) replaces its row, so no
+table, after training had ended. So every setting and checkpoint here was chosen on validation text,
+and each row's test tokens were scored once, for this table; a run redone (e.g. on a member's retrained weights) replaces its row, so no
 row was picked among repeated runs. A variant cell names every setting a run took off today's default: an override fixed before
 the run (`balance.md`), not chosen by comparing runs, or a key that ran at an earlier default
 ("the default then"); a run that named a lead which later became the default names nothing. CPU-min: all threads of every invocation of the distillation
