@@ -329,3 +329,40 @@ def test_kd_losses_at_real_vocabulary_never_hold_a_full_fp32_copy() -> None:
         assert probe.fp32 <= chunk * vocab, f"a float32 tensor of {probe.fp32} elements (> one chunk)"
         assert student.grad.dtype == torch.bfloat16
         student.grad = None
+
+
+def test_cpu_chunks_stay_below_glibc_mmap_threshold_and_are_used_by_default() -> None:
+    """On CPU a float32 chunk stays under glibc's largest mmap threshold (32 MiB): larger blocks
+    are mapped and faulted in afresh on every allocation. Accelerators keep the larger budget
+    that `zeda.planning.memory` plans with."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from zeda.distillation import losses
+
+    for vocab in (4_096, 32_000, 151_936):
+        rows = losses.default_chunk_rows(vocab, "cpu")
+        assert rows * vocab * 4 <= 32 * 2**20
+        assert rows * vocab * 4 > 8 * 2**20  # not so small that per-chunk overhead dominates
+        assert losses.default_chunk_rows(vocab, "cuda") == losses.default_chunk_rows(vocab) == 2**24 // vocab
+    assert losses.default_chunk_rows(2**30, "cpu") == 1
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fp32 = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
+                    self.fp32 = max(self.fp32, o.numel())
+            return out
+
+    # bf16 logits: the only float32 tensors are the chunks, so the largest one shows the default.
+    vocab = 151_936
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 40, vocab, generator=g) * 2).to(torch.bfloat16).requires_grad_(True)
+    teacher = (torch.randn(2, 40, vocab, generator=g) * 2).to(torch.bfloat16)
+    with Largest() as probe:
+        forward_kl(student, teacher, torch.ones(2, 40)).backward()
+    assert probe.fp32 == losses.default_chunk_rows(vocab, "cpu") * vocab
