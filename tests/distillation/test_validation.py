@@ -111,10 +111,20 @@ def test_verdict_scores_every_rule_at_the_measured_share_and_reaches_the_export(
     assert rebuilt.get_base_model().config.zeda["verdict"] == rec
 
 
-def test_resume_continues_the_training_state_and_the_validation_record(straight, corpus, tmp_path):
+def test_resume_continues_the_training_state_and_the_validation_record(
+    straight, corpus, tmp_path, monkeypatch
+):
     run = tmp_path / "run"
     distill(original(corpus), cfg_for(corpus, run, "stage1.steps=4"), tiny_tokenizer())
+    # The rules at the target come back from the checkpoint's record: the resume calibrates
+    # only the verdict's rules at the end.
+    from zeda.distillation import validation
+
+    calls = []
+    real = validation.score_rules
+    monkeypatch.setattr(validation, "score_rules", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     student, result = distill(original(corpus), cfg_for(corpus, run, "train.resume=true"), tiny_tokenizer())
+    assert len(calls) == 1 and calls[0] != [TARGET]
     ref_run, _, ref_result, ref_trained = straight
     for name in ("checkpoint", "best"):
         a, b = (
@@ -126,6 +136,7 @@ def test_resume_continues_the_training_state_and_the_validation_record(straight,
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
     assert strip(metrics(run)) == strip(metrics(ref_run))
     assert result.best == ref_result.best and result.verdict == ref_result.verdict
+    assert result.rules_at_target == ref_result.rules_at_target
     assert all(torch.equal(p, ref_trained[n]) for n, p in student.named_parameters() if p.requires_grad)
 
 

@@ -123,8 +123,18 @@ class Validator:
             self.bad_evals, self.in_band = int(state.get("bad_evals", 0)), bool(state.get("in_band", False))
         self.best = self._stored_best(run_path)
         if rules:
-            with root_gathered(self.student):
-                self.rules_at_target = self._rules(self.target)
+            stored = (state or {}).get("rules_at_target")
+            if (
+                stored
+                and state.get("fingerprint") == self.fingerprint
+                and state.get("rules_key") == self._rules_key()
+            ):
+                # The rules run on the frozen original (teacher mode is bit-exact whatever the
+                # training did), so a resume on the same slice reuses them.
+                self.rules_at_target = stored
+            else:
+                with root_gathered(self.student):
+                    self.rules_at_target = self._rules(self.target)
             best = min(self.rules_at_target, key=lambda r: r["ppl_ratio"])
             logger.info(
                 "the rule to beat at %.1f%% skipped (validation, %d tokens): %s, ppl ratio %.4f, "
@@ -146,6 +156,10 @@ class Validator:
             logger.warning("%s was chosen on other validation text; a new best is chosen", ckpt)
             return None
         return state
+
+    def _rules_key(self) -> dict[str, Any]:
+        """What the rules at the target depend on beside the slice: the rules and the share."""
+        return {"kinds": list(POLICY_KINDS), "target": self.target, "calibration_tokens": CALIBRATION_TOKENS}
 
     def _rules(self, share: float) -> list[dict]:
         """Every rule calibrated to ``share`` and scored on the slice (the teacher mode's routers)."""
@@ -205,7 +219,10 @@ class Validator:
 
     def state_dict(self) -> dict[str, Any]:
         """The record a checkpoint keeps so that a resume continues the patience count."""
-        return {"bad_evals": self.bad_evals, "in_band": self.in_band, "fingerprint": self.fingerprint}
+        state = {"bad_evals": self.bad_evals, "in_band": self.in_band, "fingerprint": self.fingerprint}
+        if self.rules_at_target:
+            state.update(rules_at_target=self.rules_at_target, rules_key=self._rules_key())
+        return state
 
     # -- end -------------------------------------------------------------------------------
 
