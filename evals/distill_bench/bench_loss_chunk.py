@@ -115,6 +115,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--vocabs", type=int, nargs="*", default=list(VOCABS), help="loss cases (vocabularies)")
+    ap.add_argument("--members", nargs="*", default=list(MEMBERS), help="step cases (zoo members)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "WHAT", "LOG2"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,7 +124,8 @@ def main() -> None:
         kind, what, log2 = args.child
         print(json.dumps(_child(kind, what, int(log2), args.reps, args.threads)))
         return
-    cases = [("loss", str(v)) for v in VOCABS] + [("step", m) for m in MEMBERS]
+    load_before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    cases = [("loss", str(v)) for v in args.vocabs] + [("step", m) for m in args.members]
     lines = [
         f"| what | {' | '.join(f'2**{b} elements ({4 << b >> 20} MiB): s' for b in BUDGETS)} | "
         f"{' | '.join(f'2**{b} / 2**{BUDGETS[0]}' for b in BUDGETS[1:])} | peak RSS MiB ({', '.join(f'2**{b}' for b in BUDGETS)}) |",
@@ -141,10 +144,12 @@ def main() -> None:
         cells = [f"{med[b]:.3f}" for b in BUDGETS] + [f"{med[b] / med[BUDGETS[0]]:.2f}x" for b in BUDGETS[1:]]
         lines.append(f"| {label} | {' | '.join(cells)} | {', '.join(f'{rss[b]:.0f}' for b in BUDGETS)} |")
         print(lines[-1], flush=True)
+    load_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
     head = (
         f"Command (repo root): `python evals/distill_bench/bench_loss_chunk.py --threads {args.threads} "
-        f"--reps {args.reps}`\n\n{ROWS[0]} x {ROWS[1]} tokens, float32, {args.threads} thread(s), median of "
-        f"{args.reps} timed repetitions after one warm-up, each budget in a fresh process.\n\n"
+        f"--reps {args.reps} --vocabs {' '.join(map(str, args.vocabs))} --members {' '.join(args.members)}{' --out ' + args.out if args.out else ''}`\n\n{ROWS[0]} x {ROWS[1]} tokens, float32, {args.threads} thread(s), median of "
+        f"{args.reps} timed repetitions after one warm-up, each budget in a fresh process. Load average "
+        f"(1, 5, 15 min) before: {' '.join(load_before)}; after: {' '.join(load_after)}.\n\n"
     )
     text = head + "\n".join(lines) + "\n"
     print()
