@@ -147,3 +147,45 @@ def test_chunked_scores_of_a_peft_student() -> None:
     assert metrics["ppl"] == pytest.approx(math.exp(float(-s_lp.gather(-1, labels).mean())), rel=1e-5)
     assert held.teacher_nll == pytest.approx(float(-t_lp.gather(-1, labels).mean()), rel=1e-5)
     assert metrics["mean_kl"] > 0  # the adapters change the student
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_scoring_settings_together_equals_scoring_each_alone(family: str) -> None:
+    """`score_many` shares the teacher's side of each chunk; each setting's figures and counted
+    routing are exactly what `score` gives it alone, and `score_rules` takes the shared pass."""
+    from zeda.evaluation import curve
+    from zeda.evaluation.baselines import apply_policy, calibrate_rule
+    from zeda.zero.routing import router_settings
+
+    model = _injected(family)
+    blocks = token_batch(5, 12)
+    held = HeldOut(
+        blocks, model, lambda: zeda.teacher_mode(model), batch_size=2, progress=False, chunk_tokens=7
+    )
+    held.prepare()
+    with zeda.teacher_mode(model):
+        cal = calibrate_rule(model, "top_p", 0.3, [blocks])
+
+    @contextlib.contextmanager
+    def rule():
+        with zeda.teacher_mode(model), apply_policy(model, cal.policy):
+            yield
+
+    ctxs = [contextlib.nullcontext, lambda: router_settings(model, zero_logit_bias=2.0), rule]
+    together = held.score_many(model, ctxs, "together")
+    alone = [held.score(model, c, "alone") for c in ctxs]
+    for (m_t, tel_t), (m_a, tel_a) in zip(together, alone, strict=True):
+        assert m_t == m_a
+        assert tel_t.zero_share == tel_a.zero_share and tel_t.zero_share >= 0
+    assert len({m["mean_kl"] for m, _ in together}) == 3  # three different settings
+    assert held.score_many(model, [], "none") == []
+
+    rows = curve.score_rules(model, held, ["top_p", "threshold"], [0.3], lambda: zeda.teacher_mode(model))
+    for r in rows:
+
+        @contextlib.contextmanager
+        def ctx(cal=r.calibration):
+            with zeda.teacher_mode(model), apply_policy(model, cal.policy):
+                yield
+
+        assert held.score(model, ctx, "alone")[0] == r.metrics

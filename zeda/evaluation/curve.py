@@ -230,7 +230,7 @@ def score_rules(
     pick = torch.linspace(0, n - 1, min(n, count)).round().long().unique()
     cal_batches = list(torch.split(source[pick], held.batch_size))
     calibrated: dict[tuple[str, float], Calibration] = {}
-    out = []
+    settings: list[tuple[str, float, Calibration]] = []
     for kind in kinds:
         rule = kind.removesuffix("_no_renorm")  # renormalising does not change the share
         for target in sorted({round(s, 6) for s in targets if s >= 1e-3}):
@@ -238,13 +238,27 @@ def score_rules(
                 with teacher_ctx():
                     calibrated[(rule, target)] = calibrate_rule(bmodel, rule, target, cal_batches)
             cal = calibrated[(rule, target)]
-            cal = Calibration(kind, cal.value, cal.target_share, cal.achieved_share, cal.evaluations)
+            settings.append(
+                (
+                    kind,
+                    target,
+                    Calibration(kind, cal.value, cal.target_share, cal.achieved_share, cal.evaluations),
+                )
+            )
 
-            @contextlib.contextmanager
-            def ctx(cal: Calibration = cal) -> Iterator[None]:
-                with teacher_ctx(), apply_policy(bmodel, cal.policy):
-                    yield
+    def ctx_for(cal: Calibration) -> Callable[[], Any]:
+        @contextlib.contextmanager
+        def ctx() -> Iterator[None]:
+            with teacher_ctx(), apply_policy(bmodel, cal.policy):
+                yield
 
-            m, t = held.score(bmodel, ctx, f"{kind} @ {target:.2f}")
-            out.append(RuleScore(kind, target, cal, m, t))
-    return out
+        return ctx
+
+    if not settings:
+        return []
+    # One pass over the text for all of them: the teacher's side of each chunk is shared.
+    scored = held.score_many(bmodel, [ctx_for(cal) for _, _, cal in settings], f"{len(settings)} rules")
+    return [
+        RuleScore(kind, target, cal, m, t)
+        for (kind, target, cal), (m, t) in zip(settings, scored, strict=True)
+    ]
