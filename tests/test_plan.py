@@ -227,6 +227,7 @@ def test_prediction_matches_a_measured_step(tmp_path):
     )
     assert predicted.phase == "loss forward"
     assert row["malloc"] == "fixed" and row["onednn_primitive_cache_capacity"] == "0"
+    assert row["loss_chunk_elements"] == 2**24  # the GPU chunks the plan models
     assert predicted.total / GIB == pytest.approx(row["measured_peak_gib"], rel=0.1)
 
 

@@ -15,6 +15,7 @@ oneDNN's primitive cache is disabled (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``): on
 buffers for every distinct per-expert GEMM shape, which a GPU does not (see README.md). glibc's
 mmap and trim thresholds are fixed (``ZEDA_MEASURE_MALLOC=default`` keeps glibc's dynamic ones):
 freed tensors then leave the resident set, which follows the live tensors that the plan models.
+The losses run at a GPU's chunk size (`zeda.distillation.losses.CHUNK_ELEMENTS`), as planned.
 
 LoRA is split (zeda's default, no merged expert copy) unless ``--merged`` (PEFT's merged
 forward, ``lora.split=false``, the loop before split LoRA); ``--gradient-checkpointing``
@@ -132,6 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
     from zeda.planning import scaled_config
 
     torch.set_num_threads(args.threads)
+    # zeda's losses take smaller chunks on CPU (glibc's mmap threshold, see
+    # `zeda.distillation.losses.CPU_CHUNK_ELEMENTS`); the plan models a GPU's chunks, and so
+    # does this measurement.
+    from zeda.distillation import losses
+
+    losses.CPU_CHUNK_ELEMENTS = losses.CHUNK_ELEMENTS
     config = scaled_config(load_config(args.model_config), args.layers, args.experts)
     if config.vocab_size >= 151_669:
         tok = AutoTokenizer.from_pretrained(REPO / "tests/assets/qwen3_tokenizer")
@@ -220,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": _commit(),
         "onednn_primitive_cache_capacity": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
         "malloc": os.environ.get("ZEDA_MEASURE_MALLOC", "fixed"),
+        "loss_chunk_elements": losses.CPU_CHUNK_ELEMENTS,
     }
     text = json.dumps(row)
     if args.out:
