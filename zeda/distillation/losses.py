@@ -38,8 +38,8 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 24
 #: Float32 elements per chunk on CPU (16 MiB). glibc's malloc serves a block above its mmap
 #: threshold (32 MiB at most) with a fresh mapping that the kernel faults in and zeroes on every
-#: allocation; a chunk's temporaries below it reuse heap memory. At V = 151,936 this makes the
-#: loss ~2.5x faster (`evals/distill_bench/bench_loss_chunk.py`).
+#: allocation; a chunk's temporaries below it reuse heap memory. At V = 151,936 the loss took
+#: 0.37x and 0.66x the time in two runs (`evals/distill_bench/results_loss_chunk.md`).
 CPU_CHUNK_ELEMENTS = 1 << 22
 
 LossKind = Literal["forward_kl", "reverse_kl", "nll"]
