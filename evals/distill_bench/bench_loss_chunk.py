@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -38,9 +39,9 @@ MEMBERS = ("mixtral", "olmoe", "deepseek_v3")
 ROWS = (8, 256)
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
+def _loadavg() -> str:
+    path = Path("/proc/loadavg")
+    return " ".join(path.read_text().split()[:3]) if path.is_file() else "?"
 
 
 def loss_times(vocab: int, log2_elements: int, reps: int) -> list[float]:
@@ -105,7 +106,7 @@ def _child(kind: str, what: str, log2_elements: int, reps: int, threads: int) ->
     else:
         times = step_times(what, log2_elements, reps)
     return {
-        "median_s": _median(times),
+        "median_s": statistics.median_high(times),
         "times_s": times,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -124,7 +125,7 @@ def main() -> None:
         kind, what, log2 = args.child
         print(json.dumps(_child(kind, what, int(log2), args.reps, args.threads)))
         return
-    load_before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    load_before = _loadavg()
     cases = [("loss", str(v)) for v in args.vocabs] + [("step", m) for m in args.members]
     lines = [
         f"| what | {' | '.join(f'2**{b} elements ({4 << b >> 20} MiB): s' for b in BUDGETS)} | "
@@ -144,12 +145,14 @@ def main() -> None:
         cells = [f"{med[b]:.3f}" for b in BUDGETS] + [f"{med[b] / med[BUDGETS[0]]:.2f}x" for b in BUDGETS[1:]]
         lines.append(f"| {label} | {' | '.join(cells)} | {', '.join(f'{rss[b]:.0f}' for b in BUDGETS)} |")
         print(lines[-1], flush=True)
-    load_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    load_after = _loadavg()
     head = (
         f"Command (repo root): `python evals/distill_bench/bench_loss_chunk.py --threads {args.threads} "
         f"--reps {args.reps} --vocabs {' '.join(map(str, args.vocabs))} --members {' '.join(args.members)}{' --out ' + args.out if args.out else ''}`\n\n{ROWS[0]} x {ROWS[1]} tokens, float32, {args.threads} thread(s), median of "
         f"{args.reps} timed repetitions after one warm-up, each budget in a fresh process. Load average "
-        f"(1, 5, 15 min) before: {' '.join(load_before)}; after: {' '.join(load_after)}.\n\n"
+        f"(1, 5, 15 min) before: {load_before}; after: {load_after}. A speed "
+        "benchmark: no setting or checkpoint is chosen from it and no test tokens are read (random logits, the "
+        "members' training text).\n\n"
     )
     text = head + "\n".join(lines) + "\n"
     print()

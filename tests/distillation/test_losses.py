@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zeda.distillation import losses
 from zeda.distillation.losses import (
@@ -296,22 +297,23 @@ def test_token_logprobs_match_log_softmax_with_gradient() -> None:
     torch.testing.assert_close(s.grad, ref_s.grad)
 
 
+class _LargestFloat32(TorchDispatchMode):
+    """Records the element count of the largest float32 tensor any op makes while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fp32 = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
+                self.fp32 = max(self.fp32, o.numel())
+        return out
+
+
 def test_kd_losses_at_real_vocabulary_never_hold_a_full_fp32_copy() -> None:
     """V = 151,936 (Qwen3): every float32 tensor made during forward+backward is at most one chunk."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fp32 = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
-                    self.fp32 = max(self.fp32, o.numel())
-            return out
-
     vocab, b, t, chunk = 151_936, 2, 24, 8
     g = torch.Generator().manual_seed(0)
     student = (torch.randn(b, t, vocab, generator=g) * 2).to(torch.bfloat16).requires_grad_(True)
@@ -324,7 +326,7 @@ def test_kd_losses_at_real_vocabulary_never_hold_a_full_fp32_copy() -> None:
         lambda: token_nll(student, labels, mask, chunk_rows=chunk),
         lambda: token_logprobs(student, labels, chunk_rows=chunk).sum(),
     ):
-        with Largest() as probe:
+        with _LargestFloat32() as probe:
             fn().backward()
         assert probe.fp32 <= chunk * vocab, f"a float32 tensor of {probe.fp32} elements (> one chunk)"
         assert student.grad.dtype == torch.bfloat16
@@ -335,8 +337,6 @@ def test_cpu_chunks_stay_below_glibc_mmap_threshold_and_are_used_by_default() ->
     """On CPU a float32 chunk stays under glibc's largest mmap threshold (32 MiB): larger blocks
     are mapped and faulted in afresh on every allocation. Accelerators keep the larger budget
     that `zeda.planning.memory` plans with."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from zeda.distillation import losses
 
     for vocab in (4_096, 32_000, 151_936):
@@ -346,23 +346,11 @@ def test_cpu_chunks_stay_below_glibc_mmap_threshold_and_are_used_by_default() ->
         assert losses.default_chunk_rows(vocab, "cuda") == losses.default_chunk_rows(vocab) == 2**24 // vocab
     assert losses.default_chunk_rows(2**30, "cpu") == 1
 
-    class Largest(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fp32 = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
-                    self.fp32 = max(self.fp32, o.numel())
-            return out
-
     # bf16 logits: the only float32 tensors are the chunks, so the largest one shows the default.
     vocab = 151_936
     g = torch.Generator().manual_seed(0)
     student = (torch.randn(2, 40, vocab, generator=g) * 2).to(torch.bfloat16).requires_grad_(True)
     teacher = (torch.randn(2, 40, vocab, generator=g) * 2).to(torch.bfloat16)
-    with Largest() as probe:
+    with _LargestFloat32() as probe:
         forward_kl(student, teacher, torch.ones(2, 40)).backward()
     assert probe.fp32 == losses.default_chunk_rows(vocab, "cpu") * vocab

@@ -210,14 +210,16 @@ class HeldOut:
                     for collector in (tel, *more):
                         stack.enter_context(collector)
                     hiddens.append(final_hidden(model, ids))
+            # The positions that predict a next token, flattened once per batch (a copy: the
+            # slice is not contiguous), then cut into chunks.
             t_flat = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
+            flats = [hidden[:, :-1].reshape(-1, hidden.shape[-1]) for hidden in hiddens]
             for sl, _, labels in self._chunks(hiddens[0], ids):
-                t_h = t_flat[sl]
                 with t_head_ctx():
-                    t_lp = F.log_softmax(t_head(t_h.to(labels.device)).float(), dim=-1)
+                    t_lp = F.log_softmax(t_head(t_flat[sl].to(labels.device)).float(), dim=-1)
                 t_top = t_lp.argmax(-1)
-                for hidden, head_ctx, acc in zip(hiddens, head_ctxs, sums, strict=True):
-                    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[sl]
+                for flat, head_ctx, acc in zip(flats, head_ctxs, sums, strict=True):
+                    h = flat[sl]
                     with head_ctx():
                         s_lp = F.log_softmax(head(h).float(), dim=-1)
                     acc[0] += float(-s_lp.gather(-1, labels[:, None]).sum())
