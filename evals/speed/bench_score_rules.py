@@ -78,7 +78,9 @@ def main() -> None:
         f"Command (repo root): `python evals/speed/bench_score_rules.py --member {args.member} --tokens {args.tokens} "
         f"--reps {args.reps} --threads {args.threads}`\n\n"
         f"{len(ctxs)} rules at {args.share:.0%} on {int(blocks[:, 1:].numel())} validation tokens of `{args.member}` "
-        f"(V = {vocab:,}), {args.threads} thread(s), median of {args.reps}; figures equal both ways.\n\n"
+        f"(V = {vocab:,}), {args.threads} thread(s), median of {args.reps}; figures equal both ways. A speed "
+        "benchmark: no setting or checkpoint is chosen from it, the rules are calibrated and scored on "
+        "validation text, and no test tokens are read.\n\n"
         "| each rule alone (s) | all rules in one pass (s) | one pass / alone |\n|---|---|---|\n"
         f"| {a:.1f} | {t:.1f} | {t / a:.2f}x |"
     )
