@@ -59,6 +59,7 @@ from transformers import (
 import zeda  # noqa: F401  (registers the families)
 from evals.zoo import data as zdata
 from evals.zoo.members import CORPORA, MEMBERS, ROOT, Member, get_member
+from zeda.cpu_memory import reuse_freed_memory
 from zeda.families import get_spec
 
 log = logging.getLogger("evals.zoo.train")
@@ -806,7 +807,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_tokens = load_tokens(member, "train")
     val_tokens = load_tokens(member, "validation")
     invocation = shlex.join(["python", "-m", "evals.zoo.train", *argv])
-    train(member, model, train_tokens, val_tokens, args, invocation)
+    # As zeda's own CPU runs: freed host memory is reused, not faulted in afresh each step.
+    with reuse_freed_memory(args.device):
+        train(member, model, train_tokens, val_tokens, args, invocation)
 
 
 if __name__ == "__main__":
