@@ -15,7 +15,7 @@ from zeda import cpu_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A fresh process (glibc's own settings): page faults of the second of two 256 MiB tensors, and
+# A fresh process (glibc's own settings): page faults of a 256 MiB tensor after one was freed, and
 # the resident set after the block ends and the tensor is freed.
 _PROBE = """
 import json, resource, torch
@@ -24,13 +24,23 @@ from zeda.cpu_memory import reuse_freed_memory
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 
-def faults(n=64 * 2**20):
+def faults(n=64 * 2**20, reps=3):
+    # The fewest over a few repeats: something outside the allocator (seen once in a full test
+    # run) can fault in a reused block's pages again; glibc's own mmap path faults in every time.
     a = torch.empty(n); a.fill_(1.0); del a
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    a = torch.empty(n); a.fill_(1.0); del a
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    counts = []
+    for _ in range(reps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = torch.empty(n); a.fill_(1.0); del a
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return min(counts)
 
-out = {"before": faults()}
+import ctypes, os, resource as r
+out = {
+    "env": sorted(k for k in os.environ if k.startswith(("MALLOC", "LD_", "GLIBC", "THP", "PYTORCH", "TORCH"))),
+    "rlimit_data_as": [r.getrlimit(r.RLIMIT_DATA), r.getrlimit(r.RLIMIT_AS)],
+    "before": faults(),
+}
 with reuse_freed_memory("cpu") as on:
     out["on"] = on
     with reuse_freed_memory("cpu") as inner:
@@ -64,7 +74,7 @@ def test_freed_blocks_are_reused_inside_and_glibc_is_restored_after() -> None:
     out = _probe()
     assert out["before"] > 0.9 * PAGES  # glibc maps and zeroes every large block afresh
     assert out["on"] is True and out["inner"] is True
-    assert out["inside"] < 0.02 * PAGES  # the freed block is reused: no page faults
+    assert out["inside"] < 0.02 * PAGES, out  # the freed block is reused: no page faults
     assert out["trimmed"] > 200 * 2**20  # the kept heap goes back to the kernel at the end
     assert out["after"] > 0.9 * PAGES  # glibc's own behaviour again
     assert out["meta"] is False
@@ -72,8 +82,9 @@ def test_freed_blocks_are_reused_inside_and_glibc_is_restored_after() -> None:
 
 @pytest.mark.skipif(cpu_memory._glibc() is None or not sys.platform.startswith("linux"), reason="glibc only")
 def test_the_users_own_malloc_tunables_are_left_alone() -> None:
-    out = _probe(MALLOC_TRIM_THRESHOLD_="131072")
-    assert out["on"] is False and out["inside"] > 0.9 * PAGES
+    for env in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"MALLOC_ARENA_MAX": "2"}):
+        out = _probe(**env)
+        assert out["on"] is False and out["inside"] > 0.9 * PAGES, env
 
 
 def test_a_cpu_run_trains_inside_the_block(tmp_path, monkeypatch) -> None:
@@ -108,6 +119,6 @@ def test_a_cpu_run_trains_inside_the_block(tmp_path, monkeypatch) -> None:
     )
     monkeypatch.chdir(tmp_path)
     zeda.pipeline.run("recipe.yaml", evaluate=False)
-    glibc = cpu_memory._glibc() is not None and not any(k in os.environ for k in cpu_memory._USER_TUNABLES)
+    glibc = cpu_memory._glibc() is not None and not cpu_memory._user_tuned()
     assert seen == [("cpu", glibc), ("distill", int(glibc))]
     assert cpu_memory._depth == 0  # restored after the run

@@ -12,7 +12,7 @@ allocator (jemalloc, tcmalloc) for the same reason.
 not to trim it: a freed block is reused by the next allocation without faults. The resident set
 then stays at the run's peak until the run ends, when the settings go back and the free heap is
 handed back (``malloc_trim``). Nothing changes where the C library is not glibc, on accelerators,
-or when the user set glibc's own ``MALLOC_*`` tunables.
+or when the environment sets any of glibc's own ``MALLOC_*`` (or ``GLIBC_TUNABLES``) tunables.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ ENABLED = True
 # <malloc.h> parameter numbers, and glibc's defaults that the settings return to.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_USER_TUNABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def _user_tuned() -> bool:
+    """Whether the environment sets any of glibc's malloc tunables (then they are left alone)."""
+    return "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ)
+
 
 _depth = 0
 
@@ -71,7 +76,7 @@ def reuse_freed_memory(device: torch.device | str | None) -> Iterator[bool]:
         and _depth == 0
         and device is not None
         and torch.device(device).type == "cpu"
-        and not any(k in os.environ for k in _USER_TUNABLES)
+        and not _user_tuned()
     ):
         libc = _glibc()
     if libc is None:
