@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evals.distill_bench.bench_loss_chunk import ROWS, _loadavg, step_times  # noqa: E402
+from evals.distill_bench.bench_loss_chunk import ROWS, _loadavg, emit, step_times  # noqa: E402
 
 MEMBERS = ("mixtral", "olmoe", "deepseek_v3")
 
@@ -91,11 +91,7 @@ def main() -> None:
         f"{_loadavg()}. A speed benchmark: no setting or checkpoint is chosen from it and no test tokens "
         "are read (the members' training text).\n\n"
     )
-    text = head + "\n".join(lines) + "\n"
-    print()
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(head, lines, args.out)
 
 
 if __name__ == "__main__":

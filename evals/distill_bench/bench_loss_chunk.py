@@ -44,6 +44,15 @@ def _loadavg() -> str:
     return " ".join(path.read_text().split()[:3]) if path.is_file() else "?"
 
 
+def emit(head: str, lines: list[str], out: str | None) -> None:
+    """Print the results file (a header paragraph, then the table) and write it to ``out`` if given."""
+    text = head + "\n".join(lines) + "\n"
+    print()
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def loss_times(vocab: int, log2_elements: int, reps: int) -> list[float]:
     """Seconds per forward + backward of forward KL on ``(8, 256, vocab)`` logits."""
     import torch
@@ -154,11 +163,7 @@ def main() -> None:
         "benchmark: no setting or checkpoint is chosen from it and no test tokens are read (random logits, the "
         "members' training text).\n\n"
     )
-    text = head + "\n".join(lines) + "\n"
-    print()
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(head, lines, args.out)
 
 
 if __name__ == "__main__":
