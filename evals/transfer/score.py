@@ -16,7 +16,12 @@ Scoring is `zeda.evaluation.heldout.HeldOut` (the evaluation's own scorer) and
 logits are never held whole. The validation verdict of the run (``result.json``) is copied beside
 the test figures. Writes ``<run>/test_scores.json`` (or ``--out``).
 
+``--split validation`` scores the run's own validation text the same way and writes
+``<run>/validation_scores.json``: figures a setting may be chosen on (``evals/transfer/select.py``
+shows its expert loads), since no test token is read.
+
     python -m evals.transfer.score runs/transfer/mixtral/share_0.5 --threads 1
+    python -m evals.transfer.score runs/select/reference/share_0.5_lora --split validation
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a finished run directory (recipe.yaml, export/)")
     ap.add_argument("--test", help="test JSONL (default: test.jsonl beside the run's data.eval_file)")
+    ap.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="validation: score the run's own validation text (data.eval_file) instead of test text",
+    )
     ap.add_argument("--tokens", type=int, default=32768, help="test tokens scored")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per test block")
     ap.add_argument(
@@ -43,8 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="results JSON (default: <run>/test_scores.json)")
+    ap.add_argument("--out", help="results JSON (default: <run>/<split>_scores.json)")
     args = ap.parse_args(argv)
+    if args.test and args.split == "validation":
+        ap.error("--test names test text; --split validation scores the run's validation text: give one")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (export / "config.json").is_file():
         raise SystemExit(f"{export} holds no export; finish the run first (evals/transfer/distill.py)")
     validation = Path(cfg.data.eval_file)
-    test = Path(args.test) if args.test else validation.with_name("test.jsonl")
+    test = validation if args.split == "validation" else Path(args.test or validation.with_name("test.jsonl"))
     tokenizer = zeda.load_tokenizer(cfg.model.name_or_path)
     blocks = pack_texts(read_jsonl(test, cfg.data.text_field), tokenizer, args.seq_len, args.tokens)
     blocks = blocks[: max(1, args.tokens // args.seq_len)]
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     original_tel = RouterTelemetry(original, count_original=True)
     held.prepare(telemetry=[original_tel])
     model = zeda.load(export)
-    metrics, tel = held.score(model, contextlib.nullcontext, "zeda (test)")
+    metrics, tel = held.score(model, contextlib.nullcontext, f"zeda ({args.split})")
     zeda_row = {
         "zero_share": tel.zero_share,
         **{k: metrics[k] for k in ("ppl", "ppl_ratio", "top1_agreement", "mean_kl")},
@@ -98,13 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     rule_rows = [
         {**r.row(), "ppl": r.metrics["ppl"], "calibrated_share": r.calibration.achieved_share} for r in rules
     ]
-    verdict = compare(zeda_row, rule_rows, "test", tokens=metrics["tokens"])
+    verdict = compare(zeda_row, rule_rows, args.split, tokens=metrics["tokens"])
     result_json = run / "result.json"
     validation_verdict = json.loads(result_json.read_text()).get("verdict") if result_json.is_file() else None
     out = {
         "run": str(run),
         "model": cfg.model.name_or_path,
         "export": str(export),
+        "split": args.split,
         "test_file": str(test),
         "calibrated_on": str(validation),
         "tokens": metrics["tokens"],
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "validation_verdict": validation_verdict,
         "command": "python -m evals.transfer.score " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
-    path = Path(args.out) if args.out else run / "test_scores.json"
+    path = Path(args.out) if args.out else run / f"{args.split}_scores.json"
     path.write_text(json.dumps(out, indent=1))
     print(verdict.summary())
     print(f"wrote {path}")

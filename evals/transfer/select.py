@@ -5,7 +5,10 @@ one variant and target share, each the router kind's current default plus the ca
 ``key=value`` overrides (the default itself has none), run on the kind's tuning members
 (``evals/zoo/members.py``). It reads only each run's own validation verdict (``transfer.json``):
 test scores are never opened, and a run of a validation member is refused, because settings may
-be chosen on tuning members only.
+be chosen on tuning members only. Where a run was also scored on its own validation text
+(``python -m evals.transfer.score RUN --split validation``, ``validation_scores.json``), the table
+shows its busiest real expert's load beside the original's (issue 25, goal 5); a scores file of
+any other text is refused.
 
 The choice rule is fixed before any run (`choose`): per router kind, variant and share, a candidate
 qualifies when it ran on every tuning member of the group and beat every training-free rule on
@@ -51,6 +54,9 @@ class Candidate:
         label: The overrides beyond the variant's own, joined; `DEFAULT` when none.
         verdict: The run's validation verdict, recomputed from its stored figures.
         record: The run's ``transfer.json``.
+        loads: ``{"zeda": {layer: ratio}, "original": {...}}``: per MoE layer, the busiest real
+            expert's load over the mean real-expert load on validation text
+            (``validation_scores.json``), or None when the run was not scored there.
     """
 
     member: str
@@ -60,6 +66,7 @@ class Candidate:
     label: str
     verdict: dict
     record: dict
+    loads: dict | None = None
 
     @property
     def increase(self) -> float:
@@ -108,6 +115,16 @@ def load(runs: Sequence[Path], allow: Sequence[str] = ()) -> list[Candidate]:
                 )
             kind = tuning[name] or (router_kind_of(record["model"]) or ("", "?"))[1]
             extra = [o + (THEN if then else "") for o, then in off_default(record, path.parent)]
+            loads = None
+            scores_path = path.parent / "validation_scores.json"
+            if scores_path.is_file():
+                scores = json.loads(scores_path.read_text())
+                if scores.get("split") != "validation" or scores["test_file"] != scores["calibrated_on"]:
+                    raise SystemExit(
+                        f"{scores_path}: scored {scores.get('test_file')}, not the run's validation text; "
+                        "rescore it with `python -m evals.transfer.score RUN --split validation`"
+                    )
+                loads = scores["expert_load_ratio"]
             out.append(
                 Candidate(
                     member=name,
@@ -117,6 +134,7 @@ def load(runs: Sequence[Path], allow: Sequence[str] = ()) -> list[Candidate]:
                     label=" ".join(extra) or DEFAULT,
                     verdict=reverdict(record["verdict"]),
                     record=record,
+                    loads=loads,
                 )
             )
     return out
@@ -155,17 +173,32 @@ def choose(cands: Sequence[Candidate]) -> dict[tuple[str, str, float], dict]:
     return out
 
 
+def _loads(loads: dict | None) -> str:
+    """``max zeda (max original); worst layer's zeda / original``, or a dash."""
+    if not loads:
+        return "—"
+    z, o = loads["zeda"], loads["original"]
+    worst = max(z[i] / o[i] for i in z if o.get(i))
+    return f"{max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer"
+
+
 def _figs(d: dict) -> str:
     return f"{d['ppl_ratio']:.4f} / {d['top1_agreement']:.3f} / {d['mean_kl']:.4f}"
 
 
 def render(cands: Sequence[Candidate], choice: dict) -> str:
     """The markdown: the validation table, the choice per group and the commands."""
+    with_loads = any(c.loads for c in cands)
     lines = [
         "| router kind | variant | target | candidate | member | steps (stop) | CPU-min | validation: skipped "
         "| zeda ppl ratio / agr. / KL | best rule, ppl ratio / agr. / KL | increase / best rule's | beats every "
-        "rule on all three |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "rule on all three |"
+        + (
+            " busiest real expert / mean, validation: zeda (original), at most over layers |"
+            if with_loads
+            else ""
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_loads else ""),
     ]
     for c in sorted(cands, key=lambda c: (c.kind, c.variant, c.share, c.label != DEFAULT, c.label, c.member)):
         v, r = c.verdict, c.record
@@ -175,7 +208,7 @@ def render(cands: Sequence[Candidate], choice: dict) -> str:
             f"| {c.kind} | {c.variant} | {c.share:.0%} | {'`' + c.label + '`' if c.label != DEFAULT else DEFAULT} "
             f"| `{c.member}` | {steps} ({r.get('stop_reason') or 'done'}) | {r['cpu_seconds'] / 60:.0f} "
             f"| {v['zero_share']:.1%} | {_figs(v['zeda'])} | {v['rule']}: {_figs(v['rule_figures'])} | {inc} "
-            f"| {'yes' if v.get('beats') else 'no'} |"
+            f"| {'yes' if v.get('beats') else 'no'} |" + (f" {_loads(c.loads)} |" if with_loads else "")
         )
     lines += [
         "",

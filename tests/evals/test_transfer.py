@@ -157,6 +157,44 @@ def test_select_reads_validation_verdicts_and_chooses_by_the_fixed_rule(finished
     )
 
 
+def test_validation_scores_read_no_test_text_and_select_shows_their_loads(finished, tmp_path, capsys):
+    root, _, record = finished
+    src = root / "runs" / "tiny" / "share_0.5"
+    runs = tmp_path / "runs"
+    (runs / "tiny").mkdir(parents=True)
+    for name in ("transfer.json", "recipe.yaml"):  # select reads these; the export stays where it is
+        (runs / "tiny" / "share_0.5").mkdir(exist_ok=True)
+        (runs / "tiny" / "share_0.5" / name).write_bytes((src / name).read_bytes())
+    (runs / "tiny" / "share_0.5.recipe.yaml").write_bytes((src.parent / "share_0.5.recipe.yaml").read_bytes())
+    small = ["--tokens", "512", "--seq-len", "32", "--calibration-tokens", "256"]
+    out = transfer_score.main([str(src), "--split", "validation", *small])
+    assert out["split"] == "validation" and out["verdict"]["split"] == "validation"
+    assert out["test_file"] == out["calibrated_on"] and out["test_file"].endswith("validation.jsonl")
+    scores = src / "validation_scores.json"
+    (runs / "tiny" / "share_0.5" / "validation_scores.json").write_bytes(scores.read_bytes())
+    z, o = out["expert_load_ratio"]["zeda"], out["expert_load_ratio"]["original"]
+    text = transfer_select.main(["--runs", str(runs), "--allow", "tiny"])
+    (row,) = [line for line in text.splitlines() if line.startswith("| ") and "`tiny`" in line]
+    worst = max(z[i] / o[i] for i in z)
+    assert row.endswith(
+        f"| {max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer |"
+    )
+    assert "busiest real expert / mean, validation" in text
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        transfer_score.main([str(src), "--split", "validation", "--test", "x.jsonl"])
+    assert "--test names test text" in capsys.readouterr().err
+
+    # A scores file of test text next to a candidate is refused: settings are chosen on validation text.
+    test_scores = transfer_score.main([str(src), *small, "--out", str(tmp_path / "t.json")])
+    bad = runs / "tiny" / "share_0.5" / "validation_scores.json"
+    bad.write_text(json.dumps(test_scores))
+    before = bad.read_bytes()
+    with pytest.raises(SystemExit, match="not the run's validation text"):
+        transfer_select.main(["--runs", str(runs), "--allow", "tiny"])
+    assert bad.read_bytes() == before
+
+
 def test_select_refuses_a_validation_member(finished, tmp_path):
     root, _, _ = finished
     run = tmp_path / "runs" / "mixtral" / "share_0.5"
