@@ -36,10 +36,10 @@ def faults(n=64 * 2**20, reps=3):
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return counts
 
-import ctypes, os, resource as r
+import os
 out = {
     "env": sorted(k for k in os.environ if k.startswith(("MALLOC", "LD_", "GLIBC", "THP", "PYTORCH", "TORCH"))),
-    "rlimit_data_as": [r.getrlimit(r.RLIMIT_DATA), r.getrlimit(r.RLIMIT_AS)],
+    "rlimit_data_as": [resource.getrlimit(resource.RLIMIT_DATA), resource.getrlimit(resource.RLIMIT_AS)],
     "before": faults(),
 }
 with reuse_freed_memory("cpu") as on:
