@@ -9,7 +9,10 @@ an export), on the model's test split, against the original model:
   validation text to that measured share (matched routed-expert FLOPs), scored on the same test
   tokens;
 - the comparison (`zeda.evaluation.verdict.compare`): the best rule, zeda's perplexity increase
-  divided by that rule's, and whether zeda is at least as good as every rule on all three.
+  divided by that rule's, and whether zeda is at least as good as every rule on all three;
+- per MoE layer, the busiest real expert's load over the mean real-expert load of the export, the
+  original (``expert_load_ratio``), every rule (``rule_load_ratio``) and the best rule
+  (``expert_load_ratio.best_rule``).
 
 Scoring is `zeda.evaluation.heldout.HeldOut` (the evaluation's own scorer) and
 `zeda.evaluation.curve.score_rules` (the evaluation's own calibration); the original's test
@@ -112,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
         {**r.row(), "ppl": r.metrics["ppl"], "calibrated_share": r.calibration.achieved_share} for r in rules
     ]
     verdict = compare(zeda_row, rule_rows, args.split, tokens=metrics["tokens"])
+    # Skipping by rank concentrates the real slots on each token's first choices whoever skips,
+    # so the best rule's loads at the same share are the fair measure of what training adds.
+    rule_loads = {r.label: r.telemetry.load_ratio for r in rules}
+    if verdict.rule in rule_loads:
+        loads["best_rule"] = rule_loads[verdict.rule]
     result_json = run / "result.json"
     validation_verdict = json.loads(result_json.read_text()).get("verdict") if result_json.is_file() else None
     out = {
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rules": rule_rows,
         "verdict": verdict.to_dict(),
         "expert_load_ratio": {k: {str(i): v for i, v in d.items()} for k, d in loads.items()},
+        "rule_load_ratio": {k: {str(i): v for i, v in d.items()} for k, d in rule_loads.items()},
         "validation_verdict": validation_verdict,
         "command": "python -m evals.transfer.score " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }

@@ -54,7 +54,7 @@ class Candidate:
         label: The overrides beyond the variant's own, joined; `DEFAULT` when none.
         verdict: The run's validation verdict, recomputed from its stored figures.
         record: The run's ``transfer.json``.
-        loads: ``{"zeda": {layer: ratio}, "original": {...}}``: per MoE layer, the busiest real
+        loads: ``{"zeda": {layer: ratio}, "original": {...}[, "best_rule": {...}]}``: per MoE layer, the busiest real
             expert's load over the mean real-expert load on validation text
             (``validation_scores.json``), or None when the run was not scored there.
     """
@@ -174,12 +174,15 @@ def choose(cands: Sequence[Candidate]) -> dict[tuple[str, str, float], dict]:
 
 
 def _loads(loads: dict | None) -> str:
-    """``max zeda (max original); worst layer's zeda / original``, or a dash."""
+    """``max zeda (max original); worst layer's zeda / original[; best rule max]``, or a dash."""
     if not loads:
         return "—"
     z, o = loads["zeda"], loads["original"]
     worst = max(z[i] / o[i] for i in z if o.get(i))
-    return f"{max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer"
+    rule = f"; best rule {max(loads['best_rule'].values()):.1f}" if loads.get("best_rule") else ""
+    return (
+        f"{max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer{rule}"
+    )
 
 
 def _figs(d: dict) -> str:
@@ -194,7 +197,7 @@ def render(cands: Sequence[Candidate], choice: dict) -> str:
         "| zeda ppl ratio / agr. / KL | best rule, ppl ratio / agr. / KL | increase / best rule's | beats every "
         "rule on all three |"
         + (
-            " busiest real expert / mean, validation: zeda (original), at most over layers |"
+            " busiest real expert / mean, validation: zeda (original), at most over layers; best rule where scored |"
             if with_loads
             else ""
         ),

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADER = (
     "| model | role | router | target | variant | steps (stop) | CPU-min | validation: zeda vs best rule "
     "(ppl ratio) | test: skipped | test: zeda ppl ratio / agr. / KL | test: best rule, ppl ratio / agr. / KL "
-    "| increase / best rule's | better than every rule on all three | busiest expert / mean, zeda (original) |\n"
+    "| increase / best rule's | better than every rule on all three | busiest expert / mean, zeda (original; best rule where scored) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -88,7 +88,8 @@ def _loads(scores: dict) -> str:
     if not loads:
         return "—"
     z, o = loads["zeda"], loads["original"]
-    return f"{max(z.values()):.1f} ({max(o.values()):.1f}) at most over layers"
+    rule = f"; best rule {max(loads['best_rule'].values()):.1f}" if loads.get("best_rule") else ""
+    return f"{max(z.values()):.1f} ({max(o.values()):.1f}{rule}) at most over layers"
 
 
 def reverdict(verdict: dict) -> dict:

@@ -74,6 +74,12 @@ def test_score_rates_the_export_and_every_rule_on_test(finished, tmp_path):
     loads = out["expert_load_ratio"]
     assert loads["original"].keys() == loads["zeda"].keys() and loads["original"]
     assert all(v >= 1.0 for d in loads.values() for v in d.values())
+    # Every rule's, counted while it skipped; the best rule's beside zeda's.
+    assert sorted(out["rule_load_ratio"]) == sorted(r["rule"] for r in out["rules"])
+    assert loads["best_rule"] == out["rule_load_ratio"][out["verdict"]["rule"]]
+    assert all(d.keys() == loads["original"].keys() for d in out["rule_load_ratio"].values())
+    # A rule that skips slots moves load among the experts, so its loads are not the original's.
+    assert any(d != loads["original"] for d in out["rule_load_ratio"].values())
 
 
 def test_table_lists_the_scored_run_with_its_commands(finished):
@@ -89,6 +95,8 @@ def test_table_lists_the_scored_run_with_its_commands(finished):
     assert f"{scores['verdict']['zeda']['ppl_ratio']:.4f}" in row
     assert ("| yes |" in row) == bool(scores["verdict"]["beats"]) != ("| no: " in row)
     assert record["command"] in text and scores["command"] in text
+    z, o, b = (scores["expert_load_ratio"][k] for k in ("zeda", "original", "best_rule"))
+    assert f"| {max(z.values()):.1f} ({max(o.values()):.1f}; best rule {max(b.values()):.1f}) at most" in row
 
 
 def test_table_joins_run_folders_filters_members_and_names_off_default_settings(finished, tmp_path):
@@ -176,8 +184,10 @@ def test_validation_scores_read_no_test_text_and_select_shows_their_loads(finish
     text = transfer_select.main(["--runs", str(runs), "--allow", "tiny"])
     (row,) = [line for line in text.splitlines() if line.startswith("| ") and "`tiny`" in line]
     worst = max(z[i] / o[i] for i in z)
+    best = max(out["expert_load_ratio"]["best_rule"].values())
     assert row.endswith(
-        f"| {max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer |"
+        f"| {max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer; "
+        f"best rule {best:.1f} |"
     )
     assert "busiest real expert / mean, validation" in text
     capsys.readouterr()
