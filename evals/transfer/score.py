@@ -12,7 +12,8 @@ an export), on the model's test split, against the original model:
   divided by that rule's, and whether zeda is at least as good as every rule on all three;
 - per MoE layer, the busiest real expert's load over the mean real-expert load of the export, the
   original (``expert_load_ratio``), every rule (``rule_load_ratio``) and the best rule
-  (``expert_load_ratio.best_rule``).
+  (``expert_load_ratio.best_rule``), and the share each MoE layer skipped in the export and under
+  the best rule (``zero_share_per_layer``).
 
 Scoring is `zeda.evaluation.heldout.HeldOut` (the evaluation's own scorer) and
 `zeda.evaluation.curve.score_rules` (the evaluation's own calibration); the original's test
@@ -118,8 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     # Skipping by rank concentrates the real slots on each token's first choices whoever skips,
     # so the best rule's loads at the same share are the fair measure of what training adds.
     rule_loads = {r.label: r.telemetry.load_ratio for r in rules}
+    # A layer that skips more than the others keeps fewer real slots a token, so its load is
+    # read beside its share.
+    shares = {"zeda": tel.per_layer}
     if verdict.rule in rule_loads:
         loads["best_rule"] = rule_loads[verdict.rule]
+        shares["best_rule"] = next(r.telemetry.per_layer for r in rules if r.label == verdict.rule)
     result_json = run / "result.json"
     validation_verdict = json.loads(result_json.read_text()).get("verdict") if result_json.is_file() else None
     out = {
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         "verdict": verdict.to_dict(),
         "expert_load_ratio": {k: {str(i): v for i, v in d.items()} for k, d in loads.items()},
         "rule_load_ratio": {k: {str(i): v for i, v in d.items()} for k, d in rule_loads.items()},
+        "zero_share_per_layer": {k: {str(i): v for i, v in d.items()} for k, d in shares.items()},
         "validation_verdict": validation_verdict,
         "command": "python -m evals.transfer.score " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }

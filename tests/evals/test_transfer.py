@@ -80,6 +80,14 @@ def test_score_rates_the_export_and_every_rule_on_test(finished, tmp_path):
     assert all(d.keys() == loads["original"].keys() for d in out["rule_load_ratio"].values())
     # A rule that skips slots moves load among the experts, so its loads are not the original's.
     assert any(d != loads["original"] for d in out["rule_load_ratio"].values())
+    # Each layer's skipped share, whose mean over layers is the share over all slots.
+    per_layer = out["zero_share_per_layer"]
+    assert per_layer["zeda"].keys() == per_layer["best_rule"].keys() == loads["original"].keys()
+    for who, share in (
+        ("zeda", out["zeda"]["zero_share"]),
+        ("best_rule", out["verdict"]["rule_figures"]["zero_share"]),
+    ):
+        assert sum(per_layer[who].values()) / len(per_layer[who]) == pytest.approx(share, abs=1e-6)
 
 
 def test_table_lists_the_scored_run_with_its_commands(finished):
