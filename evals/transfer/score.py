@@ -118,13 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     verdict = compare(zeda_row, rule_rows, args.split, tokens=metrics["tokens"])
     # Skipping by rank concentrates the real slots on each token's first choices whoever skips,
     # so the best rule's loads at the same share are the fair measure of what training adds.
-    rule_loads = {r.label: r.telemetry.load_ratio for r in rules}
+    by_label = {r.label: r.telemetry for r in rules}
+    rule_loads = {label: t.load_ratio for label, t in by_label.items()}
     # A layer that skips more than the others keeps fewer real slots a token, so its load is
     # read beside its share.
     shares = {"zeda": tel.per_layer}
-    if verdict.rule in rule_loads:
+    if verdict.rule in by_label:
         loads["best_rule"] = rule_loads[verdict.rule]
-        shares["best_rule"] = next(r.telemetry.per_layer for r in rules if r.label == verdict.rule)
+        shares["best_rule"] = by_label[verdict.rule].per_layer
     result_json = run / "result.json"
     validation_verdict = json.loads(result_json.read_text()).get("verdict") if result_json.is_file() else None
     out = {

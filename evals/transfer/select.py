@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evals.transfer.table import THEN, emit, off_default, reverdict
+from evals.transfer.table import THEN, best_rule_load, emit, off_default, reverdict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -179,9 +179,9 @@ def _loads(loads: dict | None) -> str:
         return "—"
     z, o = loads["zeda"], loads["original"]
     worst = max(z[i] / o[i] for i in z if o.get(i))
-    rule = f"; best rule {max(loads['best_rule'].values()):.1f}" if loads.get("best_rule") else ""
     return (
-        f"{max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer{rule}"
+        f"{max(z.values()):.1f} ({max(o.values()):.1f}); {worst:.2f}× the original's in the worst layer"
+        + best_rule_load(loads)
     )
 
 

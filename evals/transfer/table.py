@@ -88,8 +88,13 @@ def _loads(scores: dict) -> str:
     if not loads:
         return "—"
     z, o = loads["zeda"], loads["original"]
-    rule = f"; best rule {max(loads['best_rule'].values()):.1f}" if loads.get("best_rule") else ""
-    return f"{max(z.values()):.1f} ({max(o.values()):.1f}{rule}) at most over layers"
+    return f"{max(z.values()):.1f} ({max(o.values()):.1f}{best_rule_load(loads)}) at most over layers"
+
+
+def best_rule_load(loads: dict) -> str:
+    """``"; best rule <its busiest expert's load at most over layers>"``, or "" for runs scored before
+    the rules' loads were recorded."""
+    return f"; best rule {max(loads['best_rule'].values()):.1f}" if loads.get("best_rule") else ""
 
 
 def reverdict(verdict: dict) -> dict:
