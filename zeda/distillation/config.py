@@ -211,10 +211,22 @@ class Stage1Config:
     """Response length of teacher rollouts (rollout mode)."""
     rollout_batch_size: int = 8
     """Prompts per teacher generation call (rollout mode)."""
+    head_budget: float | None = None
+    """Cap on the logits' work per step: where the original's ``lm_head`` costs more FLOPs per
+    token than ``head_budget`` times the rest of the model (`zeda.evaluation.flops.lm_head_ratio`,
+    a small model with a large vocabulary), each step computes and trains the logits of a random
+    share ``head_budget / ratio`` of the positions, drawn afresh every step; the model still runs
+    on every token. Real checkpoints' ratio is 0.03-0.2, so any budget of 1 or more leaves them
+    exact. None: every position, always."""
 
     def validate(self) -> None:
         """Raise `ZedaError` on an invalid value."""
         check_config(self.steps >= 0, "stage1.steps", f"must be >= 0, got {self.steps}")
+        check_config(
+            self.head_budget is None or (self.head_budget > 0 and math.isfinite(self.head_budget)),
+            "stage1.head_budget",
+            f"must be finite and > 0, or null (every position), got {self.head_budget}",
+        )
         check_config(self.lr > 0 and math.isfinite(self.lr), "stage1.lr", f"must be > 0, got {self.lr}")
         check_config(self.nll_weight >= 0, "stage1.nll_weight", f"must be >= 0, got {self.nll_weight}")
         check_config(self.temperature > 0, "stage1.temperature", f"must be > 0, got {self.temperature}")

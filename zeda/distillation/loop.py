@@ -48,18 +48,26 @@ from zeda.distillation.losses import (
     token_nll,
 )
 from zeda.distillation.result import DistillResult
-from zeda.distillation.rollouts import Batch, generate, pad_sequences, teacher_rollouts, text_batch
+from zeda.distillation.rollouts import (
+    Batch,
+    generate,
+    logit_positions,
+    pad_sequences,
+    teacher_rollouts,
+    text_batch,
+)
 from zeda.distillation.run_dir import RunDir, prepare_run_dir
 from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, Stage, Trainer
 from zeda.errors import ZedaError
+from zeda.evaluation.flops import lm_head_ratio
 from zeda.fs import check_space
 from zeda.zero.checkpointing import disable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillResult", "distill"]
+__all__ = ["DistillResult", "distill", "logit_fraction"]
 
 # ----------------------------------------------------------------------------------------------
 # The recipe
@@ -191,10 +199,42 @@ def _micro_index(t: Trainer) -> Callable[[int, int], int]:
     return lambda step, micro: (step * ga + micro) * world + rank
 
 
+def logit_fraction(model_config: Any, head_budget: float | None, seq_len: int) -> float:
+    """Share of the positions whose logits stage 1 trains each step (see ``stage1.head_budget``).
+
+    Args:
+        model_config: The model's config (the original's FLOPs are counted).
+        head_budget: ``stage1.head_budget``.
+        seq_len: Block length ``T``; attention is counted at ``T / 2`` keys per token.
+
+    Returns:
+        ``min(1, head_budget / lm_head_ratio)``; 1.0 when ``head_budget`` is None.
+    """
+    if head_budget is None:
+        return 1.0
+    return min(1.0, head_budget / lm_head_ratio(model_config, context_len=seq_len // 2))
+
+
 def _stage1(t: Trainer) -> Stage:
     """Stage 1: the teacher's sequences (packed text or teacher rollouts)."""
     cfg, s1, bs = t.cfg, t.cfg.stage1, t.cfg.train.batch_size
     micro_index = _micro_index(t)
+    fraction = logit_fraction(t.student.config, s1.head_budget, cfg.data.seq_len)
+    if fraction < 1.0:
+        logger.info(
+            "stage 1 trains the logits of %.1f%% of the positions each step: the lm_head costs "
+            "%.1fx the rest of the model per token (stage1.head_budget=%g)",
+            100 * fraction,
+            s1.head_budget / fraction,
+            s1.head_budget,
+        )
+
+    def with_positions(b: Batch, step: int, micro: int) -> Batch:
+        if fraction < 1.0:
+            # Seeded per (step, micro-step, rank), so a resumed run draws the same positions.
+            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + micro_index(step, micro))
+            b.positions = logit_positions(b.loss_mask, fraction, gen)
+        return b
 
     if s1.mode == "text":
         blocks = zdata.pack_texts(
@@ -203,7 +243,7 @@ def _stage1(t: Trainer) -> Stage:
         sampler = zdata.BlockSampler(blocks, bs, cfg.train.seed)
 
         def batch(step: int, micro: int) -> Batch:
-            return text_batch(sampler.batch(micro_index(step, micro)))
+            return with_positions(text_batch(sampler.batch(micro_index(step, micro))), step, micro)
     else:
         prompts = zdata.load_prompts(cfg, t.tokenizer)
         rollouts = teacher_rollouts(t.student, t.tokenizer, cfg, prompts, t.accelerator)
@@ -213,13 +253,13 @@ def _stage1(t: Trainer) -> Stage:
 
         def batch(step: int, micro: int) -> Batch:
             rows = [rollouts[int(i)] for i in sampler.batch(micro_index(step, micro)).reshape(-1)]
-            return pad_sequences(rows, t.tokenizer.pad_token_id)
+            return with_positions(pad_sequences(rows, t.tokenizer.pad_token_id), step, micro)
 
     def kd(b: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        loss = distill_loss(s1.kd, s_logits, t_logits, b.labels, b.loss_mask, s1.temperature)
+        loss = distill_loss(s1.kd, s_logits, t_logits, b.labels, b.kd_mask, s1.temperature)
         parts = {"kd": float(loss.detach())}
         if s1.nll_weight > 0 and s1.kd != "nll":
-            nll = token_nll(s_logits, b.labels, b.loss_mask)
+            nll = token_nll(s_logits, b.labels, b.kd_mask)
             loss = loss + s1.nll_weight * nll
             parts["nll"] = float(nll.detach())
         return loss, parts
@@ -261,10 +301,10 @@ def _stage2(t: Trainer) -> Stage:
         if s2.loss == "pg":
             with torch.no_grad():
                 t_lp = token_logprobs(t_logits, b.labels)
-            pg = policy_gradient_reverse_kl(token_logprobs(s_logits, b.labels), t_lp, b.loss_mask)
+            pg = policy_gradient_reverse_kl(token_logprobs(s_logits, b.labels), t_lp, b.kd_mask)
             loss, rkl = pg.loss, pg.reverse_kl
         else:
-            loss = reverse_kl(s_logits, t_logits, b.loss_mask, s2.temperature)
+            loss = reverse_kl(s_logits, t_logits, b.kd_mask, s2.temperature)
             rkl = loss
         return loss, {"kd": float(loss.detach()), "reverse_kl": float(rkl.detach())}
 

@@ -20,7 +20,15 @@ from zeda.zero.inject import teacher_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "forward_logits", "generate", "pad_sequences", "teacher_rollouts", "text_batch"]
+__all__ = [
+    "Batch",
+    "forward_logits",
+    "generate",
+    "logit_positions",
+    "pad_sequences",
+    "teacher_rollouts",
+    "text_batch",
+]
 
 Rollout = tuple[list[int], list[int]]
 
@@ -33,20 +41,59 @@ class Batch:
         input_ids: ``(B, T)`` token ids.
         attention_mask: ``(B, T)`` 1 for real tokens, 0 for left padding.
         loss_mask: ``(B, T)`` positions whose *next* token is trained (never the last position).
+        positions: ``(P,)`` sorted sequence positions whose logits are computed and trained, the
+            same in every row (`logit_positions`); None: all ``T``.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
+    positions: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device``."""
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.loss_mask.to(device),
+            None if self.positions is None else self.positions.to(device),
+        )
+
+    def _at_positions(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.positions is None else x[:, self.positions]
 
     @property
     def labels(self) -> torch.Tensor:
-        """``(B, T)`` the token each position predicts (the last position: 0, always masked)."""
-        return torch.nn.functional.pad(self.input_ids[:, 1:], (0, 1))
+        """``(B, T)`` (or ``(B, P)``) the token each logit position predicts (the last position:
+        0, always masked)."""
+        return self._at_positions(torch.nn.functional.pad(self.input_ids[:, 1:], (0, 1)))
+
+    @property
+    def kd_mask(self) -> torch.Tensor:
+        """``(B, T)`` (or ``(B, P)``) `loss_mask` at the logit positions: the mask of the losses."""
+        return self._at_positions(self.loss_mask)
+
+
+def logit_positions(
+    loss_mask: torch.Tensor, fraction: float, generator: torch.Generator
+) -> torch.Tensor | None:
+    """A random subset of the trained positions, shared by every row of a batch.
+
+    Args:
+        loss_mask: ``(B, T)`` the batch's loss mask.
+        fraction: Share of the positions trained in some row to keep, in (0, 1].
+        generator: CPU generator that draws them (seeded per step, so a resume draws the same).
+
+    Returns:
+        ``(P,)`` sorted positions, ``P = max(1, round(fraction * n))`` of the ``n`` trained
+        ones; None when ``fraction >= 1`` (every position).
+    """
+    if fraction >= 1.0:
+        return None
+    trained = torch.nonzero(loss_mask.detach().cpu().bool().any(0)).squeeze(-1)
+    keep = max(1, round(fraction * trained.numel()))
+    pick = torch.randperm(trained.numel(), generator=generator)[:keep]
+    return trained[pick].sort().values
 
 
 def text_batch(ids: torch.Tensor) -> Batch:
@@ -73,13 +120,17 @@ def pad_sequences(rows: list[Rollout], pad_id: int) -> Batch:
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """``(B, T, V)`` logits of a left-padded batch (positions count real tokens only)."""
+    """``(B, T, V)`` logits of a left-padded batch (positions count real tokens only), or
+    ``(B, P, V)`` at ``batch.positions`` when set: the model's own ``logits_to_keep`` slices the
+    hidden states before the lm_head, so the other positions' logits are never formed."""
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    keep = {} if batch.positions is None else {"logits_to_keep": batch.positions}
     return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids,
         use_cache=False,
+        **keep,
     ).logits
 
 

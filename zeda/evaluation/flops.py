@@ -98,6 +98,7 @@ __all__ = [
     "FlopReport",
     "builtin_config_names",
     "flop_report",
+    "lm_head_ratio",
     "load_config",
     "measured_report",
 ]
@@ -374,6 +375,26 @@ def flop_report(
     report = _build(config, name, shares, num_zero_experts, context_len, None)
     report.zero_share = s  # exact, not recomputed through the mean
     return report
+
+
+def lm_head_ratio(
+    config_or_name: str | Path | Mapping[str, Any] | PretrainedConfig, context_len: int = 0
+) -> float:
+    """The original model's ``lm_head`` FLOPs per token over those of everything else.
+
+    Real MoE checkpoints sit far below 1 (Qwen3-30B-A3B 0.11, DeepSeek-V3 0.03): their
+    unembedding is a small part of a token's work. A small model with a large vocabulary sits
+    far above (hidden 128 against 151,936 rows: ~20), and then computing logits dominates
+    training.
+
+    Args:
+        config_or_name: As for `flop_report`.
+        context_len: Keys attended per token (as for `flop_report`; ``T / 2`` for the average
+            over ``T``-token blocks).
+    """
+    native = flop_report(config_or_name, context_len=context_len).native_flops_by_component
+    rest = sum(v for k, v in native.items() if k != "lm_head")
+    return native["lm_head"] / rest if rest else math.inf
 
 
 def measured_report(
