@@ -162,8 +162,31 @@ def off_default(record: dict, run: Path | None = None) -> list[tuple[str, bool]]
             continue
         extra.append((o, False))
     if stored is not None:
-        extra += [(f"{k}={ran(k)}", True) for k, v in today.items() if k not in named and ran(k) != v]
+        extra += [
+            (f"{k}={ran(k)}", True)
+            for k, v in today.items()
+            if k not in named and not _same_effect(record, k, ran(k), v, ran("data.seq_len"))
+        ]
     return extra
+
+
+def _same_effect(record: dict, key: str, ran: object, today: object, seq_len: int | None) -> bool:
+    """Whether a run that ran ``key`` at ``ran`` trained as today's value would have.
+
+    ``stage1.head_budget`` (added to the defaults after most runs, which ran with every position)
+    acts only through the share of positions it gives the member's model (`logit_fraction`), so
+    a run counts as today's default wherever both values give the same share.
+    """
+    if ran == today:
+        return True
+    member = MEMBERS.get(record["name"])
+    if key != "stage1.head_budget" or member is None or seq_len is None:
+        return False
+    from zeda.distillation.loop import logit_fraction
+    from zeda.evaluation.flops import load_config
+
+    config = load_config(str(member.model_dir))
+    return logit_fraction(config, ran, seq_len) == logit_fraction(config, today, seq_len)
 
 
 def _variant(record: dict, run: Path | None = None) -> str:

@@ -309,3 +309,15 @@ def test_table_names_settings_against_todays_default(finished, tmp_path, monkeyp
     after = variants()
     assert f"`stage1.lr={was}` (the default then)" in after[0]
     assert "stage1.lr" not in after[1] and after[1] == before[0]
+
+
+def test_a_run_at_every_position_is_todays_default_where_the_head_budget_gives_every_position():
+    """``stage1.head_budget`` joined the defaults after most runs: only a member whose share of
+    positions it changes (the large-vocabulary ``deepseek_v3``) has its older rows named."""
+    same = transfer_table._same_effect
+    assert not same({"name": "deepseek_v3"}, "stage1.head_budget", None, 2.0, 256)
+    assert same({"name": "deepseek_v3"}, "stage1.head_budget", 2.0, 2.0, 256)
+    for member in ("mixtral", "olmoe", "gpt_oss", "reference", "reference_sigmoid"):
+        assert same({"name": member}, "stage1.head_budget", None, 2.0, 256), member
+    assert not same({"name": "mixtral"}, "stage1.lr", 5e-4, 1e-3, 256)
+    assert not same({"name": "mixtral"}, "stage1.head_budget", None, 2.0, None)
