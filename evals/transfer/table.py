@@ -50,7 +50,11 @@ the router kind's default (`zeda/defaults/`): the settings that won on the issue
 except LoRA's learning rate (1e-3 instead of 5e-4), which was chosen on the tuning members'
 validation text (`evals/transfer/selection.md`) and adopted after it also beat 5e-4 on the
 validation text of every validation member it ran on (`evals/transfer/previous.md` holds the rows
-at 5e-4; the adoption compared validation figures only). Each run's checkpoint was
+at 5e-4; the adoption compared validation figures only), and the head budget (`stage1.head_budget`:
+where the lm_head costs more than twice the rest of the model per token, only on `deepseek_v3` in
+the zoo, each step trains the logits of a random share of the positions), a compute rule kept
+after the tuning member `reference_sigmoid` still met the bar at that share of positions
+(`evals/transfer/candidates.md`). Each run's checkpoint was
 chosen on its member's validation split (validation KL at the target share), the training-free
 rules were calibrated on validation text, and the test split was scored once per run, for this
 table, after training had ended. So every setting and checkpoint here was chosen on validation text,
