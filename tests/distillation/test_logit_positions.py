@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import token_batch
@@ -117,5 +119,14 @@ def test_head_budget_trains_the_logits_of_its_share_of_positions(corpus, tmp_pat
     trained, teacher = _head_rows(corpus, tmp_path / "part", "stage1.head_budget=0.05")
     keep = round(fraction * (cfg.data.seq_len - 1))
     assert trained == [keep] * 3 and teacher == [keep] * 3
+    result = json.loads((tmp_path / "part" / "result.json").read_text())
+    assert result["logit_share"] == pytest.approx(fraction)
     trained, teacher = _head_rows(corpus, tmp_path / "all")
     assert trained == [cfg.data.seq_len] * 3 and teacher == [cfg.data.seq_len] * 3
+
+
+def test_the_summary_says_when_stage1_trained_a_share_of_the_positions():
+    from zeda.distillation.result import DistillResult
+
+    assert "head_budget" not in DistillResult(output_dir="x").summary()
+    assert "10.1% of the positions" in DistillResult(output_dir="x", logit_share=0.101).summary()

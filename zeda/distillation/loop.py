@@ -220,6 +220,7 @@ def _stage1(t: Trainer) -> Stage:
     cfg, s1, bs = t.cfg, t.cfg.stage1, t.cfg.train.batch_size
     micro_index = _micro_index(t)
     fraction = logit_fraction(t.student.config, s1.head_budget, cfg.data.seq_len)
+    t.result.logit_share = fraction
     if fraction < 1.0:
         logger.info(
             "stage 1 trains the logits of %.1f%% of the positions each step: the lm_head costs "

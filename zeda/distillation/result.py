@@ -30,6 +30,8 @@ class DistillResult:
         verdict: `zeda.evaluation.verdict.Verdict` (as a dict) of the final student against every
             rule calibrated to its measured validation share, or None (``train.verdict=false``
             or no validation text).
+        logit_share: Share of the positions whose logits stage 1 trained each step (below 1
+            where ``stage1.head_budget`` applies).
     """
 
     output_dir: str
@@ -44,6 +46,7 @@ class DistillResult:
     best: dict | None = None
     rules_at_target: list[dict] = field(default_factory=list)
     verdict: dict | None = None
+    logit_share: float = 1.0
 
     def summary(self) -> str:
         """A few lines: steps, time, share, why training stopped and the verdict."""
@@ -52,6 +55,11 @@ class DistillResult:
             f"{self.wall_seconds:.0f} s; zero share {self.final_zero_share:.3f} "
             f"(target {self.target_zero_share:.3f}); {self.stop_reason}"
         ]
+        if self.logit_share < 1.0:
+            lines.append(
+                f"stage 1 trained the logits of {self.logit_share:.1%} of the positions each step "
+                "(stage1.head_budget: the lm_head dominates this model's work per token)"
+            )
         if self.best:
             v = self.best["validation"]
             lines.append(
