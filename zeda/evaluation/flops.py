@@ -393,9 +393,10 @@ def lm_head_ratio(
         context_len: Keys attended per token (as for `flop_report`; ``T / 2`` for the average
             over ``T``-token blocks).
     """
-    native = flop_report(config_or_name, context_len=context_len).native_flops_by_component
-    rest = sum(v for k, v in native.items() if k != "lm_head")
-    return native["lm_head"] / rest if rest else math.inf
+    report = flop_report(config_or_name, context_len=context_len)
+    head = report.native_flops_by_component["lm_head"]
+    rest = report.native_flops_per_token - head
+    return head / rest if rest else math.inf
 
 
 def measured_report(
