@@ -14,7 +14,7 @@ from zeda.cli import _cmd_plan as plan_cli
 from zeda.cli import build_parser
 from zeda.config import RunConfig, apply_overrides, load_recipe
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import flop_report
+from zeda.evaluation.flops import flop_report, logit_fraction
 from zeda.planning import (
     GIB,
     MAX_GPU_FRACTION,
@@ -131,6 +131,44 @@ def test_split_lora_plans_no_merged_expert_copy():
     # With checkpointing, merged weights exist for the one layer being recomputed, only in backward.
     ckpt = plan(MIXTRAL_RECIPE, 8, gradient_checkpointing=True, overrides=["lora.split=false"])
     assert ckpt.components.get("merged LoRA expert weights", 0) in (0, pytest.approx(layer))
+
+
+def test_head_budget_plans_the_logits_of_its_positions_only():
+    """Stage 1 computes logits at `logit_fraction` of the positions where the lm_head dominates."""
+    big_vocab = {  # hidden 128 against the Qwen3 vocabulary: the head costs ~20x the rest
+        "model_type": "qwen3_moe",
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "intermediate_size": 256,
+        "vocab_size": 151936,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
+    base = ["model.dtype=float32", "data.seq_len=256", "train.batch_size=8", "stage2.enabled=false"]
+    kw = {"model_config": big_vocab, "loss_chunk_tokens": 16}  # one chunk below either count
+    every = plan(RunConfig(), 1, overrides=[*base, "stage1.head_budget=null"], **kw)
+    budget = plan(RunConfig(), 1, overrides=[*base, "stage1.head_budget=2"], **kw)
+    fraction = logit_fraction(big_vocab, 2.0, 256)
+    assert 0 < fraction < 0.2
+    kept = 8 * max(1, round(fraction * 255))
+    # The KL loss keeps 3 float32 (tokens, vocab) tensors: fewer rows, the rest unchanged.
+    saved = 3 * 4 * 151936 * (8 * 256 - kept)
+    loss = "stage1/loss forward"
+    assert every.phases[loss] - budget.phases[loss] == pytest.approx(saved, rel=1e-9)
+    assert any("head_budget" in n for n in budget.notes)
+    assert not any("head_budget" in n for n in every.notes)
+    # Real checkpoints: the budget gives every position, so the plan is the same as without it.
+    for recipe in (QWEN3_RECIPE, MIXTRAL_RECIPE):
+        assert (
+            plan(recipe, 8, overrides=["stage1.head_budget=2"]).phases
+            == plan(recipe, 8, overrides=["stage1.head_budget=null"]).phases
+        )
 
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

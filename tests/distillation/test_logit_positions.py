@@ -10,12 +10,12 @@ from conftest import token_batch
 from test_distill import cfg_for
 
 from zeda.config import RunConfig, apply_overrides
-from zeda.distillation.loop import distill, logit_fraction
+from zeda.distillation.loop import distill
 from zeda.distillation.losses import distill_loss
 from zeda.distillation.rollouts import Batch, forward_logits, logit_positions, text_batch
 from zeda.distillation.student import build_student
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import lm_head_ratio, load_config
+from zeda.evaluation.flops import lm_head_ratio, load_config, logit_fraction
 from zeda.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 

@@ -61,13 +61,13 @@ from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, Stage, Trainer
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import lm_head_ratio
+from zeda.evaluation.flops import logit_fraction
 from zeda.fs import check_space
 from zeda.zero.checkpointing import disable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillResult", "distill", "logit_fraction"]
+__all__ = ["DistillResult", "distill"]
 
 # ----------------------------------------------------------------------------------------------
 # The recipe
@@ -197,22 +197,6 @@ def _micro_index(t: Trainer) -> Callable[[int, int], int]:
     """A distinct index per (optimisation step, micro-step, rank): every one gets its own rows."""
     ga, world, rank = t.cfg.train.grad_accum, t.accelerator.num_processes, t.accelerator.process_index
     return lambda step, micro: (step * ga + micro) * world + rank
-
-
-def logit_fraction(model_config: Any, head_budget: float | None, seq_len: int) -> float:
-    """Share of the positions whose logits stage 1 trains each step (see ``stage1.head_budget``).
-
-    Args:
-        model_config: The model's config (the original's FLOPs are counted).
-        head_budget: ``stage1.head_budget``.
-        seq_len: Block length ``T``; attention is counted at ``T / 2`` keys per token.
-
-    Returns:
-        ``min(1, head_budget / lm_head_ratio)``; 1.0 when ``head_budget`` is None.
-    """
-    if head_budget is None:
-        return 1.0
-    return min(1.0, head_budget / lm_head_ratio(model_config, context_len=seq_len // 2))
 
 
 def _stage1(t: Trainer) -> Stage:

@@ -99,6 +99,7 @@ __all__ = [
     "builtin_config_names",
     "flop_report",
     "lm_head_ratio",
+    "logit_fraction",
     "load_config",
     "measured_report",
 ]
@@ -397,6 +398,24 @@ def lm_head_ratio(
     head = report.native_flops_by_component["lm_head"]
     rest = report.native_flops_per_token - head
     return head / rest if rest else math.inf
+
+
+def logit_fraction(
+    model_config: str | Path | Mapping[str, Any] | PretrainedConfig, head_budget: float | None, seq_len: int
+) -> float:
+    """Share of the positions whose logits stage 1 trains each step (see ``stage1.head_budget``).
+
+    Args:
+        model_config: The model's config, as for `flop_report` (the original's FLOPs are counted).
+        head_budget: ``stage1.head_budget``.
+        seq_len: Block length ``T``; attention is counted at ``T / 2`` keys per token.
+
+    Returns:
+        ``min(1, head_budget / lm_head_ratio)``; 1.0 when ``head_budget`` is None.
+    """
+    if head_budget is None:
+        return 1.0
+    return min(1.0, head_budget / lm_head_ratio(model_config, context_len=seq_len // 2))
 
 
 def measured_report(

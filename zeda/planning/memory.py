@@ -11,7 +11,8 @@ It models what zeda's training step keeps alive at its peak:
 - **Peak phase**, the largest of:
   - *loss forward*: activations saved for backward, teacher and student logits at the full
     vocabulary, the loss's gradient buffer in their dtype and the fp32 temporaries of one token
-    chunk (zeda's losses run over chunks of ~2**24 fp32 elements); with ``lora.split=false``
+    chunk (zeda's losses run over chunks of ~2**24 fp32 elements), at the positions stage 1
+    computes logits for (every one, unless ``stage1.head_budget`` applies); with ``lora.split=false``
     also the merged expert weights ``W + s·BA`` that PEFT's ``target_parameters`` LoRA
     materialises per MoE layer and autograd keeps for backward (all of a layer's experts,
     whatever the batch: the first MoE layer keeps only ``down_proj``, because its input needs no
@@ -49,7 +50,7 @@ from transformers import PretrainedConfig
 
 from zeda.config import RunConfig, apply_overrides, load_recipe
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import load_config
+from zeda.evaluation.flops import load_config, logit_fraction
 from zeda.families import get_spec
 from zeda.planning.shapes import (
     layer_activation_bytes,
@@ -287,8 +288,19 @@ def plan(
         else:
             acts_fwd = acts_bwd = sum(acts_layers) + head
             merged_fwd = merged_bwd = merged_all
-        c = min(chunk, n)
-        loss = s.vocab * (_LOSS_FULL_COPIES[kind] * p * n + _CHUNK_FP32_COPIES * 4 * c)
+        # stage1.head_budget: where the lm_head dominates a token's FLOPs, stage 1 computes the
+        # logits of a share of the trained positions only (every position on real checkpoints).
+        n_logits = n
+        if stage == "stage1":
+            fraction = logit_fraction(config, cfg.stage1.head_budget, seq_len)
+            if fraction < 1.0:
+                n_logits = seqs * max(1, round(fraction * (seq_len - 1)))
+                notes.append(
+                    f"stage 1 computes the logits of {100 * fraction:.1f}% of the positions "
+                    f"(stage1.head_budget={cfg.stage1.head_budget:g}: the lm_head dominates the FLOPs)"
+                )
+        c = min(chunk, n_logits)
+        loss = s.vocab * (_LOSS_FULL_COPIES[kind] * p * n_logits + _CHUNK_FP32_COPIES * 4 * c)
         # Per-expert gradient slices are expanded to the whole (E, ...) stack and accumulated: 6.1-6.5
         # units of E*I*H*P per layer in probes (evals/plan/README.md), ~2.15x the layer's weights.
         # Split LoRA never forms them (its rank-r factors' gradients are in "gradients").
