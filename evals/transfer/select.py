@@ -14,8 +14,9 @@ The choice rule is fixed before any run (`choose`): per router kind, variant and
 qualifies when it ran on every tuning member of the group and beat every training-free rule on
 validation perplexity ratio, top-1 agreement and KL on each; among those, the lowest mean
 increase ratio (zeda's validation perplexity increase over the best rule's, below 0 when zeda's
-perplexity fell) wins, and a candidate within `TIE` of the current default's does not replace it
-(a change must pay for its risk). The winner is then a lead: it becomes the default only after it
+perplexity fell) wins, and a candidate within `TIE` of the current default's, or with a higher mean
+validation KL than the default's, does not replace it (a change must pay for its risk, and must not
+buy a lower perplexity with a worse match to the original). The winner is then a lead: it becomes the default only after it
 also wins on the validation members (``evals/transfer/results.md``).
 
     python -m evals.transfer.select --runs runs/select --out evals/transfer/selection.md
@@ -144,8 +145,9 @@ def choose(cands: Sequence[Candidate]) -> dict[tuple[str, str, float], dict]:
     """The choice per ``(router kind, variant, share)``: see the module docstring.
 
     Returns:
-        Per group: ``members`` (sorted), ``qualified`` (label -> mean increase ratio), ``chosen``
-        (a label, or None when no candidate qualifies) and ``changed`` (whether it is not `DEFAULT`).
+        Per group: ``members`` (sorted), ``qualified`` (label -> mean increase ratio), ``kl`` (label ->
+        mean validation KL, for the qualified), ``chosen`` (a label, or None when no candidate
+        qualifies) and ``changed`` (whether it is not `DEFAULT`).
     """
     groups: dict[tuple[str, str, float], list[Candidate]] = defaultdict(list)
     for c in cands:
@@ -161,12 +163,22 @@ def choose(cands: Sequence[Candidate]) -> dict[tuple[str, str, float], dict]:
             for label, runs in by_label.items()
             if sorted(c.member for c in runs) == members and all(c.verdict.get("beats") for c in runs)
         }
-        chosen = min(qualified, key=qualified.get) if qualified else None
-        if chosen is not None and DEFAULT in qualified and qualified[chosen] > qualified[DEFAULT] - TIE:
-            chosen = DEFAULT
+        kl = {
+            label: sum(c.verdict["zeda"]["mean_kl"] for c in by_label[label]) / len(by_label[label])
+            for label in qualified
+        }
+        eligible = qualified
+        if DEFAULT in qualified:
+            eligible = {
+                label: x
+                for label, x in qualified.items()
+                if label == DEFAULT or (x <= qualified[DEFAULT] - TIE and kl[label] <= kl[DEFAULT])
+            }
+        chosen = min(eligible, key=eligible.get) if eligible else None
         out[key] = {
             "members": members,
             "qualified": qualified,
+            "kl": kl,
             "chosen": chosen,
             "changed": chosen not in (None, DEFAULT),
         }
@@ -216,12 +228,14 @@ def render(cands: Sequence[Candidate], choice: dict) -> str:
     lines += [
         "",
         "Choice per router kind, variant and target (mean validation increase ratio of each candidate "
-        "that beat every rule on every tuning member of the group):",
+        "that beat every rule on every tuning member of the group; a candidate replaces the default only "
+        f"with a mean increase ratio lower by at least {TIE} and a mean validation KL no higher):",
         "",
     ]
     for (kind, variant, share), ch in choice.items():
         q = ", ".join(
-            f"{label}: {x:.3f}" for label, x in sorted(ch["qualified"].items(), key=lambda kv: kv[1])
+            f"{label}: {x:.3f} (KL {ch['kl'][label]:.5f})"
+            for label, x in sorted(ch["qualified"].items(), key=lambda kv: kv[1])
         )
         verdict = (
             "no candidate qualifies"

@@ -150,11 +150,12 @@ def test_select_reads_validation_verdicts_and_chooses_by_the_fixed_rule(finished
     assert other.label == first.label + " stage1.lr=2e-3"
     default = dataclasses.replace(first, label=transfer_select.DEFAULT)
 
-    def as_(c, beats, increase):
+    def as_(c, beats, increase, kl=0.01):
         v = dict(
             c.verdict, beats=beats, zeda=dict(c.verdict["zeda"]), rule_figures=dict(c.verdict["rule_figures"])
         )
         v["rule_figures"]["ppl_ratio"], v["zeda"]["ppl_ratio"] = 1.1, 1.0 + 0.1 * increase
+        v["zeda"]["mean_kl"] = kl
         return dataclasses.replace(c, verdict=v)
 
     def chosen(*cands):
@@ -163,6 +164,10 @@ def test_select_reads_validation_verdicts_and_chooses_by_the_fixed_rule(finished
 
     assert chosen(as_(default, True, 0.30), as_(other, True, 0.20)) == other.label
     assert chosen(as_(default, True, 0.30), as_(other, True, 0.29)) == transfer_select.DEFAULT  # a tie
+    # A lower perplexity increase bought with a higher validation KL does not replace the default.
+    assert chosen(as_(default, True, 0.30), as_(other, True, 0.20, kl=0.011)) == transfer_select.DEFAULT
+    assert chosen(as_(default, True, 0.30), as_(other, True, 0.20, kl=0.009)) == other.label
+    assert chosen(as_(default, False, 0.30), as_(other, True, 0.20, kl=0.011)) == other.label
     assert chosen(as_(default, True, 0.30), as_(other, False, 0.10)) == transfer_select.DEFAULT
     assert chosen(as_(default, False, 0.30), as_(other, False, 0.10)) is None
     second = dataclasses.replace(default, member="tiny2")
