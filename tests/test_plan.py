@@ -14,7 +14,8 @@ from zeda.cli import _cmd_plan as plan_cli
 from zeda.cli import build_parser
 from zeda.config import RunConfig, apply_overrides, load_recipe
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import flop_report, logit_fraction
+from zeda.evaluation.flops import flop_report
+from zeda.evaluation.head import logit_fraction
 from zeda.planning import (
     GIB,
     MAX_GPU_FRACTION,

@@ -186,7 +186,8 @@ def _same_effect(record: dict, key: str, ran: object, today: object, seq_len: in
     member = MEMBERS.get(record["name"])
     if key != "stage1.head_budget" or member is None or seq_len is None:
         return False
-    from zeda.evaluation.flops import load_config, logit_fraction
+    from zeda.evaluation.flops import load_config
+    from zeda.evaluation.head import logit_fraction
 
     config = load_config(str(member.model_dir))
     return logit_fraction(config, ran, seq_len) == logit_fraction(config, today, seq_len)

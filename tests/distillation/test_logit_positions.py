@@ -15,7 +15,8 @@ from zeda.distillation.losses import distill_loss
 from zeda.distillation.rollouts import Batch, forward_logits, logit_positions, text_batch
 from zeda.distillation.student import build_student
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import lm_head_ratio, load_config, logit_fraction
+from zeda.evaluation.flops import load_config
+from zeda.evaluation.head import lm_head_ratio, logit_fraction
 from zeda.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 

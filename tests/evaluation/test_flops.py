@@ -15,10 +15,10 @@ from zeda.evaluation.flops import (
     FlopReport,
     builtin_config_names,
     flop_report,
-    lm_head_ratio,
     load_config,
     measured_report,
 )
+from zeda.evaluation.head import lm_head_ratio
 from zeda.families import get_spec
 from zeda.tiny import TINY, tiny_config
 

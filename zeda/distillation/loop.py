@@ -61,7 +61,7 @@ from zeda.distillation.sharding import check_launch, prepare_student
 from zeda.distillation.student import build_student
 from zeda.distillation.trainer import STOP_FILE, Stage, Trainer
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import logit_fraction
+from zeda.evaluation.head import logit_fraction
 from zeda.fs import check_space
 from zeda.zero.checkpointing import disable_activation_checkpointing
 

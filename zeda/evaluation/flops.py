@@ -98,8 +98,6 @@ __all__ = [
     "FlopReport",
     "builtin_config_names",
     "flop_report",
-    "lm_head_ratio",
-    "logit_fraction",
     "load_config",
     "measured_report",
 ]
@@ -376,46 +374,6 @@ def flop_report(
     report = _build(config, name, shares, num_zero_experts, context_len, None)
     report.zero_share = s  # exact, not recomputed through the mean
     return report
-
-
-def lm_head_ratio(
-    config_or_name: str | Path | Mapping[str, Any] | PretrainedConfig, context_len: int = 0
-) -> float:
-    """The original model's ``lm_head`` FLOPs per token over those of everything else.
-
-    Real MoE checkpoints sit far below 1 (at 128 keys: Mixtral-8x7B 0.01, DeepSeek-V3 0.03,
-    Qwen3-30B-A3B 0.11, gpt-oss-20b 0.19, the highest of the built-in configs): their
-    unembedding is a small part of a token's work. A small model with a large vocabulary sits
-    far above (hidden 128 against 151,936 rows: ~20), and then computing logits dominates
-    training.
-
-    Args:
-        config_or_name: As for `flop_report`.
-        context_len: Keys attended per token (as for `flop_report`; ``T / 2`` for the average
-            over ``T``-token blocks).
-    """
-    report = flop_report(config_or_name, context_len=context_len)
-    head = report.native_flops_by_component["lm_head"]
-    rest = report.native_flops_per_token - head
-    return head / rest if rest else math.inf
-
-
-def logit_fraction(
-    model_config: str | Path | Mapping[str, Any] | PretrainedConfig, head_budget: float | None, seq_len: int
-) -> float:
-    """Share of the positions whose logits stage 1 trains each step (see ``stage1.head_budget``).
-
-    Args:
-        model_config: The model's config, as for `flop_report` (the original's FLOPs are counted).
-        head_budget: ``stage1.head_budget``.
-        seq_len: Block length ``T``; attention is counted at ``T / 2`` keys per token.
-
-    Returns:
-        ``min(1, head_budget / lm_head_ratio)``; 1.0 when ``head_budget`` is None.
-    """
-    if head_budget is None:
-        return 1.0
-    return min(1.0, head_budget / lm_head_ratio(model_config, context_len=seq_len // 2))
 
 
 def measured_report(

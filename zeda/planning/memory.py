@@ -50,7 +50,8 @@ from transformers import PretrainedConfig
 
 from zeda.config import RunConfig, apply_overrides, load_recipe
 from zeda.errors import ZedaError
-from zeda.evaluation.flops import load_config, logit_fraction
+from zeda.evaluation.flops import load_config
+from zeda.evaluation.head import logit_fraction
 from zeda.families import get_spec
 from zeda.planning.shapes import (
     layer_activation_bytes,
