@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from zeda.config import RunConfig
 from zeda.distillation import data as zdata
+from zeda.evaluation.head import kept_positions
 from zeda.zero.inject import teacher_mode
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def logit_positions(
     if fraction >= 1.0:
         return None
     trained = torch.nonzero(loss_mask.detach().cpu().bool().any(0)).squeeze(-1)
-    keep = max(1, round(fraction * trained.numel()))
+    keep = kept_positions(fraction, trained.numel())
     pick = torch.randperm(trained.numel(), generator=generator)[:keep]
     return trained[pick].sort().values
 

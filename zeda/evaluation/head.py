@@ -1,8 +1,8 @@
 """The output head's share of a token's work, and the share of positions stage 1 trains logits at.
 
 `lm_head_ratio` reads the FLOP accounting of `zeda.evaluation.flops`; `logit_fraction` turns
-``stage1.head_budget`` into the share of positions whose logits each stage-1 step computes (the
-loop, `zeda plan` and the transfer table all read it here).
+``stage1.head_budget`` into the share of positions whose logits each stage-1 step computes, and
+`kept_positions` into their count (the loop, `zeda plan` and the transfer table all read them here).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 from zeda.evaluation.flops import flop_report
 
-__all__ = ["lm_head_ratio", "logit_fraction"]
+__all__ = ["kept_positions", "lm_head_ratio", "logit_fraction"]
 
 
 def lm_head_ratio(
@@ -57,3 +57,13 @@ def logit_fraction(
     if head_budget is None:
         return 1.0
     return min(1.0, head_budget / lm_head_ratio(model_config, context_len=seq_len // 2))
+
+
+def kept_positions(fraction: float, trained: int) -> int:
+    """How many of ``trained`` positions a step computes logits at: ``max(1, round(fraction * trained))``.
+
+    Args:
+        fraction: `logit_fraction`'s share, in (0, 1).
+        trained: Positions trained in some row of the batch (``T - 1`` for packed text blocks).
+    """
+    return max(1, round(fraction * trained))

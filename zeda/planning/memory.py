@@ -51,7 +51,7 @@ from transformers import PretrainedConfig
 from zeda.config import RunConfig, apply_overrides, load_recipe
 from zeda.errors import ZedaError
 from zeda.evaluation.flops import load_config
-from zeda.evaluation.head import logit_fraction
+from zeda.evaluation.head import kept_positions, logit_fraction
 from zeda.families import get_spec
 from zeda.planning.shapes import (
     layer_activation_bytes,
@@ -295,7 +295,7 @@ def plan(
         if stage == "stage1":
             fraction = logit_fraction(config, cfg.stage1.head_budget, seq_len)
             if fraction < 1.0:
-                n_logits = seqs * max(1, round(fraction * (seq_len - 1)))
+                n_logits = seqs * kept_positions(fraction, seq_len - 1)
                 notes.append(
                     f"stage 1 computes the logits of {100 * fraction:.1f}% of the positions "
                     f"(stage1.head_budget={cfg.stage1.head_budget:g}: the lm_head dominates the FLOPs)"
